@@ -1,0 +1,44 @@
+"""Preallocated KV cache: one per sequence, written once per position, never reallocated.
+
+Layout: k and v are [n_layer, n_kv_head, max_seq, head_dim] float32, so that the keys of
+one head for positions [0, T) are one contiguous slab — the shape attention multiplies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class KVCache:
+    k: np.ndarray  # [n_layer, n_kv_head, max_seq, head_dim]
+    v: np.ndarray  # [n_layer, n_kv_head, max_seq, head_dim]
+
+    @classmethod
+    def allocate(cls, n_layer: int, n_kv_head: int, max_seq: int, head_dim: int) -> "KVCache":
+        shape = (n_layer, n_kv_head, max_seq, head_dim)
+        return cls(k=np.zeros(shape, dtype=np.float32), v=np.zeros(shape, dtype=np.float32))
+
+    @property
+    def max_seq(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def cache_write(cache: KVCache, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+    """Store k, v of positions [start, start + n) for one layer."""
+    n = k.shape[0]  # k, v: [n, n_kv_head, head_dim]
+    if start + n > cache.max_seq:
+        raise IndexError(f"KV cache overflow: positions {start}..{start + n - 1} exceed max_seq {cache.max_seq}")
+    cache.k[layer, :, start : start + n] = k.transpose(1, 0, 2)  # [n, kvh, hd] -> [kvh, n, hd]
+    cache.v[layer, :, start : start + n] = v.transpose(1, 0, 2)  # [n, kvh, hd] -> [kvh, n, hd]
+
+
+def cache_read(cache: KVCache, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of the keys and values of positions [0, end) for one layer: 2 × [n_kv_head, end, head_dim]."""
+    return cache.k[layer, :, :end], cache.v[layer, :, :end]

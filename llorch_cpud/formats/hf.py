@@ -1,0 +1,124 @@
+"""Hugging Face model folders: config.json + model.safetensors (or a sharded index), into numpy float32.
+
+Pickle checkpoints (pytorch_model.bin) are refused: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from llorch_cpud.errors import ModelLoadError
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing (a Hugging Face model folder needs config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder, single or sharded; refuses pickle-only folders."""
+    single = folder / SAFETENSORS
+    index = folder / SAFETENSORS_INDEX
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    for name in PICKLE_FILES:
+        if (folder / name).is_file():
+            raise ModelLoadError(
+                f"{folder / name}: pickle checkpoints are refused (unpickling can run arbitrary code); "
+                "convert it to model.safetensors"
+            )
+    raise ModelLoadError(f"{folder}: no {SAFETENSORS} or {SAFETENSORS_INDEX} found")
+
+
+def load_safetensors(files: list[Path], strip_prefixes: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """All tensors of the given files as contiguous float32 numpy arrays, keyed by checkpoint name."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for name in st.keys():
+                    key = name
+                    for p in strip_prefixes:
+                        if key.startswith(p):
+                            key = key[len(p) :]
+                    out[key] = np.ascontiguousarray(st.get_tensor(name), dtype=np.float32)
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from None
+    return out
+
+
+def load_gpt2_folder(folder: Path):
+    """A GPT2 model and its tokenizer from a Hugging Face folder."""
+    from llorch_cpud.models.gpt2 import GPT2, GPT2Config
+    from llorch_cpud.tokenizer import load_hf_tokenizer
+
+    raw = read_config(folder)
+    cfg = GPT2Config.from_hf(raw)
+    if cfg.activation_function != "gelu_new":
+        raise ModelLoadError(f"{folder / 'config.json'}: activation_function {cfg.activation_function!r} unsupported (GPT-2 uses gelu_new)")
+    if cfg.n_embd % cfg.n_head:
+        raise ModelLoadError(f"{folder / 'config.json'}: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+    weights = load_safetensors(weight_files(folder), strip_prefixes=("transformer.",))
+    expected = gpt2_weight_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in weights:
+            raise ModelLoadError(f"{folder}: tensor {name!r} missing from the safetensors files")
+        if weights[name].shape != shape:
+            raise ModelLoadError(f"{folder}: tensor {name!r} has shape {weights[name].shape}, config says {shape}")
+    weights = {k: weights[k] for k in expected}  # drop buffers like h.0.attn.bias and an untied lm_head copy
+    tokenizer = load_hf_tokenizer(folder, eos_token_id=cfg.eos_token_id)
+    return GPT2(cfg, weights), tokenizer
+
+
+def gpt2_weight_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every tensor a GPT-2 checkpoint must hold, with its shape (Conv1D weights are [in, out])."""
+    d, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
+    shapes: dict[str, tuple[int, ...]] = {
+        "wte.weight": (cfg.vocab_size, d),
+        "wpe.weight": (cfg.n_positions, d),
+        "ln_f.weight": (d,),
+        "ln_f.bias": (d,),
+    }
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        shapes.update(
+            {
+                p + "ln_1.weight": (d,),
+                p + "ln_1.bias": (d,),
+                p + "attn.c_attn.weight": (d, 3 * d),
+                p + "attn.c_attn.bias": (3 * d,),
+                p + "attn.c_proj.weight": (d, d),
+                p + "attn.c_proj.bias": (d,),
+                p + "ln_2.weight": (d,),
+                p + "ln_2.bias": (d,),
+                p + "mlp.c_fc.weight": (d, inner),
+                p + "mlp.c_fc.bias": (inner,),
+                p + "mlp.c_proj.weight": (inner, d),
+                p + "mlp.c_proj.bias": (d,),
+            }
+        )
+    return shapes

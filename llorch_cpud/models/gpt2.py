@@ -1,0 +1,180 @@
+"""GPT-2 in numpy: one small pure function per checkpoint stage, composed into a forward pass.
+
+Weights are named exactly as in the Hugging Face checkpoint (`h.0.attn.c_attn.weight`, ...).
+Conv1D weights are stored [in, out], so a projection is `x @ W + b`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from llorch_cpud.cache import KVCache, cache_read, cache_write
+from llorch_cpud.models.base import Segment, trace_put
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # FFN width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    scale_attn_weights: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "GPT2Config":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------- stage functions
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """Checkpoint 1. LayerNorm over the last axis with the biased variance."""
+    mean = x.mean(axis=-1, keepdims=True)  # [rows, n_embd] -> [rows, 1]
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)  # [rows, n_embd] -> [rows, 1]
+    return (x - mean) / np.sqrt(var + eps) * weight + bias  # [rows, n_embd]
+
+
+def qkv_projection(x: np.ndarray, c_attn_weight: np.ndarray, c_attn_bias: np.ndarray, n_head: int):
+    """Checkpoint 2. Fused QKV projection, split into per-head Q, K, V."""
+    rows, n_embd = x.shape
+    qkv = x @ c_attn_weight + c_attn_bias  # [rows, n_embd] -> [rows, 3*n_embd]
+    q, k, v = np.split(qkv, 3, axis=-1)  # 3 × [rows, n_embd]
+    head_dim = n_embd // n_head
+    return (
+        q.reshape(rows, n_head, head_dim),  # [rows, n_head, head_dim]
+        k.reshape(rows, n_head, head_dim),  # [rows, n_head, head_dim]
+        v.reshape(rows, n_head, head_dim),  # [rows, n_head, head_dim]
+    )
+
+
+def causal_mask(start: int, n: int, total: int) -> np.ndarray:
+    """True where query row i (absolute position start+i) must not see key j."""
+    return np.arange(total)[None, :] > (start + np.arange(n))[:, None]  # [n, total]
+
+
+def attention_scores(q: np.ndarray, k: np.ndarray, start: int) -> np.ndarray:
+    """Checkpoint 4. Q·Kᵀ/sqrt(head_dim) with the causal mask (masked = -inf), before softmax."""
+    n, n_head, head_dim = q.shape  # q: [n, n_head, head_dim]; k: [n_head, T, head_dim]
+    total = k.shape[1]
+    scores = q.transpose(1, 0, 2) @ k.transpose(0, 2, 1)  # [n_head, n, hd] @ [n_head, hd, T] -> [n_head, n, T]
+    scores *= 1.0 / math.sqrt(head_dim)
+    if n > 1 or start + n != total:
+        scores[:, causal_mask(start, n, total)] = -np.inf  # [n_head, n, T]
+    return scores
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., T]
+    return e / e.sum(axis=-1, keepdims=True)  # [..., T]
+
+
+def attention_output(scores: np.ndarray, v: np.ndarray, c_proj_weight: np.ndarray, c_proj_bias: np.ndarray) -> np.ndarray:
+    """Checkpoint 5. softmax, weighted sum of V, merge heads, output projection."""
+    n_head, n, _ = scores.shape  # scores: [n_head, n, T]; v: [n_head, T, head_dim]
+    weights = softmax(scores)  # [n_head, n, T]
+    heads = weights @ v  # [n_head, n, T] @ [n_head, T, hd] -> [n_head, n, hd]
+    merged = heads.transpose(1, 0, 2).reshape(n, -1)  # [n_head, n, hd] -> [n, n_embd]
+    return merged @ c_proj_weight + c_proj_bias  # [n, n_embd] -> [n, n_embd]
+
+
+def gelu_new(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (GPT-2's `gelu_new`)."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def ffn(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias) -> np.ndarray:
+    """Checkpoint 6. Up projection, GELU (tanh), down projection."""
+    h = x @ c_fc_weight + c_fc_bias  # [rows, n_embd] -> [rows, n_inner]
+    return gelu_new(h) @ c_proj_weight + c_proj_bias  # [rows, n_inner] -> [rows, n_embd]
+
+
+def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
+    """Self-attention of block i over every segment, writing K/V into each segment's cache."""
+    p = f"h.{i}.attn."
+    q, k, v = qkv_projection(x, w[p + "c_attn.weight"], w[p + "c_attn.bias"], cfg.n_head)  # 3 × [rows, H, hd]
+    trace_put(trace, i, "q", q)
+    trace_put(trace, i, "k", k)
+    trace_put(trace, i, "v", v)
+    out = np.empty_like(x)  # [rows, n_embd]
+    row = 0
+    for seg in segments:
+        rows = slice(row, row + seg.length)
+        cache_write(seg.cache, i, seg.start, k[rows], v[rows])
+        k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [H, T, hd]
+        scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
+        if row == 0:
+            trace_put(trace, i, "scores", scores)
+        out[rows] = attention_output(scores, v_all, w[p + "c_proj.weight"], w[p + "c_proj.bias"])  # [n, n_embd]
+        row += seg.length
+    trace_put(trace, i, "attn_out", out)
+    return out
+
+
+def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
+    """Checkpoint 7. One transformer block: pre-norm attention and FFN, each with its residual."""
+    p = f"h.{i}."
+    trace_put(trace, i, "block_in", x)
+    h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    trace_put(trace, i, "ln_1", h)
+    x = x + attention(h, w, i, cfg, segments, trace)  # [rows, n_embd]
+    h = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    trace_put(trace, i, "ln_2", h)
+    f = ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+    trace_put(trace, i, "ffn_out", f)
+    x = x + f  # [rows, n_embd]
+    trace_put(trace, i, "block_out", x)
+    return x
+
+
+def embed(w: dict, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Token plus learned absolute position embeddings."""
+    return w["wte.weight"][tokens] + w["wpe.weight"][positions]  # [rows] -> [rows, n_embd]
+
+
+def lm_head(x: np.ndarray, w: dict, cfg: GPT2Config) -> np.ndarray:
+    """Checkpoint 8 (last step). Final LayerNorm, then the tied head: logits = ln_f(x) · wteᵀ."""
+    h = layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    return h @ w["wte.weight"].T  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
+
+
+# ---------------------------------------------------------------- the model
+
+
+class GPT2:
+    family = "gpt2"
+
+    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray]):
+        self.config = config
+        self.weights = weights
+        self.n_ctx = config.n_positions
+        self.vocab_size = config.vocab_size
+        self.eos_token_id = config.eos_token_id
+
+    def new_cache(self, max_seq: int) -> KVCache:
+        c = self.config
+        return KVCache.allocate(c.n_layer, c.n_head, min(max_seq, self.n_ctx), c.head_dim)
+
+    def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
+        positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])  # [rows]
+        x = embed(self.weights, tokens, positions)  # [rows, n_embd]
+        for i in range(self.config.n_layer):
+            x = block(x, self.weights, i, self.config, segments, trace)  # [rows, n_embd]
+        return x
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
