@@ -166,6 +166,7 @@ class Sequence:
         self.end: EndEvent | None = None
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
+        self.last_logits: np.ndarray | None = None
 
     @property
     def done(self) -> bool:
@@ -177,6 +178,7 @@ class Sequence:
     def accept(self, logits: np.ndarray) -> list:
         """Sample from the last row's logits [vocab]; return the events this token produces."""
         self.pos += len(self.pending)
+        self.last_logits = logits  # what the sampler saw (checkpoint 9)
         if self.cancelled.is_set():
             return [self._finish("cancelled")]
         token = sample(logits, self.request.sampling, self.rng, history=self.prompt_ids + self.generated)
@@ -237,14 +239,14 @@ class Engine:
     def start(self, request: Request) -> Sequence:
         return Sequence(self, request)
 
-    def step(self, seqs: list[Sequence]) -> list[list]:
+    def step(self, seqs: list[Sequence], trace: dict | None = None) -> list[list]:
         """One forward pass over every live sequence; returns each one's new events."""
         live = [s for s in seqs if not s.done]
         if not live:
             return [[] for _ in seqs]
         tokens = np.array([t for s in live for t in s.pending], dtype=np.int64)  # [rows]
         segments = [s.segment() for s in live]
-        hidden = self.model.forward(tokens, segments)  # [rows, n_embd]
+        hidden = self.model.forward(tokens, segments, trace)  # [rows, n_embd]
         last_rows = np.cumsum([seg.length for seg in segments]) - 1  # one row per sequence
         logits = self.model.logits(hidden[last_rows])  # [n_seq, vocab]
         out = {id(s): s.accept(logits[j]) for j, s in enumerate(live)}
@@ -260,7 +262,10 @@ class Engine:
             yield from self.step([seq])[0]
 
     def prefill_logits(self, prompt_ids: list[int], trace: dict | None = None) -> np.ndarray:
-        """All-position logits of a prompt with a fresh cache: [seq] -> [seq, vocab] (checkpoint 8)."""
+        """All-position logits of a prompt with a fresh cache: [seq] -> [seq, vocab] (checkpoint 8).
+
+        The head runs one row at a time — the same matrix-vector product `step` uses for a
+        single sequence — so the last row is bit-identical to what the sampler sees (checkpoint 9)."""
         cache = self.model.new_cache(len(prompt_ids))
         hidden = self.model.forward(np.array(prompt_ids, dtype=np.int64), [Segment(cache, 0, len(prompt_ids))], trace)
-        return self.model.logits(hidden)
+        return np.concatenate([self.model.logits(hidden[i : i + 1]) for i in range(hidden.shape[0])])  # [seq, vocab]

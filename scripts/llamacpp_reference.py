@@ -84,6 +84,27 @@ def topk(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(logits[i])) for i in idx]
 
 
+def ggml_build_info(llama_cpp_mod) -> tuple[str, str]:
+    """ggml_version()/ggml_commit() from the libggml-base bundled with llama_cpp.
+
+    The commit is the vendored llama.cpp commit the wheel was built from
+    (a "-dirty" suffix comes from the sdist's git checkout state).
+    """
+    import ctypes
+    import glob
+
+    libdir = os.path.join(os.path.dirname(llama_cpp_mod.__file__), "lib")
+    for cand in sorted(glob.glob(os.path.join(libdir, "libggml-base.*"))):
+        try:
+            lib = ctypes.CDLL(cand)
+            lib.ggml_version.restype = ctypes.c_char_p
+            lib.ggml_commit.restype = ctypes.c_char_p
+            return lib.ggml_version().decode(), lib.ggml_commit().decode()
+        except (OSError, AttributeError):
+            continue
+    return "unknown", "unknown"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="path to .gguf")
@@ -188,13 +209,17 @@ def main() -> int:
     except Exception as e:  # pragma: no cover
         sysinfo = f"unavailable: {e!r}"
 
+    ggml_version, ggml_commit = ggml_build_info(llama_cpp)
+
     header = {
         "generator": "scripts/llamacpp_reference.py",
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "cwd": os.getcwd(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "llama_cpp_python_version": llama_cpp.__version__,
         "llama_cpp_system_info": sysinfo.strip(),
-        "llama_cpp_vendor_commit": os.environ.get("LLAMA_CPP_VENDOR_COMMIT", "unknown"),
+        "ggml_version": ggml_version,
+        "ggml_commit": ggml_commit,
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),

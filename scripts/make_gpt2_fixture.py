@@ -41,6 +41,7 @@ def make_gpt2_fixture(out: Path, n_layer=12, n_embd=768, n_head=12, n_positions=
         model.transformer.ln_f.weight.normal_(1.0, 0.1)
         model.transformer.ln_f.bias.normal_(0.0, 0.05)
     kwargs = {"max_shard_size": f"{max(1, (sum(p.numel() for p in model.parameters()) * 4) // shards // 1_000_000 + 1)}MB"} if shards > 1 else {}
+    model.config.llorch_fixture = {"seed": seed, "scale": scale}  # the validation report flags synthetic weights
     model.save_pretrained(out, safe_serialization=True, **kwargs)
     vocab, merges = gpt2_tokenizer_files()
     shutil.copyfile(vocab, out / "vocab.json")

@@ -178,3 +178,37 @@ class GPT2:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
+
+    def stages(self, layer: int = 0) -> "GPT2Stages":
+        return GPT2Stages(self, layer)
+
+
+class GPT2Stages:
+    """Block-0 stages run alone on given inputs (the validator's isolated checkpoints).
+
+    Each method calls the same stage function the forward pass uses."""
+
+    def __init__(self, model: GPT2, layer: int = 0):
+        self.m, self.i = model, layer
+        self.w, self.cfg = model.weights, model.config
+        self.p = f"h.{layer}."
+
+    def norm_1(self, x):  # [seq, n_embd] -> [seq, n_embd]
+        return layer_norm(x, self.w[self.p + "ln_1.weight"], self.w[self.p + "ln_1.bias"], self.cfg.layer_norm_epsilon)
+
+    def qkv(self, h, start: int = 0):  # [seq, n_embd] -> 3 × [seq, n_head, head_dim]
+        return qkv_projection(h, self.w[self.p + "attn.c_attn.weight"], self.w[self.p + "attn.c_attn.bias"], self.cfg.n_head)
+
+    def scores(self, q, k, start: int = 0):  # [n, H, hd], [H, T, hd] -> [H, n, T]
+        return attention_scores(q, k, start)
+
+    def attn_out(self, scores, v):  # [H, n, T], [H, T, hd] -> [n, n_embd]
+        return attention_output(scores, v, self.w[self.p + "attn.c_proj.weight"], self.w[self.p + "attn.c_proj.bias"])
+
+    def ffn(self, h):  # [seq, n_embd] -> [seq, n_embd]
+        w, p = self.w, self.p
+        return ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+
+    def block(self, x):  # [seq, n_embd] -> [seq, n_embd], with a scratch cache
+        cache = self.m.new_cache(x.shape[0])
+        return block(x, self.w, self.i, self.cfg, [Segment(cache, 0, x.shape[0])])

@@ -1,0 +1,1 @@
+"""Validation against independent references: checkpoints, references/ (one module each), report, bugs."""

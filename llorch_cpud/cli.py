@@ -1,0 +1,146 @@
+"""The `llorch-cpud` command: generate, validate, serve, bench (SPEC §6).
+
+Bad input ends with one line `error: <reason>` on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from llorch_cpud.errors import LlorchError
+
+EXIT_FAILED_VALIDATION = 1
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def ranged(kind, lo=None, hi=None, name=""):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name or 'value'} must be {kind.__name__}, got {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{name or 'value'} must be in [{lo}, {hi}], got {text}")
+        return v
+
+    return parse
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="llorch-cpud", description="CPU inference worker that proves its own numerics")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    model_help = "Hugging Face folder, .gguf file or hub name (default: embedded SmolLM2-135M-Instruct)"
+
+    g = sub.add_parser("generate", help="generate a continuation and stream it to stdout")
+    g.add_argument("--model", default=None, help=model_help)
+    g.add_argument("--max-tokens", type=ranged(int, 1, 2048, "--max-tokens"), default=32)
+    g.add_argument("--temperature", type=ranged(float, 0.0, 2.0, "--temperature"), default=1.0,
+                   help="0 (below 1e-6) is greedy")
+    g.add_argument("--top-k", type=ranged(int, 0, None, "--top-k"), default=0, help="0 = off")
+    g.add_argument("--top-p", type=ranged(float, 0.0, 1.0, "--top-p"), default=1.0)
+    g.add_argument("--min-p", type=ranged(float, 0.0, 1.0, "--min-p"), default=0.0)
+    g.add_argument("--repetition-penalty", type=ranged(float, 0.0, 2.0, "--repetition-penalty"), default=1.0)
+    g.add_argument("--seed", type=ranged(int, 0, 2**64 - 1, "--seed"), default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable, at most 4)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object when done")
+    g.add_argument("prompt")
+
+    v = sub.add_parser("validate", help="compare every checkpoint against reference implementations")
+    v.add_argument("--model", default=None, help=model_help)
+    v.add_argument("--prompt", default="Hello.")
+    v.add_argument("--references", default="transformers", help="comma-separated, e.g. transformers,candle,tinygrad,jax,llamacpp")
+    v.add_argument("--tokens", type=ranged(int, 1, 512, "--tokens"), default=16, help="greedy tokens for checkpoint 12")
+    v.add_argument("--report", type=Path, default=Path("llorch-report"), help="folder for report.json and report.md")
+    return p
+
+
+def load_engine(spec: str | None):
+    from llorch_cpud.engine import Engine
+    from llorch_cpud.formats import load_model, resolve
+
+    path = resolve(spec)
+    model, tokenizer, name = load_model(str(path) if spec is None else spec)
+    return Engine(model, tokenizer, name=name), path
+
+
+def chat_prompt(engine, text: str) -> str:
+    from llorch_cpud.tokenizer.chat import apply_chat_template
+
+    return apply_chat_template(engine.tokenizer, [{"role": "user", "content": text}])
+
+
+def cmd_generate(a) -> int:
+    from llorch_cpud.engine import EndEvent, Request
+    from llorch_cpud.sampling import SamplingParams
+
+    engine, _ = load_engine(a.model)
+    prompt = chat_prompt(engine, a.prompt) if a.chat else a.prompt
+    req = Request(
+        prompt=prompt,
+        max_tokens=a.max_tokens,
+        sampling=SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repetition_penalty),
+        seed=a.seed,
+        stop=a.stop,
+    )
+    end = None
+    for ev in engine.generate(req):
+        if isinstance(ev, EndEvent):
+            end = ev
+        elif not a.json:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    if a.json:
+        print(json.dumps({"prompt_ids": end.prompt_ids, "token_ids": end.token_ids, "text": end.text,
+                          "stop_reason": end.stop_reason, "seed": end.seed,
+                          "stop_sequence_matched": end.stop_sequence_matched,
+                          "decode_tokens_per_sec": round(end.decode_tokens_per_sec, 2)}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_validate(a) -> int:
+    from llorch_cpud.validate import report as rep
+    from llorch_cpud.validate.runner import parse_references, validate
+
+    refs = parse_references(a.references)
+    engine, path = load_engine(a.model)
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result = validate(engine, path, engine.model.family, a.prompt, refs, n_tokens=a.tokens, log=log)
+    j, m = rep.write(result, a.report)
+    print(rep.table(result))
+    for name, reason in result["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    print(f"weights: {result['weights']}")
+    print(f"{'PASS' if result['passed'] else 'FAIL'} in {time.perf_counter() - t0:.1f}s; reports: {j} {m}")
+    return 0 if result["passed"] else EXIT_FAILED_VALIDATION
+
+
+COMMANDS = {"generate": cmd_generate, "validate": cmd_validate}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LlorchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The twelve checkpoints (SPEC §2): each stage of our forward pass against each reference.
+
+Stage checkpoints (1, 2, 4-7) are isolated: our stage function gets the reference's own
+input to that stage and its output is compared with the reference's output, so an error
+shows up at the stage that makes it, not downstream. Checkpoints 3 and 8-12 run our engine
+as it runs in production (cache, full forward, selection, sampling, the generation loop).
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from llorch_cpud.engine import Engine, Request
+from llorch_cpud.models.base import Segment
+from llorch_cpud.sampling import SamplingParams, argmax, softmax_probs
+
+# id -> (name, tolerance). Names for the norm depend on the family.
+CHECKPOINTS = {
+    1: ("{norm}", 1e-5),
+    2: ("QKV projection", 1e-4),
+    3: ("KV cache", 1e-4),
+    4: ("attention scores", 1e-4),
+    5: ("attention output", 1e-4),
+    6: ("FFN output", 1e-4),
+    7: ("block output", 1e-4),
+    8: ("full logits", 1e-3),
+    9: ("selected logits", 0.0),
+    10: ("argmax sampling", 0.0),
+    11: ("softmax probabilities", 1e-6),
+    12: ("end to end", 0.0),
+}
+NORM_NAME = {"gpt2": "LayerNorm", "llama": "RMSNorm"}
+SOFTMAX_TEMPERATURES = (0.5, 1.0, 1.5)
+MASKED = -1e30  # a reference's masked score is at most this (transformers uses finfo.min)
+
+
+def stats(a) -> dict:
+    a = np.asarray(a, dtype=np.float64)
+    finite = a[np.isfinite(a)]
+    flat = a.ravel()
+    return {
+        "mean": float(finite.mean()) if finite.size else None,
+        "std": float(finite.std()) if finite.size else None,
+        "min": float(finite.min()) if finite.size else None,
+        "max": float(finite.max()) if finite.size else None,
+        "nan": int(np.isnan(a).sum()),
+        "inf": int(np.isinf(a).sum()),
+        "first": [float(x) for x in flat[:5]],
+    }
+
+
+def max_abs_diff(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        raise ValueError(f"shape mismatch: ours {ours.shape}, reference {ref.shape}")
+    if np.isnan(ours).any() or np.isnan(ref).any():
+        return math.inf
+    return float(np.abs(ours - ref).max()) if ours.size else 0.0
+
+
+@dataclass
+class Result:
+    id: int
+    name: str
+    reference: str
+    shape: list
+    max_abs_diff: float | None
+    tolerance: float
+    passed: bool
+    status: str  # pass | fail | tie | error
+    stats: dict = field(default_factory=dict)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if d["max_abs_diff"] is not None and not math.isfinite(d["max_abs_diff"]):
+            d["max_abs_diff"] = str(d["max_abs_diff"])
+        return d
+
+
+class OurSide:
+    """Everything our engine computes for the prompt, computed once and shared by all references."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], n_tokens: int):
+        self.engine, self.ids = engine, prompt_ids
+        model = engine.model
+        n = len(prompt_ids)
+        # checkpoint 8: every position, with the block-0 trace of the same pass
+        self.trace: dict = {}
+        self.full_logits = engine.prefill_logits(prompt_ids, self.trace)  # [seq, vocab]
+        # checkpoints 9, 10: the engine's own prefill step and greedy pick
+        seq = engine.start(Request(prompt_ids=prompt_ids, max_tokens=1, sampling=SamplingParams(temperature=0.0), seed=0))
+        engine.step([seq])
+        self.selected = seq.last_logits  # [vocab]
+        self.token = seq.generated[0]
+        # checkpoint 3: the cache after the prompt, then after one more token
+        cache = model.new_cache(n + 1)
+        self.trace_prompt: dict = {}
+        model.forward(np.array(prompt_ids), [Segment(cache, 0, n)], self.trace_prompt)
+        self.k_prompt, self.v_prompt = cache.k[0, :, :n].copy(), cache.v[0, :, :n].copy()  # [Hkv, n, hd]
+        self.trace_step: dict = {}
+        model.forward(np.array([self.token]), [Segment(cache, n, 1)], self.trace_step)
+        self.k_step, self.v_step = cache.k[0, :, : n + 1].copy(), cache.v[0, :, : n + 1].copy()  # [Hkv, n+1, hd]
+        # checkpoint 12: the whole generation loop, greedy
+        *_, end = engine.generate(
+            Request(prompt_ids=prompt_ids, max_tokens=n_tokens, sampling=SamplingParams(temperature=0.0), seed=0)
+        )
+        self.greedy = end.token_ids
+        self.n_tokens = n_tokens
+
+
+def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Result]:
+    """All twelve checkpoints of our side against one loaded reference."""
+    results: list[Result] = []
+    name = ref.name
+
+    def record(cid, fn):
+        title, tol = CHECKPOINTS[cid]
+        title = title.format(norm=NORM_NAME.get(family, "norm"))
+        try:
+            results.append(fn(cid, title, tol))
+        except Exception as e:  # a stage that crashes fails its checkpoint, with the reason
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            note = f"{type(e).__name__}: {e} (at {tb.filename.rsplit('/', 1)[-1]}:{tb.lineno})"
+            results.append(Result(cid, title, name, [], None, tol, False, "error", {}, note))
+
+    def compare(cid, title, tol, pairs, note=""):
+        """pairs: [(label, ours, ref)]; the checkpoint's diff is the largest of them."""
+        diffs = {label: max_abs_diff(o, r) for label, o, r in pairs}
+        worst = max(diffs.values())
+        passed = worst <= tol
+        _, o0, r0 = pairs[0]
+        detail = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) if len(pairs) > 1 else ""
+        note = "; ".join(x for x in (detail, note) if x)
+        return Result(cid, title, name, list(np.shape(o0)), worst, tol, passed, "pass" if passed else "fail",
+                      {"ours": stats(o0), "reference": stats(r0)}, note)
+
+    cap = ref.capture(ours.ids)
+    st = engine.model.stages(0)
+
+    record(1, lambda c, t, tol: compare(c, t, tol, [("norm", st.norm_1(cap["block_in"]), cap["ln_1"])]))
+
+    def cp2(c, t, tol):
+        q, k, v = st.qkv(cap["ln_1"], 0)
+        return compare(c, t, tol, [("q", q, cap["q"]), ("k", k, cap["k"]), ("v", v, cap["v"])])
+
+    record(2, cp2)
+
+    def cp3(c, t, tol):
+        n = len(ours.ids)
+        own = [  # bit-identical: cache slots hold exactly the K/V our projection produced, at the right positions
+            ("k prompt", ours.k_prompt, ours.trace_prompt["k"].transpose(1, 0, 2)),
+            ("v prompt", ours.v_prompt, ours.trace_prompt["v"].transpose(1, 0, 2)),
+            ("k kept", ours.k_step[:, :n], ours.k_prompt),
+            ("v kept", ours.v_step[:, :n], ours.v_prompt),
+            ("k new", ours.k_step[:, n:], ours.trace_step["k"].transpose(1, 0, 2)),
+            ("v new", ours.v_step[:, n:], ours.trace_step["v"].transpose(1, 0, 2)),
+        ]
+        bad = [label for label, a, b in own if a.shape != b.shape or not np.array_equal(a, b)]
+        snap = ref.cache(ours.ids, ours.token)
+        r = compare(c, t, tol, [("k prompt", ours.k_prompt, snap.k_prompt), ("v prompt", ours.v_prompt, snap.v_prompt),
+                                ("k step", ours.k_step, snap.k_step), ("v step", ours.v_step, snap.v_step)])
+        if bad:
+            r.passed, r.status = False, "fail"
+            r.note = f"not bit-identical to our own K/V: {', '.join(bad)}; " + r.note
+        else:
+            r.note = "bit-identical to our own projections at positions 0..n; " + r.note
+        return r
+
+    record(3, cp3)
+
+    def cp4(c, t, tol):
+        ours_s = st.scores(cap["q"], cap["k_all"], 0)  # [H, n, T]
+        ref_s = cap["scores"]
+        ref_masked = ref_s <= MASKED
+        ours_masked = ~np.isfinite(ours_s) | (ours_s <= MASKED)
+        if ours_s.shape == ref_s.shape and not np.array_equal(ref_masked, ours_masked):
+            wrong = int((ref_masked != ours_masked).sum())
+            return Result(c, t, name, list(ours_s.shape), math.inf, tol, False, "fail",
+                          {"ours": stats(ours_s), "reference": stats(ref_s)}, f"causal mask differs at {wrong} positions")
+        keep = ~ref_masked
+        r = compare(c, t, tol, [("scores", np.where(keep, ours_s, 0.0), np.where(keep, ref_s, 0.0))],
+                    note="masked positions agree; compared where unmasked")
+        r.stats = {"ours": stats(np.where(keep, ours_s, np.nan)), "reference": stats(np.where(keep, ref_s, np.nan))}
+        return r
+
+    record(4, cp4)
+    record(5, lambda c, t, tol: compare(c, t, tol, [("attn", st.attn_out(cap["scores"], cap["v_all"]), cap["attn_out"])]))
+    record(6, lambda c, t, tol: compare(c, t, tol, [("ffn", st.ffn(cap["ln_2"]), cap["ffn_out"])]))
+    record(7, lambda c, t, tol: compare(c, t, tol, [("block", st.block(cap["block_in"]), cap["block_out"])]))
+    record(8, lambda c, t, tol: compare(c, t, tol, [("logits", ours.full_logits, cap["logits"])]))
+
+    def cp9(c, t, tol):
+        r = compare(c, t, tol, [("selected vs our full[-1]", ours.selected, ours.full_logits[-1])])
+        d_ref = max_abs_diff(ours.selected, cap["logits"][-1])
+        r.note += f"; vs reference last row {d_ref:.3g} (checkpoint 8 tolerance {CHECKPOINTS[8][1]})"
+        if d_ref > CHECKPOINTS[8][1]:
+            r.passed, r.status = False, "fail"
+        return r
+
+    record(9, cp9)
+
+    def cp10(c, t, tol):
+        ref_logits = cap["logits"][-1]
+        theirs = ref.argmax(ref_logits)
+        ours_tok = ours.token
+        top2 = np.sort(ref_logits)[-2:]
+        gap = float(top2[1] - top2[0])
+        s = {"ours": {"token": ours_tok}, "reference": {"token": theirs, "top2_gap": gap}}
+        if ours_tok == theirs:
+            return Result(c, t, name, [1], 0.0, tol, True, "pass", s, f"token {ours_tok}; top-2 gap {gap:.3g}")
+        if gap < CHECKPOINTS[8][1]:
+            return Result(c, t, name, [1], None, tol, True, "tie", s,
+                          f"tie: ours {ours_tok}, reference {theirs}, top-2 gap {gap:.3g} below checkpoint 8 tolerance")
+        return Result(c, t, name, [1], None, tol, False, "fail", s, f"ours {ours_tok}, reference {theirs}, gap {gap:.3g}")
+
+    record(10, cp10)
+
+    def cp11(c, t, tol):
+        ref_logits = cap["logits"][-1]
+        pairs, problems = [], []
+        for temp in SOFTMAX_TEMPERATURES:
+            p_ours = softmax_probs(ref_logits, temp)
+            p_ref = ref.softmax(ref_logits, temp)
+            pairs.append((f"T={temp}", p_ours, p_ref))
+            if abs(float(p_ours.sum()) - 1.0) > 1e-6:
+                problems.append(f"T={temp}: ours sums to {float(p_ours.sum()):.9f}")
+            if not np.array_equal(np.argsort(-p_ours, kind="stable")[:10], np.argsort(-p_ref, kind="stable")[:10]):
+                problems.append(f"T={temp}: top-10 order differs")
+        r = compare(c, t, tol, pairs, note="; ".join(problems) or "sums to 1; same top-10 order")
+        if problems:
+            r.passed, r.status = False, "fail"
+        return r
+
+    record(11, cp11)
+
+    def cp12(c, t, tol):
+        theirs = ref.greedy(ours.ids, ours.n_tokens, engine.eos_token_id)
+        mine = ours.greedy
+        s = {"ours": {"tokens": mine}, "reference": {"tokens": theirs}}
+        if mine == theirs:
+            return Result(c, t, name, [len(mine)], 0.0, tol, True, "pass", s, f"{len(mine)} identical greedy tokens")
+        j = next((i for i in range(min(len(mine), len(theirs))) if mine[i] != theirs[i]), min(len(mine), len(theirs)))
+        if j >= min(len(mine), len(theirs)):
+            return Result(c, t, name, [len(mine)], None, tol, False, "fail", s,
+                          f"lengths differ: ours {len(mine)}, reference {len(theirs)} (EOS handling)")
+        logits = engine.prefill_logits(ours.ids + mine[:j])[-1]
+        gap = float(logits[mine[j]] - logits[theirs[j]])
+        status = "tie" if gap < CHECKPOINTS[8][1] else "fail"
+        return Result(c, t, name, [len(mine)], None, tol, status == "tie", status, s,
+                      f"paths part at step {j}: ours {mine[j]}, reference {theirs[j]}, our logit gap {gap:.3g}")
+
+    record(12, cp12)
+    return results

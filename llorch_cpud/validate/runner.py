@@ -1,0 +1,89 @@
+"""`llorch-cpud validate`: our engine against each named reference, checkpoint by checkpoint."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+from llorch_cpud.engine import Engine
+from llorch_cpud.errors import LlorchError
+from llorch_cpud.validate import references
+from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
+from llorch_cpud.validate.references.base import ReferenceUnavailable
+
+
+def parse_references(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise LlorchError("--references: give at least one reference")
+    unknown = [n for n in names if n not in references.known()]
+    if unknown:
+        raise LlorchError(f"--references: unknown reference {unknown[0]!r} (known: {', '.join(references.known())})")
+    return names
+
+
+def weights_note(path: Path) -> str:
+    """Say plainly when the weights are our synthetic fixture: a pass on them is not a pass on real weights."""
+    cfg = path / "config.json" if path.is_dir() else None
+    if cfg is not None and cfg.is_file():
+        fixture = json.loads(cfg.read_text()).get("llorch_fixture")
+        if fixture:
+            return f"SYNTHETIC seeded random weights (llorch fixture {fixture}); passing here does not prove real weights"
+    return f"as loaded from {path} (real or user-provided weights)"
+
+
+def base_versions() -> dict[str, str]:
+    import numpy
+
+    from llorch_cpud import __version__
+
+    v = {"llorch-cpud": __version__, "python": sys.version.split()[0], "numpy": numpy.__version__,
+         "platform": platform.platform()}
+    try:
+        import numpy as np
+
+        cfg = np.show_config(mode="dicts")
+        v["blas"] = f"{cfg['Build Dependencies']['blas']['name']} {cfg['Build Dependencies']['blas'].get('version', '')}".strip()
+    except Exception:
+        pass
+    return v
+
+
+def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_names: list[str], n_tokens: int = 12,
+             log=print) -> dict:
+    """Run every checkpoint against every reference; returns the report dict."""
+    prompt_ids = engine.tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise LlorchError("--prompt: encodes to no tokens")
+    log(f"our side: {len(prompt_ids)} prompt tokens, {n_tokens} greedy tokens")
+    ours = OurSide(engine, prompt_ids, n_tokens)
+    results, skipped, versions = [], {}, base_versions()
+    for name in ref_names:
+        log(f"reference {name}: loading")
+        try:
+            ref = references.make(name)
+            ref.load(model_path, family, engine)
+        except ReferenceUnavailable as e:
+            skipped[name] = str(e)
+            log(f"reference {name}: SKIPPED ({e})")
+            continue
+        versions.update({f"{name}/{k}": v for k, v in ref.versions().items()})
+        log(f"reference {name}: running checkpoints")
+        results += [r.to_json() for r in run_checkpoints(engine, ours, ref, family)]
+        del ref
+    ran = [n for n in ref_names if n not in skipped]
+    return {
+        "model": str(model_path),
+        "family": family,
+        "weights": weights_note(model_path),
+        "prompt": prompt,
+        "prompt_ids": prompt_ids,
+        "n_tokens": n_tokens,
+        "references": ran,
+        "skipped": skipped,
+        "versions": versions,
+        "results": results,
+        "passed": bool(ran) and not skipped and all(r["passed"] for r in results),
+    }
