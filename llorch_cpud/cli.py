@@ -6,12 +6,18 @@ Bad input ends with one line `error: <reason>` on stderr and a non-zero exit, ne
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 from llorch_cpud.errors import LlorchError
+
+# Modules that define a subcommand with `register(subparsers)`; the parser they add sets `func`.
+# They must not import heavy dependencies at module level.
+PLUGIN_COMMANDS = [m for m in ("llorch_cpud.server.cli", "llorch_cpud.bench") if importlib.util.find_spec(m)]
 
 EXIT_FAILED_VALIDATION = 1
 EXIT_BAD_INPUT = 2
@@ -62,6 +68,10 @@ def build_parser() -> Parser:
     v.add_argument("--references", default="transformers", help="comma-separated, e.g. transformers,candle,tinygrad,jax,llamacpp")
     v.add_argument("--tokens", type=ranged(int, 1, 512, "--tokens"), default=16, help="greedy tokens for checkpoint 12")
     v.add_argument("--report", type=Path, default=Path("llorch-report"), help="folder for report.json and report.md")
+    g.set_defaults(func=cmd_generate)
+    v.set_defaults(func=cmd_validate)
+    for module in PLUGIN_COMMANDS:  # serve, bench: each module adds its own subcommand
+        importlib.import_module(module).register(sub)
     return p
 
 
@@ -128,13 +138,10 @@ def cmd_validate(a) -> int:
     return 0 if result["passed"] else EXIT_FAILED_VALIDATION
 
 
-COMMANDS = {"generate": cmd_generate, "validate": cmd_validate}
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except LlorchError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -21,11 +21,13 @@ Per prompt the JSON records:
   prompt_token_ids          tokenized exactly as llama.cpp does for inference
                             (llama_tokenize with add_special=True; BOS only if
                             the vocab's add_bos flag is set),
-  prompt_token_pieces       per-token detokenized text (for humans),
+  prompt_token_pieces       per-token detokenized text (for humans; partial
+                            UTF-8 shown as U+FFFD, exact bytes in *_hex),
   greedy_token_ids          N greedy new tokens (argmax, manual eval loop, no
                             sampler; generation does NOT stop at EOS),
   greedy_text               llm.detokenize(greedy_token_ids) decoded as UTF-8
-                            (errors="replace"); greedy_text_bytes_hex is exact,
+                            (errors="replace"); greedy_text_bytes_hex is exact;
+                            greedy_text_special also renders special tokens,
   eos_positions             indices into greedy_token_ids equal to the EOS id,
   steps[i]                  for greedy step i: top5 [[id, logit], ...] and
                             gap = top1 logit - top2 logit (logits of the
@@ -55,6 +57,8 @@ PROMPTS: list[str] = [
     "Order 66:   12345  items\t\tat  3.14159 each;    total =",
     "The capital of France is",
     "Once upon a time",
+    # special=False: the ChatML markers are tokenized as plain text, NOT as the
+    # special tokens <|im_start|>/<|im_end|> (ids 1/2) -- a tokenizer edge case.
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
     "   leading spaces and trailing spaces   ",
 ]
@@ -156,9 +160,9 @@ def main() -> int:
             raise SystemExit(f"{slug}: add_bos={add_bos} ids differ from llama.cpp default")
         ids_nobos = llm.tokenize(pbytes, add_bos=False, special=False)
         assert ids_nobos == [t for t in ids if not (add_bos and t == bos_id)][: len(ids_nobos)]
-        pieces = [
-            llm.detokenize([t], special=True).decode("utf-8", errors="replace") for t in ids
-        ]
+        pieces_b = [llm.detokenize([t], special=True) for t in ids]
+        pieces = [b.decode("utf-8", errors="replace") for b in pieces_b]
+        pieces_hex = [b.hex() for b in pieces_b]
 
         llm.reset()
         llm.eval(ids)
@@ -191,10 +195,14 @@ def main() -> int:
                 "prompt_bytes_hex": pbytes.hex(),
                 "prompt_token_ids": ids,
                 "prompt_token_pieces": pieces,
+                "prompt_token_pieces_hex": pieces_hex,
                 "n_prompt_tokens": len(ids),
                 "greedy_token_ids": gen,
                 "greedy_text": gen_bytes.decode("utf-8", errors="replace"),
                 "greedy_text_bytes_hex": gen_bytes.hex(),
+                "greedy_text_special": llm.detokenize(gen, special=True).decode(
+                    "utf-8", errors="replace"
+                ),
                 "eos_positions": [i for i, t in enumerate(gen) if t == eos_id],
                 "steps": steps,
                 "last_logits_file": npy_name,
