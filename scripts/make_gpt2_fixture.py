@@ -49,7 +49,7 @@ def make_gpt2_fixture(out: Path, n_layer=12, n_embd=768, n_head=12, n_positions=
     if tokenizer_json:
         from transformers import GPT2TokenizerFast
 
-        GPT2TokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt")).save_pretrained(out)
+        GPT2TokenizerFast.from_pretrained(out).save_pretrained(out)  # transformers writes tokenizer.json
         for name in ("vocab.json", "merges.txt"):
             (out / name).unlink(missing_ok=True)
     return out

@@ -257,7 +257,8 @@ class GGUFFile:
         return cls(path, reader, metadata, infos, version, int(reader.alignment), int(reader.data_offset), file_size)
 
     def close(self) -> None:
-        """Drop the memory map (arrays already returned by `tensor()` stay valid; `raw()` views do not)."""
+        """Let go of the memory map. Arrays from `tensor()` are copies and stay valid; views from `raw()`
+        keep the mapping alive for as long as they live."""
         self._reader = None
         self._plain = None
 

@@ -217,7 +217,7 @@ def _build_spm(metadata: dict[str, Any], tokens: list[str], types: list[int], wh
     if len(scores) != len(tokens):
         raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.scores' has {len(scores)} "
                              f"entries for {len(tokens)} tokens")
-    unk_id = _optional_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens))
+    unk_id = _optional_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens), where)
     unk = tokens[unk_id] if unk_id is not None else None
     tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=_spm_merges(tokens, scores, types),
                                unk_token=unk, fuse_unk=True, byte_fallback=True))

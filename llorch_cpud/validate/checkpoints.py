@@ -16,7 +16,8 @@ import numpy as np
 
 from llorch_cpud.engine import Engine, Request
 from llorch_cpud.models.base import Segment
-from llorch_cpud.sampling import SamplingParams, argmax, softmax_probs
+import llorch_cpud.sampling as sampling
+from llorch_cpud.sampling import SamplingParams
 
 # id -> (name, tolerance). Names for the norm depend on the family.
 CHECKPOINTS = {
@@ -83,34 +84,56 @@ class Result:
 
 
 class OurSide:
-    """Everything our engine computes for the prompt, computed once and shared by all references."""
+    """Everything our engine computes for the prompt, computed once and shared by all references.
+
+    A part that raises (an injected bug can make a stage crash) is recorded, and the
+    checkpoints that need it fail with that error instead of stopping the whole run."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], n_tokens: int):
-        self.engine, self.ids = engine, prompt_ids
-        model = engine.model
-        n = len(prompt_ids)
-        # checkpoint 8: every position, with the block-0 trace of the same pass
+        self.engine, self.ids, self.n_tokens = engine, prompt_ids, n_tokens
+        self.errors: dict[str, str] = {}
+        self._try("logits", self._full_logits)
+        self._try("selected", self._selected)
+        self._try("cache", self._cache)
+        self._try("greedy", self._greedy)
+
+    def _try(self, part: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:
+            self.errors[part] = f"{type(e).__name__}: {e}"
+
+    def need(self, part: str) -> None:
+        if part in self.errors:
+            raise RuntimeError(f"our {part} computation failed: {self.errors[part]}")
+
+    def _full_logits(self):  # checkpoint 8: every position, with the block-0 trace of the same pass
         self.trace: dict = {}
-        self.full_logits = engine.prefill_logits(prompt_ids, self.trace)  # [seq, vocab]
-        # checkpoints 9, 10: the engine's own prefill step and greedy pick
-        seq = engine.start(Request(prompt_ids=prompt_ids, max_tokens=1, sampling=SamplingParams(temperature=0.0), seed=0))
-        engine.step([seq])
+        self.full_logits = self.engine.prefill_logits(self.ids, self.trace)  # [seq, vocab]
+
+    def _selected(self):  # checkpoints 9, 10: the engine's own prefill step and greedy pick
+        seq = self.engine.start(Request(prompt_ids=self.ids, max_tokens=1, sampling=SamplingParams(temperature=0.0), seed=0))
+        self.engine.step([seq])
         self.selected = seq.last_logits  # [vocab]
         self.token = seq.generated[0]
-        # checkpoint 3: the cache after the prompt, then after one more token
+
+    def _cache(self):  # checkpoint 3: the cache after the prompt, then after one more token
+        model, n = self.engine.model, len(self.ids)
+        token = self.token if "selected" not in self.errors else self.ids[-1]
         cache = model.new_cache(n + 1)
         self.trace_prompt: dict = {}
-        model.forward(np.array(prompt_ids), [Segment(cache, 0, n)], self.trace_prompt)
+        model.forward(np.array(self.ids), [Segment(cache, 0, n)], self.trace_prompt)
         self.k_prompt, self.v_prompt = cache.k[0, :, :n].copy(), cache.v[0, :, :n].copy()  # [Hkv, n, hd]
         self.trace_step: dict = {}
-        model.forward(np.array([self.token]), [Segment(cache, n, 1)], self.trace_step)
+        model.forward(np.array([token]), [Segment(cache, n, 1)], self.trace_step)
         self.k_step, self.v_step = cache.k[0, :, : n + 1].copy(), cache.v[0, :, : n + 1].copy()  # [Hkv, n+1, hd]
-        # checkpoint 12: the whole generation loop, greedy
-        *_, end = engine.generate(
-            Request(prompt_ids=prompt_ids, max_tokens=n_tokens, sampling=SamplingParams(temperature=0.0), seed=0)
+        self.cache_token = token
+
+    def _greedy(self):  # checkpoint 12: the whole generation loop, greedy
+        *_, end = self.engine.generate(
+            Request(prompt_ids=self.ids, max_tokens=self.n_tokens, sampling=SamplingParams(temperature=0.0), seed=0)
         )
         self.greedy = end.token_ids
-        self.n_tokens = n_tokens
 
 
 def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Result]:
@@ -151,6 +174,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
     record(2, cp2)
 
     def cp3(c, t, tol):
+        ours.need("cache")
         n = len(ours.ids)
         own = [  # bit-identical: cache slots hold exactly the K/V our projection produced, at the right positions
             ("k prompt", ours.k_prompt, ours.trace_prompt["k"].transpose(1, 0, 2)),
@@ -161,7 +185,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
             ("v new", ours.v_step[:, n:], ours.trace_step["v"].transpose(1, 0, 2)),
         ]
         bad = [label for label, a, b in own if a.shape != b.shape or not np.array_equal(a, b)]
-        snap = ref.cache(ours.ids, ours.token)
+        snap = ref.cache(ours.ids, ours.cache_token)
         r = compare(c, t, tol, [("k prompt", ours.k_prompt, snap.k_prompt), ("v prompt", ours.v_prompt, snap.v_prompt),
                                 ("k step", ours.k_step, snap.k_step), ("v step", ours.v_step, snap.v_step)])
         if bad:
@@ -192,9 +216,15 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
     record(5, lambda c, t, tol: compare(c, t, tol, [("attn", st.attn_out(cap["scores"], cap["v_all"]), cap["attn_out"])]))
     record(6, lambda c, t, tol: compare(c, t, tol, [("ffn", st.ffn(cap["ln_2"]), cap["ffn_out"])]))
     record(7, lambda c, t, tol: compare(c, t, tol, [("block", st.block(cap["block_in"]), cap["block_out"])]))
-    record(8, lambda c, t, tol: compare(c, t, tol, [("logits", ours.full_logits, cap["logits"])]))
+    def cp8(c, t, tol):
+        ours.need("logits")
+        return compare(c, t, tol, [("logits", ours.full_logits, cap["logits"])])
+
+    record(8, cp8)
 
     def cp9(c, t, tol):
+        ours.need("logits")
+        ours.need("selected")
         r = compare(c, t, tol, [("selected vs our full[-1]", ours.selected, ours.full_logits[-1])])
         d_ref = max_abs_diff(ours.selected, cap["logits"][-1])
         r.note += f"; vs reference last row {d_ref:.3g} (checkpoint 8 tolerance {CHECKPOINTS[8][1]})"
@@ -205,6 +235,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
     record(9, cp9)
 
     def cp10(c, t, tol):
+        ours.need("selected")
         ref_logits = cap["logits"][-1]
         theirs = ref.argmax(ref_logits)
         ours_tok = ours.token
@@ -213,10 +244,12 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
         s = {"ours": {"token": ours_tok}, "reference": {"token": theirs, "top2_gap": gap}}
         if ours_tok == theirs:
             return Result(c, t, name, [1], 0.0, tol, True, "pass", s, f"token {ours_tok}; top-2 gap {gap:.3g}")
-        if gap < CHECKPOINTS[8][1]:
-            return Result(c, t, name, [1], None, tol, True, "tie", s,
-                          f"tie: ours {ours_tok}, reference {theirs}, top-2 gap {gap:.3g} below checkpoint 8 tolerance")
-        return Result(c, t, name, [1], None, tol, False, "fail", s, f"ours {ours_tok}, reference {theirs}, gap {gap:.3g}")
+        ours_gap = float(ref_logits[theirs] - ref_logits[ours_tok])  # how far below the reference's pick ours is
+        if ours_gap < CHECKPOINTS[8][1]:
+            return Result(c, t, name, [1], ours_gap, tol, True, "tie", s,
+                          f"tie: ours {ours_tok}, reference {theirs}, logit gap {ours_gap:.3g} below checkpoint 8 tolerance")
+        return Result(c, t, name, [1], ours_gap, tol, False, "fail", s,
+                      f"ours {ours_tok}, reference {theirs}: reference logit gap {ours_gap:.3g}")
 
     record(10, cp10)
 
@@ -224,7 +257,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
         ref_logits = cap["logits"][-1]
         pairs, problems = [], []
         for temp in SOFTMAX_TEMPERATURES:
-            p_ours = softmax_probs(ref_logits, temp)
+            p_ours = sampling.softmax_probs(ref_logits, temp)
             p_ref = ref.softmax(ref_logits, temp)
             pairs.append((f"T={temp}", p_ours, p_ref))
             if abs(float(p_ours.sum()) - 1.0) > 1e-6:
@@ -239,6 +272,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
     record(11, cp11)
 
     def cp12(c, t, tol):
+        ours.need("greedy")
         theirs = ref.greedy(ours.ids, ours.n_tokens, engine.eos_token_id)
         mine = ours.greedy
         s = {"ours": {"tokens": mine}, "reference": {"tokens": theirs}}
@@ -249,8 +283,8 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
             return Result(c, t, name, [len(mine)], None, tol, False, "fail", s,
                           f"lengths differ: ours {len(mine)}, reference {len(theirs)} (EOS handling)")
         logits = engine.prefill_logits(ours.ids + mine[:j])[-1]
-        gap = float(logits[mine[j]] - logits[theirs[j]])
-        status = "tie" if gap < CHECKPOINTS[8][1] else "fail"
+        gap = float(logits[mine[j]] - logits[theirs[j]])  # >= 0 when ours is our argmax
+        status = "tie" if abs(gap) < CHECKPOINTS[8][1] else "fail"
         return Result(c, t, name, [len(mine)], None, tol, status == "tie", status, s,
                       f"paths part at step {j}: ours {mine[j]}, reference {theirs[j]}, our logit gap {gap:.3g}")
 

@@ -1,0 +1,107 @@
+"""Sampling against transformers' logits processors, and the seeded draw."""
+
+import numpy as np
+import pytest
+
+from llorch_cpud.errors import InvalidRequest
+from llorch_cpud.sampling import (SamplingParams, apply_repetition_penalty, filter_probs, make_rng, sample,
+                                  softmax_probs)
+
+torch = pytest.importorskip("torch")
+from transformers.generation import logits_process as lp  # noqa: E402
+
+rng0 = np.random.default_rng(0)
+LOGITS = (rng0.standard_normal(1000) * 3).astype(np.float32)
+
+
+def hf_probs(logits, *warpers, temperature=1.0):
+    scores = torch.from_numpy(logits.astype(np.float64))[None] / temperature
+    for w in warpers:
+        scores = w(torch.zeros(1, 1, dtype=torch.long), scores)
+    return torch.softmax(scores, -1)[0].numpy()
+
+
+def ours_probs(logits, params):
+    z = logits.astype(np.float64)
+    if params.top_k:
+        kth = np.partition(z, -params.top_k)[-params.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    return filter_probs(softmax_probs(z, params.temperature), params)
+
+
+def test_greedy_below_threshold_is_argmax():
+    for t in (0.0, 1e-7, 9e-7):
+        assert sample(LOGITS, SamplingParams(temperature=t), make_rng(1)) == int(np.argmax(LOGITS))
+
+
+def test_softmax_sums_to_one_and_matches_torch():
+    for t in (0.3, 1.0, 2.0):
+        p = softmax_probs(LOGITS, t)
+        assert abs(p.sum() - 1) < 1e-12
+        assert np.abs(p - hf_probs(LOGITS, temperature=t)).max() < 1e-12
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_top_k_support_matches_transformers(k):
+    ours = ours_probs(LOGITS, SamplingParams(top_k=k))
+    theirs = hf_probs(LOGITS, lp.TopKLogitsWarper(k))
+    assert np.array_equal(ours > 0, theirs > 0) and np.abs(ours - theirs).max() < 1e-12
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_support_matches_transformers(p):
+    ours = ours_probs(LOGITS, SamplingParams(top_p=p))
+    theirs = hf_probs(LOGITS, lp.TopPLogitsWarper(p))
+    assert np.array_equal(ours > 0, theirs > 0)
+    assert np.abs(ours - theirs).max() < 1e-9
+
+
+@pytest.mark.parametrize("m", [0.05, 0.2, 0.7])
+def test_min_p_support_matches_transformers(m):
+    ours = ours_probs(LOGITS, SamplingParams(min_p=m))
+    theirs = hf_probs(LOGITS, lp.MinPLogitsWarper(m))
+    assert np.array_equal(ours > 0, theirs > 0)
+    assert np.abs(ours - theirs).max() < 1e-9
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
+def test_repetition_penalty_matches_transformers(penalty):
+    history = [3, 17, 17, 999, 0]
+    ours = apply_repetition_penalty(LOGITS, history, penalty)
+    proc = lp.RepetitionPenaltyLogitsProcessor(penalty)
+    theirs = proc(torch.tensor([history]), torch.from_numpy(LOGITS.copy())[None])[0].numpy()
+    assert np.array_equal(ours, theirs)
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    a = [sample(LOGITS, params, r) for r in [make_rng(42)] for _ in range(50)]
+    b = [sample(LOGITS, params, r) for r in [make_rng(42)] for _ in range(50)]
+    c = [sample(LOGITS, params, r) for r in [make_rng(43)] for _ in range(50)]
+    assert a == b and a != c
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    r = make_rng(0)
+    draws = np.bincount([sample(logits, SamplingParams(), r) for _ in range(4000)], minlength=3) / 4000
+    assert np.abs(draws - [0.5, 0.3, 0.2]).max() < 0.03
+
+
+def test_top_k_1_is_greedy_even_at_high_temperature():
+    r = make_rng(5)
+    assert {sample(LOGITS, SamplingParams(temperature=2.0, top_k=1), r) for _ in range(20)} == {int(np.argmax(LOGITS))}
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=-0.1), SamplingParams(temperature=2.5),
+                                    SamplingParams(top_p=1.5), SamplingParams(top_k=-1),
+                                    SamplingParams(min_p=-0.1), SamplingParams(repetition_penalty=3.0)])
+def test_invalid_params_rejected(params):
+    with pytest.raises(InvalidRequest):
+        params.check()
+
+
+def test_seed_must_be_uint64():
+    make_rng(2**64 - 1)
+    with pytest.raises(InvalidRequest, match="seed"):
+        make_rng(2**64)
