@@ -92,9 +92,13 @@ def attention_output(scores: np.ndarray, v: np.ndarray, c_proj_weight: np.ndarra
     return merged @ c_proj_weight + c_proj_bias  # [n, n_embd] -> [n, n_embd]
 
 
+GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+GELU_K = np.float32(0.044715)
+
+
 def gelu_new(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (GPT-2's `gelu_new`)."""
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + GELU_K * (x * x * x))))  # x*x*x: numpy's float32 x**3 is ~20x slower
 
 
 def ffn(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias) -> np.ndarray:

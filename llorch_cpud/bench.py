@@ -1,0 +1,302 @@
+"""`llorch-cpud bench`: our engine and its peers, side by side, in one run.
+
+Every measurement runs in a fresh subprocess (so peak RSS is that runner's own), runners
+alternate (ours, peer, ours, peer, ...) so that drift of a shared machine hits both, and the
+table reports medians with min–max and the ratio ours/peer.
+
+Runners:
+  ours          this package's engine (numpy)
+  transformers  PyTorch + transformers, greedy with its KV cache (a manual loop, its fastest path)
+  llamacpp      llama-cpp-python on a .gguf file (needs a python that imports llama_cpp:
+                --llamacpp-python, or $LLORCH_LLAMACPP_PYTHON)
+Concurrency above 1 runs through the real servers (ours: `llorch-cpud serve`; peer:
+llama-server, --llama-server PATH or $LLORCH_LLAMA_SERVER) with streaming clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUNNERS = ("ours", "transformers", "llamacpp")
+SEED_TEXT = (
+    "The history of computing is a story of ideas that took decades to mature. Early machines filled rooms, "
+    "consumed enormous power and were programmed by rewiring panels. "
+)
+
+
+# ---------------------------------------------------------------- runners (run in a subprocess)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def prompt_ids_for(tokenizer_encode, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer_encode(SEED_TEXT)
+    return ids[:n]
+
+
+def run_ours(model: str | None, prompt_tokens: int, new_tokens: int) -> dict:
+    from llorch_cpud.cli import load_engine
+    from llorch_cpud.engine import Request
+    from llorch_cpud.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    engine, _ = load_engine(model)
+    load_s = time.perf_counter() - t0
+    engine.eos_token_id = None  # generate exactly new_tokens
+    ids = prompt_ids_for(engine.tokenizer.encode, prompt_tokens)
+    greedy = SamplingParams(temperature=0.0)
+    for ev in engine.generate(Request(prompt_ids=ids[:8], max_tokens=4, sampling=greedy)):  # warm-up
+        pass
+    seq = engine.start(Request(prompt_ids=ids, max_tokens=new_tokens, sampling=greedy, seed=0))
+    t = time.perf_counter()
+    engine.step([seq])  # prefill + first token
+    t_first = time.perf_counter()
+    while not seq.done:
+        engine.step([seq])
+    t_end = time.perf_counter()
+    return {"prefill_tok_s": prompt_tokens / (t_first - t), "ttft_ms": (t_first - t) * 1000,
+            "decode_tok_s": (new_tokens - 1) / (t_end - t_first), "load_s": load_s, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_transformers(model: str | None, prompt_tokens: int, new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llorch_cpud.formats import resolve
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = resolve(model)
+    t0 = time.perf_counter()
+    if path.suffix == ".gguf":
+        m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    m.eval()
+    load_s = time.perf_counter() - t0
+    from llorch_cpud.cli import load_engine
+
+    tok = load_engine(model)[0].tokenizer  # the same prompt ids as ours
+    ids = prompt_ids_for(tok.encode, prompt_tokens)
+    cache_kw = "cache" if "cache" in m.forward.__code__.co_varnames else "past_key_values"
+
+    def greedy(prompt, n):
+        out = m(input_ids=torch.tensor([prompt]), use_cache=True)
+        t_first = time.perf_counter()
+        kv = out.cache if hasattr(out, "cache") else out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+        for _ in range(n - 1):
+            out = m(input_ids=torch.tensor([[nxt]]), use_cache=True, **{cache_kw: kv})
+            kv = out.cache if hasattr(out, "cache") else out.past_key_values
+            nxt = int(out.logits[0, -1].argmax())
+        return t_first
+
+    with torch.no_grad():
+        greedy(ids[:8], 4)  # warm-up
+        t = time.perf_counter()
+        t_first = greedy(ids, new_tokens)
+        t_end = time.perf_counter()
+    return {"prefill_tok_s": prompt_tokens / (t_first - t), "ttft_ms": (t_first - t) * 1000,
+            "decode_tok_s": (new_tokens - 1) / (t_end - t_first), "load_s": load_s, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_llamacpp(model: str | None, prompt_tokens: int, new_tokens: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    path = Path(model) if model else None
+    if path is None or path.suffix != ".gguf":
+        raise SystemExit("llamacpp runner needs a .gguf --model")
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens + 16, n_threads=os.cpu_count() or 1,
+                          n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids_for(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False), prompt_tokens)
+
+    def greedy(prompt, n):
+        llm.reset()
+        llm.eval(prompt)
+        t_first = time.perf_counter()
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        for _ in range(n - 1):
+            llm.eval([nxt])
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return t_first
+
+    greedy(ids[:8], 4)
+    t = time.perf_counter()
+    t_first = greedy(ids, new_tokens)
+    t_end = time.perf_counter()
+    return {"prefill_tok_s": prompt_tokens / (t_first - t), "ttft_ms": (t_first - t) * 1000,
+            "decode_tok_s": (new_tokens - 1) / (t_end - t_first), "load_s": load_s, "peak_rss_mb": peak_rss_mb(),
+            "version": llama_cpp.__version__}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def runner_python(name: str, args) -> str:
+    if name == "llamacpp":
+        py = args.llamacpp_python or os.environ.get("LLORCH_LLAMACPP_PYTHON")
+        return py or sys.executable
+    return sys.executable
+
+
+def available(name: str, args) -> str | None:
+    """None if the runner can run here, else the reason it cannot."""
+    py = runner_python(name, args)
+    module = {"ours": "numpy", "transformers": "transformers", "llamacpp": "llama_cpp"}[name]
+    r = subprocess.run([py, "-c", f"import {module}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"{py} cannot import {module}"
+    if name == "llamacpp" and not str(args.model or "").endswith(".gguf") and args.model is not None:
+        return "llamacpp needs a .gguf model"
+    return None
+
+
+def measure(name: str, args) -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
+    from llorch_cpud.formats import resolve
+
+    model = str(resolve(args.model))
+    cmd = [runner_python(name, args), "-m", "llorch_cpud.bench", "--runner", name, "--model", model,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} runner failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summarize(samples: list[dict]) -> dict:
+    out = {}
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s"):
+        vals = [s[key] for s in samples if key in s]
+        if vals:
+            out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+    return out
+
+
+def table(result: dict) -> str:
+    names = list(result["runners"])
+    rows = [["metric"] + names + [f"ours/{n}" for n in names if n != "ours"]]
+    for key, label in (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"), ("ttft_ms", "TTFT ms"),
+                       ("peak_rss_mb", "peak RSS MB")):
+        row = [label]
+        for n in names:
+            s = result["runners"][n].get(key)
+            row.append(f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})" if s else "-")
+        for n in names:
+            if n == "ours":
+                continue
+            a, b = result["runners"]["ours"].get(key), result["runners"][n].get(key)
+            row.append(f"{a['median'] / b['median']:.2f}x" if a and b else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def bench(args) -> dict:
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = [p for p in peers if p not in RUNNERS and p != "llama-server"]
+    if unknown:
+        from llorch_cpud.errors import LlorchError
+
+        raise LlorchError(f"--peers: unknown peer {unknown[0]!r} (known: transformers, llamacpp, llama-server)")
+    names = ["ours"] + [p for p in peers if p in RUNNERS and p != "ours"]
+    skipped = {}
+    for n in list(names):
+        reason = available(n, args)
+        if reason:
+            skipped[n] = reason
+            names.remove(n)
+    samples: dict[str, list] = {n: [] for n in names}
+    total = args.repeats * len(names)
+    done = 0
+    for rep in range(args.repeats):
+        for n in names:
+            samples[n].append(measure(n, args))
+            done += 1
+            s = samples[n][-1]
+            print(f"[{done}/{total}] {n}: decode {s['decode_tok_s']:.1f} tok/s, prefill {s['prefill_tok_s']:.1f} tok/s",
+                  file=sys.stderr, flush=True)
+    result = {
+        "model": str(args.model or "default"),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "runners": {n: summarize(samples[n]) for n in names},
+        "samples": samples,
+        "skipped": skipped,
+    }
+    if "llama-server" in peers or any(c > 1 for c in args.concurrency):
+        try:
+            from llorch_cpud.bench_server import bench_concurrency
+
+            result["concurrency"] = bench_concurrency(args, "llama-server" in peers)
+        except ImportError as e:
+            result["skipped"]["concurrency"] = f"server benchmark unavailable: {e}"
+    return result
+
+
+def register(sub) -> None:
+    from llorch_cpud.cli import ranged
+
+    b = sub.add_parser("bench", help="benchmark ours against peers in the same run")
+    b.add_argument("--model", default=None)
+    b.add_argument("--peers", default="transformers", help="comma-separated: transformers,llamacpp,llama-server")
+    b.add_argument("--prompt-tokens", type=ranged(int, 1, 4096, "--prompt-tokens"), default=128)
+    b.add_argument("--new-tokens", type=ranged(int, 2, 4096, "--new-tokens"), default=128)
+    b.add_argument("--concurrency", default="1", help="comma-separated stream counts, e.g. 1,8")
+    b.add_argument("--repeats", type=ranged(int, 1, 50, "--repeats"), default=3)
+    b.add_argument("--json", type=Path, default=None, help="also write the result here")
+    b.add_argument("--llamacpp-python", default=None, help="python interpreter that imports llama_cpp")
+    b.add_argument("--llama-server", default=None, help="path to llama-server")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from llorch_cpud.errors import LlorchError
+
+    try:
+        args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    except ValueError:
+        raise LlorchError(f"--concurrency: expected comma-separated integers, got {args.concurrency!r}") from None
+    result = bench(args)
+    print(table(result))
+    for n, reason in result["skipped"].items():
+        print(f"skipped {n}: {reason}")
+    if "concurrency" in result:
+        print(json.dumps(result["concurrency"], indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _runner_main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--runner", choices=RUNNERS, required=True)
+    p.add_argument("--model")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    a = p.parse_args()
+    fn = {"ours": run_ours, "transformers": run_transformers, "llamacpp": run_llamacpp}[a.runner]
+    print(json.dumps(fn(a.model, a.prompt_tokens, a.new_tokens)))
+
+
+if __name__ == "__main__":
+    _runner_main()

@@ -1,0 +1,435 @@
+"""The Llama family in numpy (Llama, SmolLM2 and kin), loaded from GGUF: one small pure function per
+checkpoint stage, composed into a forward pass — the same shape of code as models/gpt2.py.
+
+Weights are keyed by the GGUF tensor names (`token_embd.weight`, `blk.0.attn_q.weight`, ...) and
+dequantized to float32 `[out, in]` (nn.Linear orientation) at load, so a projection is `x @ W.T`.
+
+Rotary layout. llama.cpp's converter permutes the rows of `attn_q`/`attn_k` within each head so
+that its "NORM" rope can rotate adjacent pairs (2i, 2i+1). At load we undo that permutation (the
+same row permutation transformers applies when it loads a GGUF), so `weights["blk.N.attn_q.weight"]`
+and `["blk.N.attn_k.weight"]` hold the *Hugging Face* row order, and RoPE is Hugging Face's
+`rotate_half` form (pair i with i + head_dim/2). Q, K and the KV cache are then the very tensors
+transformers computes. `Llama.qk_row_order[name]` is that permutation, so quantized kernels can
+read `Llama.gguf.raw(name)[qk_row_order[name]]` (rows of quantized blocks permute as rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llorch_cpud.cache import KVCache, cache_read, cache_write
+from llorch_cpud.errors import ModelLoadError
+from llorch_cpud.models.base import Segment, trace_put
+
+#: `general.architecture` values this module runs (same tensors, same math as Llama).
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    n_ff: int
+    vocab_size: int
+    n_ctx: int = 2048
+    head_dim: int = 0  # 0: n_embd // n_head
+    rope_base: float = 10000.0
+    rope_linear_factor: float = 1.0  # positions are divided by this ("linear" rope scaling)
+    rms_norm_eps: float = 1e-5
+    tied_embeddings: bool = True  # no output.weight: the head is token_embd
+    architecture: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+
+    @property
+    def n_group(self) -> int:  # query heads per KV head
+        return self.n_head // self.n_kv_head
+
+    @classmethod
+    def from_gguf(cls, f) -> "LlamaConfig":
+        """From a GGUFFile's metadata; ModelLoadError naming the key at fault."""
+        arch = f.architecture
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{f.path}: unsupported model architecture general.architecture = {arch!r} "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        a = arch + "."
+        n_embd = int(f.require(a + "embedding_length", int))
+        n_head = int(f.require(a + "attention.head_count", int))
+        n_kv_head = int(f.get(a + "attention.head_count_kv", n_head))
+        if n_head <= 0 or n_kv_head <= 0 or n_head % n_kv_head:
+            raise ModelLoadError(f"{f.path}: {a}attention.head_count {n_head} is not a multiple of "
+                                 f"{a}attention.head_count_kv {n_kv_head}")
+        head_dim = int(f.get(a + "attention.key_length", n_embd // n_head))
+        if int(f.get(a + "attention.value_length", head_dim)) != head_dim:
+            raise ModelLoadError(f"{f.path}: {a}attention.value_length differs from key_length (unsupported)")
+        if head_dim % 2:
+            raise ModelLoadError(f"{f.path}: head_dim {head_dim} is odd; rotary embedding needs an even one")
+        rope_dim = int(f.get(a + "rope.dimension_count", head_dim))
+        if rope_dim != head_dim:
+            raise ModelLoadError(f"{f.path}: {a}rope.dimension_count = {rope_dim} (partial rotary) "
+                                 f"is unsupported; head_dim is {head_dim}")
+        scaling = f.get(a + "rope.scaling.type") or "none"
+        factor = float(f.get(a + "rope.scaling.factor") or 1.0)
+        if scaling not in ("none", "linear"):
+            raise ModelLoadError(f"{f.path}: {a}rope.scaling.type = {scaling!r} is unsupported (none, linear are)")
+        if f.get(a + "expert_count", 0):
+            raise ModelLoadError(f"{f.path}: {a}expert_count = {f.get(a + 'expert_count')}: mixture-of-experts "
+                                 f"Llama models are unsupported")
+        tokens = f.get("tokenizer.ggml.tokens")
+        vocab = int(f.get(a + "vocab_size", len(tokens) if tokens else 0) or 0)
+        if not vocab and "token_embd.weight" in f:
+            vocab = f.info("token_embd.weight").shape[0]
+        return cls(
+            n_layer=int(f.require(a + "block_count", int)),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            n_ff=int(f.require(a + "feed_forward_length", int)),
+            vocab_size=vocab,
+            n_ctx=int(f.get(a + "context_length", 2048)),
+            head_dim=head_dim,
+            rope_base=float(f.get(a + "rope.freq_base", 10000.0)),
+            rope_linear_factor=factor if scaling == "linear" else 1.0,
+            rms_norm_eps=float(f.require(a + "attention.layer_norm_rms_epsilon", (int, float))),
+            tied_embeddings="output.weight" not in f,
+            architecture=arch,
+            bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+        )
+
+
+# ---------------------------------------------------------------- rotary tables
+
+
+class RopeTables:
+    """cos/sin of every position's rotation angles, [n_pos, head_dim] float32, computed once.
+
+    Computed the way transformers does (float32 inverse frequencies, float32 angle = pos · inv_freq,
+    each half repeated: `cat(freqs, freqs)`); a position beyond the table grows it (each row depends
+    only on its own position, so growing never changes a row already handed out)."""
+
+    def __init__(self, head_dim: int, base: float, n_pos: int, linear_factor: float = 1.0,
+                 freq_factors: np.ndarray | None = None):
+        self.head_dim, self.base, self.linear_factor = head_dim, base, linear_factor
+        exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [hd/2]
+        inv = (1.0 / (np.float32(base) ** exponent)).astype(np.float32)  # [hd/2]
+        if freq_factors is not None:  # llama.cpp rope_freqs.weight: theta_i / factor_i
+            inv = (inv / np.asarray(freq_factors, dtype=np.float32)).astype(np.float32)
+        self.inv_freq = inv  # [hd/2]
+        self.cos = self.sin = np.zeros((0, head_dim), np.float32)
+        self._grow(n_pos)
+
+    def _grow(self, n_pos: int) -> None:
+        pos = np.arange(n_pos, dtype=np.float32) / np.float32(self.linear_factor)  # [n_pos]
+        freqs = pos[:, None] * self.inv_freq[None, :]  # [n_pos, 1] * [1, hd/2] -> [n_pos, hd/2] (float32)
+        emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)  # [n_pos, hd]
+        self.cos, self.sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)  # 2 × [n_pos, hd]
+
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin for the given absolute positions: 2 × [rows, head_dim]."""
+        need = int(positions.max()) + 1 if positions.size else 0
+        if need > self.cos.shape[0]:
+            self._grow(max(need, 2 * self.cos.shape[0]))
+        return self.cos[positions], self.sin[positions]  # 2 × [rows, hd]
+
+
+# ---------------------------------------------------------------- stage functions
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """Checkpoint 1. RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · weight (no mean, no bias)."""
+    ms = np.square(x).mean(axis=-1, keepdims=True)  # [rows, n_embd] -> [rows, 1]
+    return weight * (x * (1.0 / np.sqrt(ms + np.float32(eps))))  # [rows, n_embd]
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """(x1, x2) -> (-x2, x1) over the halves of the last axis (Hugging Face's rotary layout)."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [..., hd]
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary position embedding of one row per position: x·cos + rotate_half(x)·sin."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]  # [rows, heads, hd] · [rows, 1, hd] -> [rows, heads, hd]
+
+
+def qkv_projection(x, q_weight, k_weight, v_weight, n_head: int, n_kv_head: int, cos, sin):
+    """Checkpoint 2. Q, K, V projections split into heads; RoPE applied to Q and K (HF row layout)."""
+    rows = x.shape[0]
+    q = (x @ q_weight.T).reshape(rows, n_head, -1)  # [rows, n_embd] -> [rows, n_head, hd]
+    k = (x @ k_weight.T).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
+    v = (x @ v_weight.T).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # [rows, H, hd], [rows, Hkv, hd], [rows, Hkv, hd]
+
+
+def causal_mask(start: int, n: int, total: int) -> np.ndarray:
+    """True where query row i (absolute position start+i) must not see key j."""
+    return np.arange(total)[None, :] > (start + np.arange(n))[:, None]  # [n, total]
+
+
+def attention_scores(q: np.ndarray, k: np.ndarray, start: int) -> np.ndarray:
+    """Checkpoint 4. Grouped-query Q·Kᵀ/sqrt(head_dim) with the causal mask (masked = -inf), before softmax.
+
+    Query head h reads KV head h // (n_head / n_kv_head), as transformers' repeat_kv does; the group's
+    query heads are stacked along the row axis so K is multiplied once, never copied."""
+    n, n_head, head_dim = q.shape  # q: [n, H, hd]; k: [Hkv, T, hd]
+    n_kv, total, _ = k.shape
+    g = n_head // n_kv
+    qg = q.transpose(1, 0, 2).reshape(n_kv, g * n, head_dim)  # [n, H, hd] -> [H, n, hd] -> [Hkv, g·n, hd]
+    scores = (qg @ k.transpose(0, 2, 1)).reshape(n_head, n, total)  # [Hkv, g·n, hd] @ [Hkv, hd, T] -> [H, n, T]
+    scores *= np.float32(1.0 / math.sqrt(head_dim))
+    if n > 1 or start + n != total:
+        scores[:, causal_mask(start, n, total)] = -np.inf  # [H, n, T]
+    return scores
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., T]
+    return e / e.sum(axis=-1, keepdims=True)  # [..., T]
+
+
+def attention_output(scores: np.ndarray, v: np.ndarray, o_weight: np.ndarray) -> np.ndarray:
+    """Checkpoint 5. softmax, weighted sum of V (grouped), merge heads, output projection."""
+    n_head, n, total = scores.shape  # scores: [H, n, T]; v: [Hkv, T, hd]
+    n_kv, _, head_dim = v.shape
+    weights = softmax(scores).reshape(n_kv, -1, total)  # [H, n, T] -> [Hkv, g·n, T]
+    heads = (weights @ v).reshape(n_head, n, head_dim)  # [Hkv, g·n, T] @ [Hkv, T, hd] -> [H, n, hd]
+    merged = heads.transpose(1, 0, 2).reshape(n, n_head * head_dim)  # [H, n, hd] -> [n, H·hd]
+    return merged @ o_weight.T  # [n, H·hd] -> [n, n_embd]
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x · sigmoid(x) (exp(-x) may overflow to inf for x < -88: the result is then -0, as it should be)."""
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-x))
+
+
+def ffn(x, gate_weight, up_weight, down_weight) -> np.ndarray:
+    """Checkpoint 6. SwiGLU: down(silu(gate(x)) · up(x))."""
+    gate = x @ gate_weight.T  # [rows, n_embd] -> [rows, n_ff]
+    up = x @ up_weight.T  # [rows, n_embd] -> [rows, n_ff]
+    return (silu(gate) * up) @ down_weight.T  # [rows, n_ff] -> [rows, n_embd]
+
+
+def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
+    """Self-attention of block i over every segment, writing K/V into each segment's cache."""
+    p = f"blk.{i}."
+    q, k, v = qkv_projection(x, w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"],
+                             cfg.n_head, cfg.n_kv_head, cos, sin)  # [rows, H, hd], 2 × [rows, Hkv, hd]
+    trace_put(trace, i, "q", q)
+    trace_put(trace, i, "k", k)
+    trace_put(trace, i, "v", v)
+    out = np.empty_like(x)  # [rows, n_embd]
+    row = 0
+    for seg in segments:
+        rows = slice(row, row + seg.length)
+        cache_write(seg.cache, i, seg.start, k[rows], v[rows])
+        k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [Hkv, T, hd]
+        scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
+        if row == 0:
+            trace_put(trace, i, "scores", scores)
+        out[rows] = attention_output(scores, v_all, w[p + "attn_output.weight"])  # [n, n_embd]
+        row += seg.length
+    trace_put(trace, i, "attn_out", out)
+    return out
+
+
+def block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
+    """Checkpoint 7. One decoder block: pre-norm attention and SwiGLU FFN, each with its residual."""
+    p = f"blk.{i}."
+    trace_put(trace, i, "block_in", x)
+    h = rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
+    trace_put(trace, i, "ln_1", h)
+    x = x + attention(h, w, i, cfg, segments, cos, sin, trace)  # [rows, n_embd]
+    h = rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
+    trace_put(trace, i, "ln_2", h)
+    f = ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])  # [rows, n_embd]
+    trace_put(trace, i, "ffn_out", f)
+    x = x + f  # [rows, n_embd]
+    trace_put(trace, i, "block_out", x)
+    return x
+
+
+def embed(w: dict, tokens: np.ndarray) -> np.ndarray:
+    """Token embeddings (no position embedding: positions enter through RoPE)."""
+    return w["token_embd.weight"][tokens]  # [rows] -> [rows, n_embd]
+
+
+def lm_head(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
+    """Checkpoint 8 (last step). Final RMSNorm, then the head (token_embd when output.weight is absent)."""
+    h = rms_norm(x, w["output_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
+    head = w.get("output.weight", w["token_embd.weight"])  # [vocab, n_embd]
+    return h @ head.T  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Llama:
+    family = "llama"
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], rope: RopeTables | None = None,
+                 gguf=None, qk_row_order: dict[str, np.ndarray] | None = None):
+        self.config = config
+        self.weights = weights
+        self.n_ctx = config.n_ctx
+        self.vocab_size = config.vocab_size
+        self.eos_token_id = config.eos_token_id
+        self.rope = rope or RopeTables(config.head_dim, config.rope_base, min(config.n_ctx, 8192),
+                                       config.rope_linear_factor)
+        self.gguf = gguf  # the open GGUFFile (raw quantized blocks stay reachable through .raw(name))
+        self.qk_row_order = qk_row_order or {}
+
+    def new_cache(self, max_seq: int) -> KVCache:
+        c = self.config
+        return KVCache.allocate(c.n_layer, c.n_kv_head, min(max_seq, self.n_ctx), c.head_dim)
+
+    def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
+        positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])  # [rows]
+        cos, sin = self.rope.rows(positions)  # 2 × [rows, hd]
+        x = embed(self.weights, tokens)  # [rows, n_embd]
+        for i in range(self.config.n_layer):
+            x = block(x, self.weights, i, self.config, segments, cos, sin, trace)  # [rows, n_embd]
+        return x
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
+
+    def stages(self, layer: int = 0) -> "LlamaStages":
+        return LlamaStages(self, layer)
+
+
+class LlamaStages:
+    """Block stages run alone on given inputs (the validator's isolated checkpoints).
+
+    Each method calls the same stage function the forward pass uses."""
+
+    def __init__(self, model: Llama, layer: int = 0):
+        self.m, self.i = model, layer
+        self.w, self.cfg = model.weights, model.config
+        self.p = f"blk.{layer}."
+
+    def norm_1(self, x):  # [seq, n_embd] -> [seq, n_embd]
+        return rms_norm(x, self.w[self.p + "attn_norm.weight"], self.cfg.rms_norm_eps)
+
+    def qkv(self, h, start: int = 0):  # [seq, n_embd] -> [seq, H, hd], 2 × [seq, Hkv, hd]
+        cos, sin = self.m.rope.rows(np.arange(start, start + h.shape[0]))  # 2 × [seq, hd]
+        w, p = self.w, self.p
+        return qkv_projection(h, w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"],
+                              self.cfg.n_head, self.cfg.n_kv_head, cos, sin)
+
+    def scores(self, q, k, start: int = 0):  # [n, H, hd], [Hkv, T, hd] -> [H, n, T]
+        return attention_scores(q, k, start)
+
+    def attn_out(self, scores, v):  # [H, n, T], [Hkv, T, hd] -> [n, n_embd]
+        return attention_output(scores, v, self.w[self.p + "attn_output.weight"])
+
+    def ffn(self, h):  # [seq, n_embd] -> [seq, n_embd]
+        w, p = self.w, self.p
+        return ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
+
+    def block(self, x):  # [seq, n_embd] -> [seq, n_embd], with a scratch cache
+        cache = self.m.new_cache(x.shape[0])
+        positions = np.arange(x.shape[0])
+        cos, sin = self.m.rope.rows(positions)  # 2 × [seq, hd]
+        return block(x, self.w, self.i, self.cfg, [Segment(cache, 0, x.shape[0])], cos, sin)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order that turns llama.cpp's rotary-permuted Q/K rows back into the HF layout.
+
+    llama.cpp's converter writes W_gguf = W_hf.reshape(h, 2, d/2, in).swapaxes(1, 2); its inverse,
+    as transformers applies it, is W_hf = W_gguf.reshape(h, d/2, 2, in).swapaxes(1, 2), i.e.
+    W_hf = W_gguf[order] with the order below."""
+    half = n_rows // n_heads // 2
+    return np.arange(n_rows).reshape(n_heads, half, 2).swapaxes(1, 2).reshape(-1)  # [n_rows]
+
+
+_BLOCK_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                  "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+_OPTIONAL_GLOBAL = ("output.weight", "rope_freqs.weight")
+
+
+def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    hd = c.head_dim
+    return {
+        "attn_norm.weight": (c.n_embd,), "ffn_norm.weight": (c.n_embd,),
+        "attn_q.weight": (c.n_head * hd, c.n_embd), "attn_k.weight": (c.n_kv_head * hd, c.n_embd),
+        "attn_v.weight": (c.n_kv_head * hd, c.n_embd), "attn_output.weight": (c.n_embd, c.n_head * hd),
+        "ffn_gate.weight": (c.n_ff, c.n_embd), "ffn_up.weight": (c.n_ff, c.n_embd), "ffn_down.weight": (c.n_embd, c.n_ff),
+    }
+
+
+def load_llama(f) -> Llama:
+    """A Llama from an open GGUFFile: config from metadata, every tensor dequantized to float32."""
+    cfg = LlamaConfig.from_gguf(f)
+    known = {"token_embd.weight", "output_norm.weight", *_OPTIONAL_GLOBAL}
+    known |= {f"blk.{i}.{t}" for i in range(cfg.n_layer) for t in _BLOCK_TENSORS}
+    extra = [n for n in f.tensor_names() if n not in known]
+    if extra:
+        raise ModelLoadError(f"{f.path}: tensor {extra[0]!r} is not part of the Llama architecture this loader runs "
+                             f"({len(extra)} such tensors; refusing to ignore weights)")
+    shapes = _expected_shapes(cfg)
+    weights: dict[str, np.ndarray] = {}
+
+    def load(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        t = f.tensor(name)  # ModelLoadError names a missing tensor or an undecodable type
+        if t.shape != shape:
+            raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {t.shape}, expected {shape} from the metadata")
+        return t
+
+    weights["token_embd.weight"] = load("token_embd.weight", (cfg.vocab_size, cfg.n_embd))
+    weights["output_norm.weight"] = load("output_norm.weight", (cfg.n_embd,))
+    if "output.weight" in f:
+        weights["output.weight"] = load("output.weight", (cfg.vocab_size, cfg.n_embd))
+    order = {}
+    q_order = unpermute_rows(cfg.n_head * cfg.head_dim, cfg.n_head)
+    k_order = unpermute_rows(cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head)
+    for i in range(cfg.n_layer):
+        for t in _BLOCK_TENSORS:
+            name = f"blk.{i}.{t}"
+            w = load(name, shapes[t])
+            if t == "attn_q.weight":
+                w, order[name] = np.ascontiguousarray(w[q_order]), q_order
+            elif t == "attn_k.weight":
+                w, order[name] = np.ascontiguousarray(w[k_order]), k_order
+            weights[name] = w
+    freq_factors = None
+    if "rope_freqs.weight" in f:
+        freq_factors = load("rope_freqs.weight", (cfg.head_dim // 2,))
+    rope = RopeTables(cfg.head_dim, cfg.rope_base, min(cfg.n_ctx, 8192), cfg.rope_linear_factor, freq_factors)
+    return Llama(cfg, weights, rope=rope, gguf=f, qk_row_order=order)
+
+
+def load_gguf_model(path) -> tuple[Llama, "object"]:
+    """(model, tokenizer) from a .gguf file: weights dequantized to float32, tokenizer from its metadata."""
+    from llorch_cpud.formats.gguf import GGUFFile
+    from llorch_cpud.tokenizer import Tokenizer
+    from llorch_cpud.tokenizer.gguf import load_gguf_tokenizer
+
+    f = GGUFFile.open(Path(path))
+    model = load_llama(f)
+    info = load_gguf_tokenizer(f)
+    n_tok = info.tokenizer.get_vocab_size(with_added_tokens=True)
+    if n_tok > model.vocab_size:
+        raise ModelLoadError(f"{f.path}: tokenizer has {n_tok} tokens but token_embd.weight only "
+                             f"{model.vocab_size} rows")
+    tok = Tokenizer(inner=info.tokenizer, eos_token_id=info.eos_id, bos_token_id=info.bos_id, add_bos=info.add_bos,
+                    chat_template=info.chat_template)
+    if model.eos_token_id is None:
+        model.eos_token_id = info.eos_id
+    return model, tok

@@ -1,0 +1,240 @@
+"""The engine thread: the only thread that runs model math.
+
+Requests arrive as `Job`s (an engine `Sequence` already validated and tokenised by the HTTP
+side) through a thread-safe inbox. Each loop iteration of the engine thread:
+
+1. moves new jobs from the inbox to the waiting line and ends every job whose cancel flag
+   is set (POST /cancel, client disconnect, shutdown) — its KV cache is freed and its
+   stream gets its terminal event;
+2. admits waiting jobs while fewer than `max_batch` are active;
+3. prefills the oldest admitted-but-not-prefilled job *alone* — the same single-sequence
+   step `Engine.generate` runs, so a request's prompt logits are bit-identical to the
+   CLI's — which also samples its first token;
+4. runs ONE `Engine.step` over every job in decode: one row each through the same matrix
+   products (batched decode), attention per sequence.
+
+Events go back to the asyncio side with `loop.call_soon_threadsafe`, one list per job per
+step, as soon as the step returns: a token is on the wire one step after it was sampled,
+never collected first. The event loop never waits on this thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from llorch_cpud.engine import EndEvent, Engine, Sequence, TokenEvent
+from llorch_cpud.server.logs import log, now_iso
+from llorch_cpud.server.metrics import Metrics
+
+
+class QueueFull(Exception):
+    pass
+
+
+class NotAccepting(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    job_id: str
+    seq: Sequence
+    endpoint: str  # execute | completions | chat_completions
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of events
+    correlation_id: str | None = None
+    started_at: str = field(default_factory=now_iso)
+    cancel_reason: str | None = None  # cancel | disconnect | shutdown
+    terminal: bool = False  # set on the loop thread once the terminal event is queued
+    admitted: bool = False
+    prefilled: bool = False
+
+    def cancel(self, reason: str) -> None:
+        """Ask the engine thread to end this job (any thread). It ends within one step."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.seq.cancelled.set()
+
+    @property
+    def outcome(self) -> str:
+        end = self.seq.end
+        if end is None:
+            return "error"
+        if end.stop_reason == "cancelled":
+            return {"disconnect": "disconnected", "shutdown": "shutdown"}.get(self.cancel_reason or "", "cancelled")
+        return end.stop_reason
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 16, max_queue: int = 256,
+                 on_terminal=None):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.on_terminal = on_terminal  # called on the loop thread when a job's terminal event is queued
+        self.cond = threading.Condition()
+        self.inbox: deque[Job] = deque()
+        self.waiting: deque[Job] = deque()  # engine thread only
+        self.active: list[Job] = []  # engine thread only
+        self.accepting = True
+        self._cancel_all: str | None = None
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="llorch-engine", daemon=True)
+
+    # ------------------------------------------------------------------ any thread
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if not self.accepting:
+                raise NotAccepting()
+            if len(self.inbox) + len(self.waiting) >= self.max_queue:
+                raise QueueFull()
+            self.inbox.append(job)
+            self.cond.notify()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def cancel_all(self, reason: str) -> None:
+        """Stop accepting; end every queued and active job (terminal event `end`, stop_reason cancelled)."""
+        with self.cond:
+            self.accepting = False
+            self._cancel_all = reason
+            self.cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.cancel_all("shutdown")
+        with self.cond:
+            self._stopping = True
+            self.cond.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return len(self.inbox) + len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        log("engine thread started", max_batch=self.max_batch)
+        while True:
+            with self.cond:
+                while not (self.inbox or self.waiting or self.active or self._stopping or self._cancel_all):
+                    self.cond.wait()
+                self.waiting.extend(self.inbox)
+                self.inbox.clear()
+                cancel_all, self._cancel_all = self._cancel_all, None
+                stopping = self._stopping
+            if cancel_all:
+                for job in [*self.waiting, *self.active]:
+                    job.cancel(cancel_all)
+            self._reap_cancelled()
+            if stopping and not (self.waiting or self.active):
+                break
+            try:
+                self._iterate()
+            except Exception as e:  # never let the engine thread die
+                log("engine loop error", level=40, error=f"{type(e).__name__}: {e}")
+                time.sleep(0.01)
+        log("engine thread stopped")
+
+    def _iterate(self) -> None:
+        while self.waiting and len(self.active) < self.max_batch:
+            job = self.waiting.popleft()
+            job.admitted = True
+            job.seq.t_start = time.perf_counter()  # prefill time excludes time spent queued
+            self.active.append(job)
+        decoding = [j for j in self.active if j.prefilled]
+        new = next((j for j in self.active if not j.prefilled), None)
+        if new is not None:
+            t0 = time.perf_counter()
+            self._step([new])
+            new.prefilled = True
+            self.metrics.prefill_step(len(new.seq.prompt_ids), time.perf_counter() - t0)
+            if new.seq.t_first is not None:
+                self.metrics.first_token(new.seq.t_first - new.seq.t_start)
+            log("prefill", job_id=new.job_id, correlation_id=new.correlation_id, prompt_tokens=len(new.seq.prompt_ids),
+                prefill_ms=round((time.perf_counter() - t0) * 1000, 1), batch=len(self.active))
+            self._reap_cancelled()  # a cancel that came in during a long prefill ends before the next step
+            decoding = [j for j in decoding if not j.seq.done]
+        if decoding:
+            t0 = time.perf_counter()
+            self._step(decoding)
+            self.metrics.decode_step(len(decoding), time.perf_counter() - t0)
+
+    def _step(self, jobs: list[Job]) -> None:
+        before = [len(j.seq.generated) for j in jobs]
+        try:
+            results = self.engine.step([j.seq for j in jobs])
+        except Exception as e:
+            log("inference failed", level=40, error=f"{type(e).__name__}: {e}", job_ids=[j.job_id for j in jobs])
+            for j in jobs:
+                j.seq.cancel_now()  # frees the cache
+                self._deliver(j, [("error", {"code": "INFERENCE_FAILED", "message": f"{type(e).__name__}: {e}"})])
+                self._remove(j)
+            return
+        self.metrics.tokens(sum(len(j.seq.generated) - b for j, b in zip(jobs, before)))
+        for j, events in zip(jobs, results):
+            if events:
+                self._deliver(j, [self._wrap(e) for e in events])
+            if j.seq.done:
+                self._remove(j)
+
+    def _reap_cancelled(self) -> None:
+        for line in (self.waiting, self.active):
+            for job in [j for j in line if j.seq.cancelled.is_set() or j.seq.done]:
+                events = job.seq.cancel_now()
+                if events:
+                    self._deliver(job, [self._wrap(e) for e in events])
+                self._remove(job)
+
+    def _remove(self, job: Job) -> None:
+        if job in self.active:
+            self.active.remove(job)
+        elif job in self.waiting:
+            self.waiting.remove(job)
+        end = job.seq.end
+        self.metrics.request(job.endpoint, job.outcome)
+        fields = dict(job_id=job.job_id, correlation_id=job.correlation_id, endpoint=job.endpoint, outcome=job.outcome)
+        if end is not None:
+            fields.update(stop_reason=end.stop_reason, tokens_out=end.tokens_out, prompt_tokens=len(end.prompt_ids),
+                          prefill_ms=round(end.prefill_time_ms, 1), decode_ms=round(end.decode_time_ms, 1),
+                          decode_tokens_per_sec=round(end.decode_tokens_per_sec, 2), seed=end.seed)
+        log("job finished", **fields)
+
+    @staticmethod
+    def _wrap(e):
+        if isinstance(e, TokenEvent):
+            return ("token", e)
+        if isinstance(e, EndEvent):
+            return ("end", e)
+        return ("error", e)
+
+    def _deliver(self, job: Job, events: list) -> None:
+        try:
+            job.loop.call_soon_threadsafe(self._put, job, events)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _put(self, job: Job, events: list) -> None:  # loop thread
+        if job.terminal:
+            return
+        job.queue.put_nowait(events)
+        if any(kind in ("end", "error") for kind, _ in events):
+            job.terminal = True
+            if self.on_terminal is not None:
+                self.on_terminal(job)
