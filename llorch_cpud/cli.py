@@ -67,7 +67,10 @@ def build_parser() -> Parser:
     v.add_argument("--prompt", default="Hello.")
     v.add_argument("--references", default="transformers", help="comma-separated, e.g. transformers,candle,tinygrad,jax,llamacpp")
     v.add_argument("--tokens", type=ranged(int, 1, 512, "--tokens"), default=16, help="greedy tokens for checkpoint 12")
-    v.add_argument("--report", type=Path, default=Path("llorch-report"), help="folder for report.json and report.md")
+    v.add_argument("--report", type=Path, default=None, help="folder for report.json and report.md (default llorch-report; "
+                   "with --isolated, reports are written only when given)")
+    v.add_argument("--isolated", action="store_true",
+                   help="no model: each component alone on synthetic inputs against every installed reference")
     g.set_defaults(func=cmd_generate)
     v.set_defaults(func=cmd_validate)
     for module in PLUGIN_COMMANDS:  # serve, bench: each module adds its own subcommand
@@ -121,15 +124,21 @@ def cmd_generate(a) -> int:
 
 
 def cmd_validate(a) -> int:
+    if a.isolated:
+        from llorch_cpud.validate import isolated
+
+        return isolated.main(a.report)
     from llorch_cpud.validate import report as rep
     from llorch_cpud.validate.runner import parse_references, validate
 
     refs = parse_references(a.references)
+    a.report = a.report or Path("llorch-report")
     engine, path = load_engine(a.model)
     t0 = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = validate(engine, path, engine.model.family, a.prompt, refs, n_tokens=a.tokens, log=log)
     j, m = rep.write(result, a.report)
+    print(rep.comparison(result))
     print(rep.table(result))
     for name, reason in result["skipped"].items():
         print(f"skipped {name}: {reason}")

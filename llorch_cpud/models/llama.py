@@ -64,44 +64,57 @@ class LlamaConfig:
                 f"{f.path}: unsupported model architecture general.architecture = {arch!r} "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         a = arch + "."
-        n_embd = int(f.require(a + "embedding_length", int))
-        n_head = int(f.require(a + "attention.head_count", int))
-        n_kv_head = int(f.get(a + "attention.head_count_kv", n_head))
-        if n_head <= 0 or n_kv_head <= 0 or n_head % n_kv_head:
+
+        def integer(key: str, default: int | None = None) -> int:
+            value = f.require(a + key, int) if default is None else f.get(a + key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ModelLoadError(f"{f.path}: GGUF metadata key {a + key!r} should be a non-negative integer, "
+                                     f"got {value!r:.60}")
+            return value
+
+        def number(key: str, default: float | None = None) -> float:
+            value = f.require(a + key, (int, float)) if default is None else f.get(a + key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ModelLoadError(f"{f.path}: GGUF metadata key {a + key!r} should be a number, got {value!r:.60}")
+            return float(value)
+
+        n_embd = integer("embedding_length")
+        n_head = integer("attention.head_count")
+        n_kv_head = integer("attention.head_count_kv", n_head)
+        if n_head == 0 or n_kv_head == 0 or n_head % n_kv_head:
             raise ModelLoadError(f"{f.path}: {a}attention.head_count {n_head} is not a multiple of "
                                  f"{a}attention.head_count_kv {n_kv_head}")
-        head_dim = int(f.get(a + "attention.key_length", n_embd // n_head))
-        if int(f.get(a + "attention.value_length", head_dim)) != head_dim:
+        head_dim = integer("attention.key_length", n_embd // n_head)
+        if integer("attention.value_length", head_dim) != head_dim:
             raise ModelLoadError(f"{f.path}: {a}attention.value_length differs from key_length (unsupported)")
         if head_dim % 2:
             raise ModelLoadError(f"{f.path}: head_dim {head_dim} is odd; rotary embedding needs an even one")
-        rope_dim = int(f.get(a + "rope.dimension_count", head_dim))
+        rope_dim = integer("rope.dimension_count", head_dim)
         if rope_dim != head_dim:
             raise ModelLoadError(f"{f.path}: {a}rope.dimension_count = {rope_dim} (partial rotary) "
                                  f"is unsupported; head_dim is {head_dim}")
         scaling = f.get(a + "rope.scaling.type") or "none"
-        factor = float(f.get(a + "rope.scaling.factor") or 1.0)
         if scaling not in ("none", "linear"):
             raise ModelLoadError(f"{f.path}: {a}rope.scaling.type = {scaling!r} is unsupported (none, linear are)")
+        factor = number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
+        if factor <= 0:
+            raise ModelLoadError(f"{f.path}: {a}rope.scaling.factor = {factor} must be positive")
         if f.get(a + "expert_count", 0):
             raise ModelLoadError(f"{f.path}: {a}expert_count = {f.get(a + 'expert_count')}: mixture-of-experts "
                                  f"Llama models are unsupported")
-        tokens = f.get("tokenizer.ggml.tokens")
-        vocab = int(f.get(a + "vocab_size", len(tokens) if tokens else 0) or 0)
-        if not vocab and "token_embd.weight" in f:
-            vocab = f.info("token_embd.weight").shape[0]
+        vocab = f.info("token_embd.weight").shape[0]  # the embedding's rows are the vocabulary the model has
         return cls(
-            n_layer=int(f.require(a + "block_count", int)),
+            n_layer=integer("block_count"),
             n_embd=n_embd,
             n_head=n_head,
             n_kv_head=n_kv_head,
-            n_ff=int(f.require(a + "feed_forward_length", int)),
+            n_ff=integer("feed_forward_length"),
             vocab_size=vocab,
-            n_ctx=int(f.get(a + "context_length", 2048)),
+            n_ctx=integer("context_length", 2048),
             head_dim=head_dim,
-            rope_base=float(f.get(a + "rope.freq_base", 10000.0)),
-            rope_linear_factor=factor if scaling == "linear" else 1.0,
-            rms_norm_eps=float(f.require(a + "attention.layer_norm_rms_epsilon", (int, float))),
+            rope_base=number("rope.freq_base", 10000.0),
+            rope_linear_factor=factor,
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon"),
             tied_embeddings="output.weight" not in f,
             architecture=arch,
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
@@ -122,8 +135,9 @@ class RopeTables:
     def __init__(self, head_dim: int, base: float, n_pos: int, linear_factor: float = 1.0,
                  freq_factors: np.ndarray | None = None):
         self.head_dim, self.base, self.linear_factor = head_dim, base, linear_factor
-        exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [hd/2]
-        inv = (1.0 / (np.float32(base) ** exponent)).astype(np.float32)  # [hd/2]
+        exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [hd/2] float32, as HF
+        powers = (np.float64(base) ** exponent.astype(np.float64)).astype(np.float32)  # correctly rounded float32 pow
+        inv = np.float32(1.0) / powers  # [hd/2] float32
         if freq_factors is not None:  # llama.cpp rope_freqs.weight: theta_i / factor_i
             inv = (inv / np.asarray(freq_factors, dtype=np.float32)).astype(np.float32)
         self.inv_freq = inv  # [hd/2]
@@ -387,10 +401,10 @@ def load_llama(f) -> Llama:
     weights: dict[str, np.ndarray] = {}
 
     def load(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        t = f.tensor(name)  # ModelLoadError names a missing tensor or an undecodable type
-        if t.shape != shape:
-            raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {t.shape}, expected {shape} from the metadata")
-        return t
+        stored = f.info(name).shape  # ModelLoadError names a missing tensor
+        if stored != shape:
+            raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {stored}, expected {shape} from the metadata")
+        return f.tensor(name)  # ModelLoadError names an undecodable type
 
     weights["token_embd.weight"] = load("token_embd.weight", (cfg.vocab_size, cfg.n_embd))
     weights["output_norm.weight"] = load("output_norm.weight", (cfg.n_embd,))

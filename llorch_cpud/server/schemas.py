@@ -123,6 +123,16 @@ def pydantic_errors(exc: ValidationError, data: dict) -> list[dict]:
     return out
 
 
+FIELD_ORDER = ["body", "job_id", "prompt", "messages", "max_tokens", "temperature", "seed", "top_p", "top_k",
+               "repetition_penalty", "min_p", "stop"]
+
+
+def order(errors: list[dict]) -> list[dict]:
+    """Errors in the order of SPEC §4's table (then anything else)."""
+    rank = {f: i for i, f in enumerate(FIELD_ORDER)}
+    return sorted(errors, key=lambda e: rank.get(e["field"], len(rank)))
+
+
 def validate(model: type[BaseModel], data: Any) -> tuple[BaseModel | None, list[dict]]:
     """(parsed body, []) or (None, every error)."""
     if not isinstance(data, dict):
@@ -130,7 +140,7 @@ def validate(model: type[BaseModel], data: Any) -> tuple[BaseModel | None, list[
     try:
         return model.model_validate(data), []
     except ValidationError as exc:
-        return None, pydantic_errors(exc, data)
+        return None, order(pydantic_errors(exc, data))
 
 
 def unknown_fields(model: type[BaseModel], data: dict, also_known: tuple[str, ...] = ()) -> list[str]:

@@ -3,6 +3,10 @@
 Each bug replaces one stage function (or weight) of the running engine for the duration of a
 `with inject(name, model):` block, so the validator exercises exactly the code the engine
 runs. `expected` is the first checkpoint that must catch it.
+
+Bugs belong to a model family (`Bug.family`): `BUGS` holds GPT-2's (models/gpt2.py),
+`LLAMA_BUGS` the Llama family's (models/llama.py); `bugs_for(family)` picks the table and
+`inject` looks the name up in the table of the model it is given.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 import llorch_cpud.models.gpt2 as gpt2
+import llorch_cpud.models.llama as llama
 import llorch_cpud.sampling as sampling
 
 
@@ -24,6 +29,7 @@ class Bug:
     description: str
     expected: int  # first checkpoint that must fail
     patch: Callable  # (model) -> list of (object, attribute, replacement)
+    family: str = "gpt2"
 
 
 def _ln_wrong_eps(x, weight, bias, eps):
@@ -122,18 +128,182 @@ BUGS = {
 }
 
 
+# ---------------------------------------------------------------- Llama family (models/llama.py)
+
+
+def _rms_wrong_eps(x, weight, eps):
+    return _orig["llama.rms_norm"](x, weight, 1e-6)
+
+
+def _rms_subtracts_mean(x, weight, eps):  # LayerNorm without bias where RMSNorm belongs
+    return _orig["llama.rms_norm"](x - x.mean(axis=-1, keepdims=True), weight, eps)
+
+
+def _rope_interleaved(x, cos, sin):  # llama.cpp's adjacent-pair rotation applied to HF-layout rows
+    x2 = x.reshape(*x.shape[:-1], -1, 2)
+    rot = np.stack([-x2[..., 1], x2[..., 0]], axis=-1).reshape(x.shape)
+    c = cos[:, : cos.shape[-1] // 2].repeat(2, axis=-1)[:, None, :]  # angle i on lanes 2i, 2i+1
+    s = sin[:, : sin.shape[-1] // 2].repeat(2, axis=-1)[:, None, :]
+    return x * c + rot * s
+
+
+def _rope_wrong_base(m):
+    c = m.config
+    wrong = 10000.0 if c.rope_base != 10000.0 else 500000.0  # the classic default, unless it is the right one
+    return [(m, "rope", llama.RopeTables(c.head_dim, wrong, 64, c.rope_linear_factor))]
+
+
+def _qk_left_permuted(m):  # Q/K rows kept in llama.cpp's GGUF order (the un-permutation forgotten)
+    out = []
+    for name, order in m.qk_row_order.items():
+        out.append((m.weights, name, np.ascontiguousarray(m.weights[name][np.argsort(order)])))
+    return out
+
+
+def _repeat_kv_modulo(k, n_head):  # kv head h % n_kv for query head h, instead of h // group
+    return k[np.arange(n_head) % k.shape[0]]
+
+
+def _scores_gqa_modulo(q, k, start):
+    return _orig["llama.attention_scores"](q, _repeat_kv_modulo(k, q.shape[1]), start)
+
+
+def _attn_out_gqa_modulo(scores, v, o_weight):
+    return _orig["llama.attention_output"](scores, _repeat_kv_modulo(v, scores.shape[0]), o_weight)
+
+
+def _llama_scores_no_mask(q, k, start):
+    return _orig["llama.attention_scores"](q, k, k.shape[1])  # as if the queries came after every key
+
+
+def _llama_scores_wrong_scale(q, k, start):
+    return _orig["llama.attention_scores"](q, k, start) * math.sqrt(q.shape[-1]) / q.shape[-1]
+
+
+def _llama_cache_write_off_by_one(cache, layer, start, k, v):
+    return _orig["llama.cache_write"](cache, layer, start + 1, k, v)
+
+
+def _llama_o_proj_transposed(scores, v, o_weight):
+    return _orig["llama.attention_output"](scores, v, o_weight.T)
+
+
+def _swiglu_swapped(x, gate_weight, up_weight, down_weight):
+    return _orig["llama.ffn"](x, up_weight, gate_weight, down_weight)
+
+
+def _silu_as_gelu(x):
+    return gpt2.gelu_new(x)
+
+
+def _llama_block_no_attn_residual(x, w, i, cfg, segments, cos, sin, trace=None):
+    p = f"blk.{i}."
+    h = llama.rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
+    x = llama.attention(h, w, i, cfg, segments, cos, sin, trace)  # the residual `x +` is dropped
+    h = llama.rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
+    return x + llama.ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
+
+
+def _llama_lm_head_no_final_norm(x, w, cfg):
+    return x @ w.get("output.weight", w["token_embd.weight"]).T
+
+
+def _rope_positions_restart(m):
+    """RoPE positions counted from 0 in every forward call (the cache offset ignored): prefill is right,
+    every decode step is rotated as position 0."""
+    model_cls_forward = type(m).forward
+
+    def forward(tokens, segments, trace=None):
+        rope = m.rope
+
+        class Restart:
+            def rows(self, positions):
+                starts = np.concatenate([np.full(s.length, s.start) for s in segments])
+                return rope.rows(positions - starts)
+
+        m.rope = Restart()
+        try:
+            return model_cls_forward(m, tokens, segments, trace)
+        finally:
+            m.rope = rope
+
+    return [(m, "forward", forward)]
+
+
+_orig.update({
+    "llama.rms_norm": llama.rms_norm,
+    "llama.attention_scores": llama.attention_scores,
+    "llama.attention_output": llama.attention_output,
+    "llama.cache_write": llama.cache_write,
+    "llama.ffn": llama.ffn,
+})
+
+
+def _L(name, description, expected, patch):
+    return Bug(name, description, expected, patch, family="llama")
+
+
+LLAMA_BUGS = {
+    b.name: b
+    for b in [
+        _L("wrong_epsilon", "RMSNorm eps 1e-6 instead of the file's 1e-5", 1, lambda m: [(llama, "rms_norm", _rms_wrong_eps)]),
+        _L("rmsnorm_subtracts_mean", "RMSNorm centred like a LayerNorm (mean subtracted)", 1,
+           lambda m: [(llama, "rms_norm", _rms_subtracts_mean)]),
+        _L("rope_interleaved", "RoPE rotating adjacent pairs (llama.cpp NORM layout) on HF-layout Q/K", 2,
+           lambda m: [(llama, "apply_rope", _rope_interleaved)]),
+        _L("rope_wrong_base", "RoPE base 10000 instead of the file's freq_base (500000 if that is 10000)", 2, _rope_wrong_base),
+        _L("qk_not_unpermuted", "attn_q/attn_k rows left in GGUF order with half-rotation RoPE", 2, _qk_left_permuted),
+        _L("kv_cache_off_by_one", "KV cache written one position late", 3,
+           lambda m: [(llama, "cache_write", _llama_cache_write_off_by_one)]),
+        _L("rope_ignores_cache_offset", "decode steps rotated as position 0 (cache offset ignored)", 3,
+           _rope_positions_restart),
+        _L("gqa_modulo_heads", "query head h reads KV head h % n_kv instead of h // group", 4,
+           lambda m: [(llama, "attention_scores", _scores_gqa_modulo), (llama, "attention_output", _attn_out_gqa_modulo)]),
+        _L("wrong_attention_scale", "scores scaled by 1/head_dim instead of 1/sqrt(head_dim)", 4,
+           lambda m: [(llama, "attention_scores", _llama_scores_wrong_scale)]),
+        _L("no_causal_mask", "attention without the causal mask", 4,
+           lambda m: [(llama, "attention_scores", _llama_scores_no_mask)]),
+        _L("transposed_o_proj", "attention output projection weight transposed", 5,
+           lambda m: [(llama, "attention_output", _llama_o_proj_transposed)]),
+        _L("swiglu_gate_up_swapped", "SwiGLU with gate and up projections swapped", 6,
+           lambda m: [(llama, "ffn", _swiglu_swapped)]),
+        _L("gelu_instead_of_silu", "GELU (tanh) as the gate activation instead of SiLU", 6,
+           lambda m: [(llama, "silu", _silu_as_gelu)]),
+        _L("dropped_residual", "attention residual connection dropped", 7,
+           lambda m: [(llama, "block", _llama_block_no_attn_residual)]),
+        _L("no_final_norm", "final RMSNorm skipped before the LM head", 8,
+           lambda m: [(llama, "lm_head", _llama_lm_head_no_final_norm)]),
+        _L("argmax_second_best", "greedy picks the second-best token", 10,
+           lambda m: [(sampling, "argmax", _argmax_second)]),
+        _L("softmax_ignores_temperature", "softmax(logits) instead of softmax(logits / T)", 11,
+           lambda m: [(sampling, "softmax_probs", _softmax_ignores_temperature)]),
+    ]
+}
+
+_MISSING = object()
+BUGS_BY_FAMILY = {"gpt2": BUGS, "llama": LLAMA_BUGS}
+
+
+def bugs_for(family: str) -> dict[str, Bug]:
+    """The negative controls of one model family (an empty dict for a family without any)."""
+    return BUGS_BY_FAMILY.get(family, {})
+
+
 @contextlib.contextmanager
 def inject(name: str, model):
-    """Apply a bug to the running model and its stage functions; undo it on exit."""
-    bug = BUGS[name]
+    """Apply a bug (looked up in the table of the model's family) to the running model; undo it on exit."""
+    table = bugs_for(getattr(model, "family", "gpt2"))
+    if name not in table:
+        raise KeyError(f"no negative control {name!r} for family {getattr(model, 'family', '?')!r}")
+    bug = table[name]
     patches = bug.patch(model)
     saved = []
     for obj, attr, new in patches:
         if isinstance(obj, dict):
             saved.append((obj, attr, obj[attr]))
             obj[attr] = new
-        else:
-            saved.append((obj, attr, getattr(obj, attr)))
+        else:  # an attribute the object did not hold itself (a method) is deleted again, not pinned
+            saved.append((obj, attr, getattr(obj, attr) if attr in getattr(obj, "__dict__", {attr: 0}) else _MISSING))
             setattr(obj, attr, new)
     try:
         yield bug
@@ -141,5 +311,7 @@ def inject(name: str, model):
         for obj, attr, old in reversed(saved):
             if isinstance(obj, dict):
                 obj[attr] = old
+            elif old is _MISSING:
+                delattr(obj, attr)
             else:
                 setattr(obj, attr, old)

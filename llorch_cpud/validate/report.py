@@ -38,6 +38,66 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _v(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (list, tuple)):
+        return " ".join(str(t) for t in x[:3]) + (" ..." if len(x) > 3 else "")
+    if isinstance(x, int):
+        return str(x)
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.8g}"
+
+
+def comparison_rows(report: dict, cid: int) -> list[list[str]]:
+    """The seed's comparison table for one checkpoint: one column for ours, one per reference.
+
+    For stage checkpoints ours is fed each reference's own inputs, so its column shows the run
+    against the first reference (the others differ only by the references' input differences)."""
+    refs = report["references"]
+    by = {r["reference"]: r for r in report["results"] if r["id"] == cid}
+    refs = [n for n in refs if n in by]
+    if not refs:
+        return []
+    first = by[refs[0]]
+    cols = [first.get("stats", {}).get("ours", {})] + [by[n].get("stats", {}).get("reference", {}) for n in refs]
+    rows = [["", "llorch-cpud"] + refs]
+    if any("mean" in c for c in cols):
+        rows.append(["first value"] + [_v(c.get("first", [None])[0]) if c.get("first") else "-" for c in cols])
+        for key in ("mean", "std"):
+            rows.append([key] + [_v(c.get(key)) for c in cols])
+    if any("token" in c for c in cols):
+        rows.append(["token"] + [_v(c.get("token")) for c in cols])
+    if any("tokens" in c for c in cols):
+        rows.append(["tokens"] + [_v(c.get("tokens")) for c in cols])
+    rows.append(["max abs diff", "-"] + [fmt_diff(by[n]).split(" ")[0] for n in refs])
+    rows.append(["result", "-"] + [by[n]["status"].upper() for n in refs])
+    return rows
+
+
+def _grid(rows: list[list[str]]) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def comparison(report: dict) -> str:
+    """Every checkpoint as the seed's comparison table (first value, mean, std, max abs diff, result per reference)."""
+    out = []
+    ids = sorted({r["id"] for r in report["results"]})
+    for i in ids:
+        r0 = next(r for r in report["results"] if r["id"] == i)
+        rows = comparison_rows(report, i)
+        if rows:
+            out.append(f"{i}. {r0['name']}  shape {r0['shape']}  tolerance {r0['tolerance']:g}")
+            out.append(_grid(rows))
+            out.append("")
+    return "\n".join(out)
+
+
 def markdown(report: dict) -> str:
     out = [f"# llorch-cpud validation report", ""]
     out.append(f"- model: `{report['model']}` ({report['family']})")
@@ -55,6 +115,24 @@ def markdown(report: dict) -> str:
     out.append(table(report))
     out.append("```")
     out.append("")
+    out.append("## Comparison, per checkpoint")
+    out.append("")
+    out.append("One column per reference, as in the seed's comparison table. For stage checkpoints (1, 2, 4-7) our "
+               "stage function is fed each reference's own stage input; the llorch-cpud column shows the run on the "
+               "first reference's inputs.")
+    out.append("")
+    for i in sorted({r["id"] for r in report["results"]}):
+        rows = comparison_rows(report, i)
+        if not rows:
+            continue
+        r0 = next(r for r in report["results"] if r["id"] == i)
+        out.append(f"### {i}. {r0['name']} (tolerance {r0['tolerance']:g}, shape {r0['shape']})")
+        out.append("")
+        out.append("| " + " | ".join(rows[0]) + " |")
+        out.append("|" + "---|" * len(rows[0]))
+        for row in rows[1:]:
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
     out.append("## Details")
     out.append("")
     out.append("| # | checkpoint | reference | shape | max abs diff | tolerance | status | ours mean/std/min/max | ref mean/std/min/max | first values (ours / ref) | note |")

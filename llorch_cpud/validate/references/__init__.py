@@ -8,6 +8,9 @@ from llorch_cpud.validate.references.base import Reference, ReferenceUnavailable
 
 REGISTRY = {
     "transformers": ("llorch_cpud.validate.references.transformers_ref", "TransformersReference"),
+    "candle": ("llorch_cpud.validate.references.candle_ref", "CandleReference"),
+    "tinygrad": ("llorch_cpud.validate.references.tinygrad_ref", "TinygradReference"),
+    "jax": ("llorch_cpud.validate.references.jax_ref", "JaxReference"),
 }
 
 

@@ -40,6 +40,24 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF loader draws a tqdm bar that `disable_progress_bar()` does not reach; silence it."""
+    try:
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = lambda iterable=None, *a, **k: iterable
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+
+
 class TransformersReference(Reference):
     name = "transformers"
 
@@ -71,7 +89,9 @@ class TransformersReference(Reference):
         model_path = Path(model_path)
         if model_path.suffix == ".gguf":
             available_module("gguf")
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, **kwargs)
+            with _no_gguf_progress_bar():
+                self.model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name,
+                                                                  **kwargs)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
         self.model.eval()

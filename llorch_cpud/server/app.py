@@ -1,0 +1,416 @@
+"""The HTTP side: FastAPI routes on the asyncio event loop, which never runs model math.
+
+Routes: GET /health, POST /execute (SSE), POST /cancel, GET /metrics, and the
+OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions (openai_routes.py).
+
+Decisions (see also schemas.py):
+- /health is always open (no API key) and answers 503 `{"status": "loading"}` while the model
+  loads and 503 `{"status": "draining"}` after SIGTERM; every other path answers 503 in
+  those states, after the API-key check.
+- /execute: the body is validated completely before any work (pydantic, then the prompt is
+  tokenised off the event loop and checked against the context window: the field blamed is
+  `prompt` when the prompt alone fills the context, otherwise `max_tokens`). Every failing
+  field is listed. A job_id that is still queued or running gets `409` (same error shape).
+  The stream opens with `started` as soon as the job is accepted (it may then wait in the
+  queue); `metrics` comes just before the terminal `end`; `error` replaces `end` only when
+  inference itself fails (`INFERENCE_FAILED`). Cancelled jobs (POST /cancel, SIGTERM) end
+  with `end` and `stop_reason: "cancelled"`.
+- POST /cancel `{"job_id"}`: 200 `{"job_id", "cancelled": true, "state"}` for a queued or
+  running job; 404 for an unknown or finished one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Request  # module level: FastAPI resolves the string annotations here
+
+from llorch_cpud.errors import ContextOverflow, InvalidRequest
+from llorch_cpud.server.logs import correlation_id, log
+from llorch_cpud.server.metrics import CONTENT_TYPE, Metrics
+from llorch_cpud.server.scheduler import Job, NotAccepting, QueueFull, Scheduler
+from llorch_cpud.server import schemas
+
+SSE_PING_S = 15
+
+
+@dataclass
+class ServeConfig:
+    model: str | None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    worker_id: str | None = None
+    callback_url: str | None = None
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 256
+    callback_attempts: int = 6
+    callback_timeout: float = 5.0
+
+
+@dataclass
+class WorkerState:
+    config: ServeConfig
+    status: str = "loading"  # loading | healthy | draining
+    engine: object = None
+    scheduler: Scheduler | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    jobs: dict = field(default_factory=dict)  # job_id -> Job, until its terminal event is queued
+    open_streams: int = 0
+    model_name: str = ""
+    worker_id: str = ""
+    uri: str = ""
+    model_bytes: int = 0
+    load_seconds: float = 0.0
+    started: float = field(default_factory=time.time)
+    fatal: str | None = None  # start-up failure: the process exits non-zero with this reason
+    fatal_exc: BaseException | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def memory_bytes(self) -> int:
+        try:
+            import psutil
+
+            return int(psutil.Process(os.getpid()).memory_info().rss)
+        except Exception:
+            return 0
+
+    def on_terminal(self, job: Job) -> None:  # loop thread
+        if self.jobs.get(job.job_id) is job:
+            del self.jobs[job.job_id]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def json_response(status: int, body: dict, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def errors_response(errors: list[dict], status: int = 400):
+    return json_response(status, {"errors": schemas.order(errors)})
+
+
+async def read_json(request) -> tuple[object, list[dict]]:
+    raw = await request.body()
+    try:
+        return json.loads(raw), []
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, [schemas.field_error("body", f"not valid JSON: {e}", None)]
+
+
+def context_errors(n_prompt: int, max_tokens: int, n_ctx: int, prompt: str) -> list[dict]:
+    rule = f"prompt tokens + max_tokens <= context length {n_ctx}"
+    if n_prompt == 0:
+        return [schemas.field_error("prompt", "prompt encodes to no tokens", prompt)]
+    if n_prompt >= n_ctx:
+        return [schemas.field_error("prompt", f"prompt is {n_prompt} tokens; the model's context is {n_ctx} tokens "
+                                              "and at least one must be left to generate", prompt, rule)]
+    if n_prompt + max_tokens > n_ctx:
+        return [schemas.field_error("max_tokens", f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = "
+                                                  f"{n_prompt + max_tokens} exceeds the model's context length {n_ctx}; "
+                                                  f"at most {n_ctx - n_prompt} for this prompt", max_tokens, rule)]
+    return []
+
+
+def engine_error(e: InvalidRequest, body: dict) -> dict:
+    """An engine InvalidRequest (its message starts with the field name) as one field error."""
+    msg = str(e)
+    if isinstance(e, ContextOverflow):
+        name = "max_tokens"
+    else:
+        head = msg.split(":", 1)[0].split(" ", 1)[0].strip()
+        name = head if head in schemas.CONSTRAINTS or head in body else "prompt"
+    return schemas.field_error(name, msg, body.get(name))
+
+
+def sampling_params(body):
+    from llorch_cpud.sampling import SamplingParams
+
+    return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                          repetition_penalty=body.repetition_penalty)
+
+
+class Admission:
+    """Turn a validated body into a queued Job, or into the error response to send instead."""
+
+    def __init__(self, state: WorkerState):
+        self.state = state
+
+    async def tokenize(self, prompt: str) -> list[int]:
+        return await asyncio.to_thread(self.state.engine.tokenizer.encode, prompt)
+
+    async def context_check(self, prompt, max_tokens) -> tuple[list[int] | None, list[dict]]:
+        ids = await self.tokenize(prompt)
+        return ids, context_errors(len(ids), max_tokens, self.state.engine.model.n_ctx, prompt)
+
+    def submit(self, *, endpoint: str, job_id: str, prompt: str, prompt_ids: list[int], body,
+               on_errors=None) -> Job | object:
+        """Synchronous (no await between the duplicate check and the registration)."""
+        on_errors = on_errors or errors_response
+        from llorch_cpud.engine import Request
+
+        state = self.state
+        if job_id in state.jobs:
+            state.metrics.request(endpoint, "conflict")
+            return on_errors([schemas.field_error("job_id", "a job with this job_id is already queued or running",
+                                                  job_id, "unique among queued and running jobs")], 409)
+        req = Request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling_params(body),
+                      seed=body.seed, stop=list(body.stop), job_id=job_id)
+        try:
+            seq = state.engine.start(req)
+        except InvalidRequest as e:
+            state.metrics.request(endpoint, "invalid")
+            return on_errors([engine_error(e, body.model_dump())], 400)
+        job = Job(job_id=job_id, seq=seq, endpoint=endpoint, loop=asyncio.get_running_loop(),
+                  correlation_id=correlation_id.get())
+        try:
+            state.scheduler.submit(job)
+        except QueueFull:
+            state.metrics.request(endpoint, "overloaded")
+            return json_response(503, {"error": {"code": "OVERLOADED", "message": f"queue full ({state.scheduler.max_queue} waiting)"}},
+                                 headers={"Retry-After": "1"})
+        except NotAccepting:
+            state.metrics.request(endpoint, "unavailable")
+            return json_response(503, {"status": state.status, "error": {"code": "SHUTTING_DOWN", "message": "worker is shutting down"}})
+        state.jobs[job_id] = job
+        log("job accepted", job_id=job_id, endpoint=endpoint, prompt_tokens=len(seq.prompt_ids),
+            max_tokens=body.max_tokens, seed=seq.seed, temperature=body.temperature, queued=state.scheduler.queued)
+        return job
+
+
+class JobFeed:
+    """A consumer's view of one job: its events until the terminal one.
+
+    `close()` (idempotent) must run when the consumer is done — normally, on error, or when
+    the client went away — and cancels the job if it has not ended (freeing its KV cache
+    within one engine step). Streaming responses call it from the generator's `finally`
+    and again as the response's background task (which also runs when the generator never
+    started)."""
+
+    def __init__(self, state: WorkerState, job: Job):
+        self.state, self.job = state, job
+        self.closed = False
+        self._pending: asyncio.Future | None = None
+        state.open_streams += 1
+
+    async def next_batch(self, timeout: float) -> list | None:
+        """The next list of events, or None after `timeout` seconds (for consumers that poll for disconnects)."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.job.queue.get())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout)  # a timeout does not cancel the get
+        if not done:
+            return None
+        batch, self._pending = self._pending.result(), None
+        return batch
+
+    async def events(self):
+        while True:
+            batch = await self.job.queue.get()
+            for kind, ev in batch:
+                yield kind, ev
+                if kind in ("end", "error"):
+                    return
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.state.open_streams -= 1
+        if self._pending is not None:
+            self._pending.cancel()
+        job = self.job
+        if not job.terminal:
+            job.cancel("disconnect")
+            if self.state.scheduler is not None:
+                self.state.scheduler.wake()
+            log("client went away; job cancelled", job_id=job.job_id, correlation_id=job.correlation_id)
+
+
+def sse_response(feed: JobFeed, gen, headers: dict | None = None):
+    from sse_starlette import EventSourceResponse
+    from starlette.background import BackgroundTask
+
+    async def guarded():
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            feed.close()
+
+    return EventSourceResponse(guarded(), ping=SSE_PING_S, headers=headers, background=BackgroundTask(feed.aclose))
+
+
+def end_payload(end) -> dict:
+    d = {"tokens_out": end.tokens_out, "decode_time_ms": round(end.decode_time_ms, 3), "stop_reason": end.stop_reason,
+         "seed": end.seed, "prompt_tokens": len(end.prompt_ids), "prefill_time_ms": round(end.prefill_time_ms, 3)}
+    if end.stop_reason == "stop_sequence":
+        d["stop_sequence_matched"] = end.stop_sequence_matched
+    return d
+
+
+def metrics_payload(end) -> dict:
+    return {"tokens_per_sec": round(end.decode_tokens_per_sec, 3), "tokens_out": end.tokens_out,
+            "prompt_tokens": len(end.prompt_ids), "time_to_first_token_ms": round(end.prefill_time_ms, 3),
+            "decode_time_ms": round(end.decode_time_ms, 3)}
+
+
+# ---------------------------------------------------------------------------- middleware
+
+
+class Gate:
+    """Pure ASGI middleware (streams pass straight through): correlation id, API key, readiness, access log."""
+
+    def __init__(self, app, state: WorkerState):
+        self.app = app
+        self.state = state
+        key = state.config.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        cid = headers.get(b"x-correlation-id", b"").decode("latin-1").strip()
+        if not cid or len(cid) > 200 or not cid.isprintable():
+            cid = uuid.uuid4().hex
+        token = correlation_id.set(cid)
+        t0 = time.perf_counter()
+        status = {"code": 0}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-correlation-id", cid.encode("latin-1"))]
+            await send(message)
+
+        path = scope.get("path", "")
+        try:
+            if path != "/health" and self.expected is not None and not hmac.compare_digest(
+                    headers.get(b"authorization", b""), self.expected):
+                await json_response(401, {"error": {"message": "missing or invalid API key (Authorization: Bearer KEY)",
+                                                    "type": "authentication_error", "code": "invalid_api_key"}},
+                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_with_id)
+            elif path != "/health" and self.state.status != "healthy":
+                await json_response(503, {"status": self.state.status,
+                                          "error": {"code": "UNAVAILABLE", "message": f"worker is {self.state.status}"}},
+                                    headers={"Retry-After": "1"})(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if path != "/health":  # health checks would drown the log
+                log("request", method=scope.get("method"), path=path, status=status["code"],
+                    duration_ms=round((time.perf_counter() - t0) * 1000, 2))
+            correlation_id.reset(token)
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def create_app(state: WorkerState, lifespan=None):
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+    from sse_starlette import ServerSentEvent
+
+    from llorch_cpud.server.openai_routes import add_openai_routes
+
+    app = FastAPI(title="llorch-cpud worker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    admission = Admission(state)
+
+    @app.get("/health")
+    async def health():
+        body = {
+            "status": state.status,
+            "model_loaded": state.engine is not None,
+            "vram_bytes": 0,
+            "memory_type": "cpu",
+            "memory_bytes": state.memory_bytes(),
+            "model": state.model_name,
+            "worker_id": state.worker_id,
+            "uptime_s": round(time.time() - state.started, 3),
+        }
+        if state.engine is not None:
+            body.update(model_bytes=state.model_bytes, context_length=state.engine.model.n_ctx,
+                        load_seconds=round(state.load_seconds, 3))
+        if state.scheduler is not None:
+            body.update(active_jobs=state.scheduler.running, queued_jobs=state.scheduler.queued,
+                        max_batch=state.scheduler.max_batch)
+        return json_response(200 if state.status == "healthy" else 503, body)
+
+    @app.post("/execute")
+    async def execute(request: Request):
+        data, errors = await read_json(request)
+        body = None
+        if not errors:
+            body, errors = schemas.validate(schemas.ExecuteBody, data)
+        ids = None
+        if isinstance(data, dict) and not {e["field"] for e in errors} & {"prompt", "max_tokens", "body"}:
+            ids, more = await admission.context_check(data["prompt"], data["max_tokens"])
+            errors += more
+        if errors:
+            state.metrics.request("execute", "invalid")
+            log("invalid request", fields=[e["field"] for e in errors])
+            return errors_response(errors)
+        ignored = schemas.unknown_fields(schemas.ExecuteBody, data)
+        if ignored:
+            log("unknown fields ignored", job_id=body.job_id, ignored_fields=ignored)
+        job = admission.submit(endpoint="execute", job_id=body.job_id, prompt=body.prompt, prompt_ids=ids, body=body)
+        if not isinstance(job, Job):
+            return job
+
+        feed = JobFeed(state, job)
+
+        async def stream():
+            started = {"job_id": job.job_id, "model": state.model_name, "started_at": job.started_at}
+            if ignored:
+                started["ignored_fields"] = ignored
+            yield ServerSentEvent(event="started", data=json.dumps(started, ensure_ascii=False))
+            async for kind, ev in feed.events():
+                if kind == "token":
+                    yield ServerSentEvent(event="token", data=json.dumps({"t": ev.text, "i": ev.index}, ensure_ascii=False))
+                elif kind == "end":
+                    yield ServerSentEvent(event="metrics", data=json.dumps(metrics_payload(ev)))
+                    yield ServerSentEvent(event="end", data=json.dumps(end_payload(ev), ensure_ascii=False))
+                else:
+                    yield ServerSentEvent(event="error", data=json.dumps(ev, ensure_ascii=False))
+
+        return sse_response(feed, stream(), headers={"X-Job-ID": job.job_id})
+
+    @app.post("/cancel")
+    async def cancel(request: Request):
+        data, errors = await read_json(request)
+        if not errors:
+            if not isinstance(data, dict):
+                errors = [schemas.field_error("body", "expected a JSON object", None)]
+            elif not isinstance(data.get("job_id"), str) or not data["job_id"]:
+                errors = [schemas.field_error("job_id", "job_id is required (non-empty string)", data.get("job_id"))]
+        if errors:
+            return errors_response(errors)
+        job = state.jobs.get(data["job_id"])
+        if job is None:
+            return json_response(404, {"errors": [schemas.field_error("job_id", "no queued or running job with this job_id",
+                                                                      data["job_id"], "a queued or running job")]})
+        job.cancel("cancel")
+        state.scheduler.wake()
+        log("cancel requested", job_id=job.job_id)
+        return json_response(200, {"job_id": job.job_id, "cancelled": True,
+                                   "state": "running" if job.admitted else "queued"})
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    add_openai_routes(app, state, admission)
+    return Gate(app, state)

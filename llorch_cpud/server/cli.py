@@ -1,0 +1,57 @@
+"""`llorch-cpud serve`: the worker daemon (SPEC §4). Registered by llorch_cpud/cli.py.
+
+No heavy imports here (fastapi, uvicorn, numpy): `llorch-cpud generate` imports this module too.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _ranged_int(lo, hi, name):
+    import argparse
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {text}")
+        return v
+
+    return parse
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("serve", help="run the worker daemon (HTTP: /health, /execute, /v1/completions, ...)")
+    s.add_argument("--model", default=None,
+                   help="Hugging Face folder, .gguf file or hub name (default: embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    s.add_argument("--port", type=_ranged_int(0, 65535, "--port"), default=8080, help="0 picks a free port")
+    s.add_argument("--worker-id", default=None, help="sent in the ready callback (default: llorch-cpud-HOST-PORT)")
+    s.add_argument("--callback-url", default=None, help="POSTed {worker_id, vram_bytes, uri, ...} once ready")
+    s.add_argument("--api-key", default=os.environ.get("LLORCH_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $LLORCH_API_KEY, which keeps the key out of the process list)")
+    s.add_argument("--max-batch", type=_ranged_int(1, 1024, "--max-batch"), default=16,
+                   help="most sequences decoded together in one step (others wait in the queue)")
+    s.add_argument("--max-queue", type=_ranged_int(1, 100000, "--max-queue"), default=256,
+                   help="most jobs waiting for a batch slot before new ones get 503")
+    s.add_argument("--callback-attempts", type=_ranged_int(1, 100, "--callback-attempts"), default=6,
+                   help="ready-callback tries (backoff 0.5 s doubling to 8 s) before start-up fails")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a) -> int:
+    from llorch_cpud.errors import LlorchError
+    from llorch_cpud.server.app import ServeConfig
+    from llorch_cpud.server.runner import serve
+
+    if a.callback_url is not None and not a.callback_url.startswith(("http://", "https://")):
+        raise LlorchError(f"--callback-url must be an http:// or https:// URL, got {a.callback_url!r}")
+    if a.api_key is not None and not a.api_key:
+        raise LlorchError("--api-key must not be empty")
+    return serve(ServeConfig(model=a.model, host=a.host, port=a.port, worker_id=a.worker_id, callback_url=a.callback_url,
+                             api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue,
+                             callback_attempts=a.callback_attempts))

@@ -1,0 +1,285 @@
+"""Tiny Llama-family GGUFs written here with gguf-py's GGUFWriter (seeded random weights, the real
+SmolLM2 tokenizer metadata): shapes SmolLM2 does not have (multi-head, grouped, multi-query attention,
+an untied output.weight, F32/F16/Q8_0/Q4_0/Q4_1/Q5_0 tensors) checked against transformers loading the same
+file, plus the loader's errors. Synthetic weights: a pass here says nothing about real weights
+(tests/test_llama.py runs the real SmolLM2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+
+from llorch_cpud.engine import Engine  # noqa: E402
+from llorch_cpud.errors import ModelLoadError  # noqa: E402
+from llorch_cpud.formats import load_model  # noqa: E402
+from llorch_cpud.formats.gguf import GGUFFile  # noqa: E402
+from llorch_cpud.models.llama import load_gguf_model, unpermute_rows  # noqa: E402
+
+TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                  "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+                  "tokenizer.chat_template")
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, verbatim in numpy: HF rows -> GGUF rows."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def encode(x: np.ndarray, qt: QT) -> np.ndarray:
+    if qt == QT.F32:
+        return x.astype(np.float32)
+    if qt == QT.F16:
+        return x.astype(np.float16)
+    return gguf.quants.quantize(x.astype(np.float32), qt)
+
+
+def write_llama_gguf(path, tok_meta: dict, *, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_ff=96, seed=0,
+                     tied=True, types=None, arch="llama", extra_kv=None, drop=(), extra_tensors=None, rope_base=10000.0,
+                     eps=1e-6, meta_n_ff=None):
+    """A small Llama GGUF laid out as llama.cpp's converter writes one (attn_q/attn_k rows permuted).
+
+    Returns the HF-layout float32 weights the file was made from (before quantization)."""
+    rng = np.random.default_rng(seed)
+    hd = n_embd // n_head
+    vocab = len(tok_meta["tokenizer.ggml.tokens"])
+    types = {"attn_q": QT.Q8_0, "attn_k": QT.F16, "attn_v": QT.F32, "attn_output": QT.Q4_0, "ffn_gate": QT.Q4_1,
+             "ffn_up": QT.Q5_0, "ffn_down": QT.Q8_0, "token_embd": QT.Q8_0, "output": QT.F16, **(types or {})}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(n_layer)
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(meta_n_ff or n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv_head)
+    w.add_rope_freq_base(rope_base)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(vocab)
+    for key, value in (extra_kv or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+    w.add_tokenizer_model(tok_meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(tok_meta["tokenizer.ggml.pre"])
+    w.add_token_list(tok_meta["tokenizer.ggml.tokens"])
+    w.add_token_types(tok_meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(tok_meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(tok_meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(tok_meta["tokenizer.ggml.eos_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok_meta["tokenizer.chat_template"])
+
+    hf: dict[str, np.ndarray] = {}
+
+    def tensor(name, shape, scale, kind=None, offset=0.0):
+        x = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+        hf[name] = x
+        if name in drop:
+            return
+        stored = x
+        if ".attn_q." in name:
+            stored = llamacpp_permute(x, n_head, n_head)
+        elif ".attn_k." in name:
+            stored = llamacpp_permute(x, n_head, n_kv_head)
+        qt = types.get(kind, QT.F32) if kind else QT.F32
+        data = encode(stored, qt)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qt)
+
+    tensor("token_embd.weight", (vocab, n_embd), 1.0, "token_embd")
+    tensor("output_norm.weight", (n_embd,), 0.1, offset=1.0)
+    if not tied:
+        tensor("output.weight", (vocab, n_embd), 0.5, "output")
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        tensor(p + "attn_norm.weight", (n_embd,), 0.1, offset=1.0)
+        tensor(p + "attn_q.weight", (n_head * hd, n_embd), 0.3, "attn_q")
+        tensor(p + "attn_k.weight", (n_kv_head * hd, n_embd), 0.3, "attn_k")
+        tensor(p + "attn_v.weight", (n_kv_head * hd, n_embd), 0.2, "attn_v")
+        tensor(p + "attn_output.weight", (n_embd, n_head * hd), 0.1, "attn_output")
+        tensor(p + "ffn_norm.weight", (n_embd,), 0.1, offset=1.0)
+        tensor(p + "ffn_gate.weight", (n_ff, n_embd), 0.2, "ffn_gate")
+        tensor(p + "ffn_up.weight", (n_ff, n_embd), 0.2, "ffn_up")
+        tensor(p + "ffn_down.weight", (n_embd, n_ff), 0.1, "ffn_down")
+    for name, x in (extra_tensors or {}).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tok_meta(smollm2_gguf):
+    f = GGUFFile.open(smollm2_gguf)
+    return {k: f.metadata[k] for k in TOKENIZER_KEYS}
+
+
+# n_head, n_kv_head, tied: grouped (2 per KV head), multi-head, multi-query
+VARIANTS = {"gqa": (4, 2, False), "mha": (4, 4, True), "mqa": (4, 1, False)}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory, tok_meta):
+    out = {}
+    for name, (h, kv, tied) in VARIANTS.items():
+        path = tmp_path_factory.mktemp("llama_" + name) / f"tiny-{name}.gguf"
+        hf = write_llama_gguf(path, tok_meta, n_head=h, n_kv_head=kv, tied=tied, seed=len(out))
+        out[name] = (path, hf)
+    return out
+
+
+def test_unpermute_rows_inverts_llamacpp_converter():
+    rng = np.random.default_rng(0)
+    for n_head, n_kv, hd in [(9, 3, 64), (4, 4, 16), (32, 8, 128), (4, 1, 16)]:
+        q = rng.standard_normal((n_head * hd, 8)).astype(np.float32)
+        k = rng.standard_normal((n_kv * hd, 8)).astype(np.float32)
+        assert np.array_equal(llamacpp_permute(q, n_head, n_head)[unpermute_rows(n_head * hd, n_head)], q)
+        assert np.array_equal(llamacpp_permute(k, n_head, n_kv)[unpermute_rows(n_kv * hd, n_kv)], k)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_loads_hf_layout_weights(synthetic, variant):
+    path, hf = synthetic[variant]
+    model, tok = load_gguf_model(path)
+    h, kv, tied = VARIANTS[variant]
+    assert (model.config.n_head, model.config.n_kv_head, model.config.tied_embeddings) == (h, kv, tied)
+    assert model.config.rms_norm_eps == pytest.approx(1e-6) and model.config.rope_base == 10000.0
+    assert ("output.weight" in model.weights) == (not tied)
+    for name in ("blk.0.attn_k.weight", "blk.1.attn_v.weight"):  # F16 / F32: exact up to the F16 rounding
+        assert np.abs(model.weights[name] - hf[name]).max() <= 1e-3 * np.abs(hf[name]).max()
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_q.weight"):  # Q8_0, un-permuted: within quantization error
+        assert np.abs(model.weights[name] - hf[name]).max() <= 0.02 * np.abs(hf[name]).max()
+    assert tok.encode("Hello.") == [19556, 30]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_all_checkpoints_pass_against_transformers(synthetic, variant):
+    """The whole validator on the synthetic GGUF: GQA, MHA and MQA head layouts, tied and untied heads."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import torch
+
+    from llorch_cpud.validate import references
+    from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
+
+    path, _ = synthetic[variant]
+    model, tok = load_gguf_model(path)
+    engine = Engine(model, tok)
+    ref = references.make("transformers")
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_llama._torch_one_thread
+    try:
+        ref.load(path, "llama", engine)
+        assert np.array_equal(ref.model.model.layers[1].self_attn.q_proj.weight.detach().numpy(),
+                              model.weights["blk.1.attn_q.weight"])
+        ours = OurSide(engine, tok.encode("Hello. Ünïcode → 東京, code: x = [1, 2]"), 12)
+        results = run_checkpoints(engine, ours, ref, "llama")
+    finally:
+        torch.set_num_threads(n_threads)
+    bad = [(r.id, r.name, r.max_abs_diff, r.note) for r in results if not r.passed]
+    assert bad == []
+    assert results[7].max_abs_diff <= 1e-4  # full logits
+
+
+def test_batched_segments_on_synthetic(synthetic):
+    from llorch_cpud.engine import Request
+    from llorch_cpud.sampling import SamplingParams
+
+    model, tok = load_gguf_model(synthetic["gqa"][0])
+    engine = Engine(model, tok)
+    reqs = [Request(prompt=p, max_tokens=6, sampling=SamplingParams(temperature=0.0), seed=0)
+            for p in ("a", "Hello there, friend", "1 2 3")]
+    singles = [[e for e in engine.generate(r)][-1].token_ids for r in reqs]
+    seqs = [engine.start(r) for r in reqs]
+    while not all(s.done for s in seqs):
+        engine.step(seqs)
+    assert [s.end.token_ids for s in seqs] == singles
+
+
+# ---------------------------------------------------------------- errors
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_architecture_names_the_key(tmp_path, tok_meta):
+    path = tmp_path / "qwen.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=1, arch="mamba")
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf_model(path)
+    assert "general.architecture" in one_line(e) and "'mamba'" in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "llorch_cpud.cli", "generate", "--model", str(path), "hi"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "general.architecture" in r.stderr
+
+
+def test_missing_tensor_is_named(tmp_path, tok_meta):
+    path = tmp_path / "missing.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=2, drop=("blk.1.ffn_up.weight",))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    assert "blk.1.ffn_up.weight" in one_line(e)
+
+
+def test_unexpected_tensor_is_refused_not_ignored(tmp_path, tok_meta):
+    path = tmp_path / "bias.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=1, extra_tensors={"blk.0.attn_q.bias": np.zeros(64, np.float32)})
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf_model(path)
+    assert "blk.0.attn_q.bias" in one_line(e)
+
+
+def test_shape_disagreeing_with_metadata_is_named(tmp_path, tok_meta):
+    path = tmp_path / "shape.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=1, n_ff=96, meta_n_ff=128)
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf_model(path)
+    assert "blk.0.ffn_gate.weight" in one_line(e) and "(96, 64)" in str(e.value) and "(128, 64)" in str(e.value)
+
+
+def test_bad_head_counts_and_rope_scaling_are_named(tmp_path, tok_meta):
+    path = tmp_path / "heads.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=1, n_head=4, n_kv_head=3)
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf_model(path)
+    assert "llama.attention.head_count_kv" in one_line(e)
+    path = tmp_path / "yarn.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=1, extra_kv={"llama.rope.scaling.type": "yarn",
+                                                          "llama.rope.scaling.factor": 4.0})
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf_model(path)
+    assert "llama.rope.scaling.type" in one_line(e) and "yarn" in str(e.value)
+
+
+def test_linear_rope_scaling_divides_positions(tmp_path, tok_meta):
+    path = tmp_path / "linear.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=1, extra_kv={"llama.rope.scaling.type": "linear",
+                                                          "llama.rope.scaling.factor": 4.0})
+    model, _ = load_gguf_model(path)
+    plain, _ = load_gguf_model(synthetic_plain(tmp_path, tok_meta))
+    cos4, _ = model.rope.rows(np.array([8]))
+    cos1, _ = plain.rope.rows(np.array([2]))
+    assert np.allclose(cos4, cos1, atol=1e-6)
+
+
+def synthetic_plain(tmp_path, tok_meta):
+    path = tmp_path / "plain.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=1)
+    return path

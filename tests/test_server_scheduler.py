@@ -1,0 +1,128 @@
+"""The engine thread on its own (no HTTP): queueing past max_batch, batched decode, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llorch_cpud.engine import EndEvent, Request, TokenEvent
+from llorch_cpud.sampling import SamplingParams
+from llorch_cpud.server.metrics import Metrics
+from llorch_cpud.server.scheduler import Job, NotAccepting, Scheduler
+
+PROMPTS = ["Hello.", "Once upon a time", "def f(x):", "The capital of France is", "1 2 3", "Dear Bob,"]
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(gpt2_small):
+    from llorch_cpud.cli import load_engine
+
+    return load_engine(str(gpt2_small))[0]
+
+
+def reference(engine, prompt, n):
+    return [e for e in engine.generate(Request(prompt=prompt, max_tokens=n, sampling=GREEDY)) if isinstance(e, EndEvent)][0]
+
+
+async def drain(job: Job) -> list:
+    out = []
+    while True:
+        for kind, ev in await job.queue.get():
+            out.append((kind, ev))
+            if kind in ("end", "error"):
+                return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_more_jobs_than_batch_slots_all_exact(engine):
+    async def main():
+        metrics = Metrics()
+        sch = Scheduler(engine, metrics, max_batch=2)
+        sch.start()
+        loop = asyncio.get_running_loop()
+        jobs = [Job(job_id=f"j{i}", seq=engine.start(Request(prompt=p, max_tokens=12, sampling=GREEDY)),
+                    endpoint="execute", loop=loop) for i, p in enumerate(PROMPTS)]
+        for j in jobs:
+            sch.submit(j)
+        results = await asyncio.gather(*(drain(j) for j in jobs))
+        sch.stop()
+        return metrics, results
+
+    metrics, results = run(main())
+    for p, evs in zip(PROMPTS, results):
+        ref = reference(engine, p, 12)
+        assert "".join(ev.text for k, ev in evs if k == "token") == ref.text
+        assert evs[-1][0] == "end" and evs[-1][1].token_ids == ref.token_ids
+        assert [ev.index for k, ev in evs if k == "token"] == list(range(sum(k == "token" for k, _ in evs)))
+    assert metrics.decode["rows_max"] == 2  # never more than max_batch rows, and batched when possible
+    assert metrics.tokens_generated == 12 * len(PROMPTS)
+
+
+def test_cancel_queued_and_running_and_shutdown(engine):
+    async def main():
+        sch = Scheduler(engine, Metrics(), max_batch=1)
+        sch.start()
+        loop = asyncio.get_running_loop()
+        mk = lambda i: Job(job_id=f"k{i}", seq=engine.start(Request(prompt="Hello.", max_tokens=1000, sampling=GREEDY)),  # noqa: E731
+                           endpoint="execute", loop=loop)
+        running, queued, last = mk(0), mk(1), mk(2)
+        for j in (running, queued, last):
+            sch.submit(j)
+        first = await running.queue.get()  # running has produced something
+        assert first[0][0] == "token"
+        queued.cancel("cancel")
+        sch.wake()
+        q = await drain(queued)
+        running.cancel("cancel")
+        sch.wake()
+        r = await drain(running)
+        sch.cancel_all("shutdown")
+        s = await drain(last)
+        with pytest.raises(NotAccepting):
+            sch.submit(mk(3))
+        sch.stop()
+        assert not sch.thread.is_alive()
+        return q, r, s, running, queued, last
+
+    q, r, s, running, queued, last = run(main())
+    assert q == [("end", queued.seq.end)] and queued.seq.end.stop_reason == "cancelled" and queued.seq.end.tokens_out == 0
+    assert r[-1][0] == "end" and r[-1][1].stop_reason == "cancelled" and 0 < r[-1][1].tokens_out < 1000
+    assert s[-1][0] == "end" and s[-1][1].stop_reason == "cancelled"
+    for j in (running, queued, last):
+        assert j.seq.cache is None  # KV cache freed
+    assert running.outcome == "cancelled" and last.outcome == "shutdown"
+
+
+def test_inference_failure_is_an_error_event_and_the_loop_survives(engine, monkeypatch):
+    async def main():
+        sch = Scheduler(engine, Metrics(), max_batch=4)
+        sch.start()
+        loop = asyncio.get_running_loop()
+        real = engine.step
+        calls = {"n": 0}
+
+        def flaky(seqs, trace=None):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("boom")
+            return real(seqs, trace)
+
+        monkeypatch.setattr(engine, "step", flaky)
+        bad = Job(job_id="bad", seq=engine.start(Request(prompt="Hi", max_tokens=3, sampling=GREEDY)), endpoint="execute", loop=loop)
+        sch.submit(bad)
+        b = await drain(bad)
+        good = Job(job_id="good", seq=engine.start(Request(prompt="Hi", max_tokens=3, sampling=GREEDY)), endpoint="execute", loop=loop)
+        sch.submit(good)
+        g = await drain(good)
+        sch.stop()
+        return b, g
+
+    b, g = run(main())
+    assert b == [("error", {"code": "INFERENCE_FAILED", "message": "RuntimeError: boom"})]
+    assert g[-1][0] == "end" and g[-1][1].tokens_out == 3
+    assert all(isinstance(ev, TokenEvent) for k, ev in g[:-1])
