@@ -264,9 +264,8 @@ def test_health_loading_then_ready_and_callback(full, receiver):
     assert full.execute_while_loading is not None and full.execute_while_loading.status_code == 503
     loading_lat = [lat for _, s, _, lat in full.seen if s == 503]
     FIGURES["health_while_loading"] = summary(loading_lat)
-    # The loader (formats/hf.py) holds the GIL for one whole-tensor safetensors read (~60 ms for GPT-2's
-    # embedding, more on a busy machine); the bound here is loose until it reads in slices.
-    assert max(loading_lat) < 0.5
+    # The loader reads large tensors in ~4 MB slices so that it never holds the GIL for long.
+    assert max(loading_lat) < 0.1, loading_lat
 
     body = httpx.get(f"{full.base}/health").json()
     assert body["status"] == "healthy" and body["model_loaded"] is True
