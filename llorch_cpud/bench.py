@@ -6,7 +6,7 @@ table reports medians with min–max and the ratio ours/peer.
 
 Runners:
   ours          this package's engine (numpy)
-  transformers  PyTorch + transformers, greedy with its KV cache (a manual loop, its fastest path)
+  transformers  PyTorch + transformers `generate` (greedy, KV cache); decode = (T(n) - T(1)) / (n - 1)
   llamacpp      llama-cpp-python on a .gguf file (needs a python that imports llama_cpp:
                 --llamacpp-python, or $LLORCH_LLAMACPP_PYTHON)
 Concurrency above 1 runs through the real servers (ours: `llorch-cpud serve`; peer:
@@ -70,6 +70,19 @@ def run_ours(model: str | None, prompt_tokens: int, new_tokens: int) -> dict:
             "decode_tok_s": (new_tokens - 1) / (t_end - t_first), "load_s": load_s, "peak_rss_mb": peak_rss_mb()}
 
 
+def load_tokenizer_only(path: Path):
+    """Our tokenizer without our weights (so a peer's RSS is its own)."""
+    from llorch_cpud.tokenizer import Tokenizer, load_hf_tokenizer
+
+    if path.suffix != ".gguf":
+        return load_hf_tokenizer(path)
+    from llorch_cpud.formats.gguf import GGUFFile
+    from llorch_cpud.tokenizer.gguf import load_gguf_tokenizer
+
+    info = load_gguf_tokenizer(GGUFFile.open(path))
+    return Tokenizer(inner=info.tokenizer, eos_token_id=info.eos_id, bos_token_id=info.bos_id, add_bos=info.add_bos)
+
+
 def run_transformers(model: str | None, prompt_tokens: int, new_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -85,28 +98,19 @@ def run_transformers(model: str | None, prompt_tokens: int, new_tokens: int) -> 
         m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     m.eval()
     load_s = time.perf_counter() - t0
-    from llorch_cpud.cli import load_engine
-
-    tok = load_engine(model)[0].tokenizer  # the same prompt ids as ours
-    ids = prompt_ids_for(tok.encode, prompt_tokens)
-    cache_kw = "cache" if "cache" in m.forward.__code__.co_varnames else "past_key_values"
-
-    def greedy(prompt, n):
-        out = m(input_ids=torch.tensor([prompt]), use_cache=True)
-        t_first = time.perf_counter()
-        kv = out.cache if hasattr(out, "cache") else out.past_key_values
-        nxt = int(out.logits[0, -1].argmax())
-        for _ in range(n - 1):
-            out = m(input_ids=torch.tensor([[nxt]]), use_cache=True, **{cache_kw: kv})
-            kv = out.cache if hasattr(out, "cache") else out.past_key_values
-            nxt = int(out.logits[0, -1].argmax())
-        return t_first
+    ids = prompt_ids_for(load_tokenizer_only(path).encode, prompt_tokens)  # the same prompt ids as ours
+    def generate(prompt, n):  # transformers' own greedy decoding with its KV cache, exactly n new tokens
+        x = torch.tensor([prompt])
+        t = time.perf_counter()
+        m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                   pad_token_id=0)
+        return time.perf_counter() - t
 
     with torch.no_grad():
-        greedy(ids[:8], 4)  # warm-up
-        t = time.perf_counter()
-        t_first = greedy(ids, new_tokens)
-        t_end = time.perf_counter()
+        generate(ids[:8], 4)  # warm-up
+        t_one = generate(ids, 1)  # prefill + first token
+        t_all = generate(ids, new_tokens)
+    t, t_first, t_end = 0.0, t_one, t_all
     return {"prefill_tok_s": prompt_tokens / (t_first - t), "ttft_ms": (t_first - t) * 1000,
             "decode_tok_s": (new_tokens - 1) / (t_end - t_first), "load_s": load_s, "peak_rss_mb": peak_rss_mb()}
 

@@ -1,0 +1,179 @@
+"""Concurrent streams through real servers: ours (`llorch-cpud serve`) and llama.cpp's `llama-server`.
+
+For each concurrency level, N streaming clients start together with the same greedy request
+(different prompts); we record per-stream time to first token and token counts, the
+aggregate decode rate (tokens after each stream's first, over the wall time from the first
+first-token to the last end), and `/health` latency sampled throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TOPICS = ["the ocean", "a city at night", "an old library", "mountain weather", "a train journey",
+          "a chess match", "a kitchen garden", "the first computers", "a lighthouse", "a desert road"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(base: str, ok, timeout: float = 600) -> None:
+    import httpx
+
+    t = time.time()
+    while time.time() - t < timeout:
+        try:
+            r = httpx.get(base + "/health", timeout=2)
+            if ok(r):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{base} did not become healthy in {timeout}s")
+
+
+def prompt_text(i: int, n_words: int) -> str:
+    words = (f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}. " * 64).split()
+    return " ".join(words[:n_words])
+
+
+def stream_ours(base: str, i: int, args, out: dict) -> None:
+    import httpx
+
+    body = {"job_id": f"bench-{time.time_ns()}-{i}", "prompt": prompt_text(i, args.prompt_tokens * 3 // 4),
+            "max_tokens": args.new_tokens, "temperature": 0.0}
+    t0 = time.perf_counter()
+    first, n, event = None, 0, None
+    with httpx.Client(timeout=None) as c, c.stream("POST", base + "/execute", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "token":
+                n += 1
+                first = first or time.perf_counter()
+    out.update(t0=t0, first=first or time.perf_counter(), end=time.perf_counter(), pieces=n)
+
+
+def stream_llama_server(base: str, i: int, args, out: dict) -> None:
+    import httpx
+
+    body = {"prompt": prompt_text(i, args.prompt_tokens * 3 // 4), "n_predict": args.new_tokens, "temperature": 0.0,
+            "stream": True, "cache_prompt": False}
+    t0 = time.perf_counter()
+    first, n = None, 0
+    with httpx.Client(timeout=None) as c, c.stream("POST", base + "/completion", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                d = json.loads(line[5:])
+                if d.get("content") or not d.get("stop"):
+                    n += 1
+                    first = first or time.perf_counter()
+    out.update(t0=t0, first=first or time.perf_counter(), end=time.perf_counter(), pieces=n)
+
+
+def run_level(base: str, streamer, n: int, args) -> dict:
+    import httpx
+
+    outs = [dict() for _ in range(n)]
+    threads = [threading.Thread(target=streamer, args=(base, i, args, outs[i])) for i in range(n)]
+    health, stop = [], threading.Event()
+
+    def probe():
+        with httpx.Client(timeout=5) as c:
+            while not stop.is_set():
+                t = time.perf_counter()
+                c.get(base + "/health")
+                health.append((time.perf_counter() - t) * 1000)
+                time.sleep(0.05)
+
+    p = threading.Thread(target=probe)
+    p.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    p.join()
+    start = min(o["first"] for o in outs)
+    end = max(o["end"] for o in outs)
+    tokens = sum(max(o["pieces"] - 1, 0) for o in outs)
+    return {"streams": n, "aggregate_decode_tok_s": tokens / (end - start) if end > start else 0.0,
+            "per_stream_tok_s": statistics.median((o["pieces"] - 1) / (o["end"] - o["first"]) for o in outs if o["end"] > o["first"]),
+            "ttft_ms_median": statistics.median((o["first"] - o["t0"]) * 1000 for o in outs),
+            "health_ms_max": max(health) if health else None,
+            "health_ms_median": statistics.median(health) if health else None,
+            "tokens": [o["pieces"] for o in outs]}
+
+
+def start_ours(model: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llorch_cpud.cli", "serve", "--model", model, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_health(base, lambda r: r.status_code == 200)
+    return proc, base
+
+
+def start_llama_server(binary: str, model: str, parallel: int, ctx: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([binary, "-m", model, "-t", str(os.cpu_count() or 2), "--parallel", str(parallel),
+                             "-c", str(ctx * parallel), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_health(base, lambda r: r.status_code == 200)
+    return proc, base
+
+
+def bench_concurrency(args, with_llama_server: bool) -> dict:
+    from llorch_cpud.formats import resolve
+
+    model = str(resolve(args.model))
+    levels = sorted(set(args.concurrency))
+    servers = {"ours": (lambda: start_ours(model), stream_ours)}
+    if with_llama_server:
+        binary = args.llama_server or os.environ.get("LLORCH_LLAMA_SERVER") or shutil.which("llama-server")
+        if not binary or not Path(binary).exists():
+            servers_skipped = {"llama-server": "binary not found (--llama-server PATH or $LLORCH_LLAMA_SERVER)"}
+        elif not model.endswith(".gguf"):
+            servers_skipped = {"llama-server": "needs a .gguf model"}
+        else:
+            servers_skipped = {}
+            ctx = args.prompt_tokens + args.new_tokens + 64
+            servers["llama-server"] = (lambda: start_llama_server(binary, model, max(levels), ctx), stream_llama_server)
+    else:
+        servers_skipped = {}
+    results: dict = {"levels": levels, "servers": {}, "skipped": servers_skipped}
+    for name, (start, streamer) in servers.items():
+        proc, base = start()
+        try:
+            runs = {n: [run_level(base, streamer, n, args) for _ in range(args.repeats)] for n in levels}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        summary = {}
+        for n, rs in runs.items():
+            agg = [r["aggregate_decode_tok_s"] for r in rs]
+            summary[str(n)] = {"aggregate_decode_tok_s": statistics.median(agg), "min": min(agg), "max": max(agg),
+                               "per_stream_tok_s": statistics.median(r["per_stream_tok_s"] for r in rs),
+                               "ttft_ms": statistics.median(r["ttft_ms_median"] for r in rs),
+                               "health_ms_max": max(r["health_ms_max"] or 0 for r in rs)}
+            print(f"{name} x{n}: aggregate {summary[str(n)]['aggregate_decode_tok_s']:.1f} tok/s, "
+                  f"health max {summary[str(n)]['health_ms_max']:.1f} ms", file=sys.stderr, flush=True)
+        results["servers"][name] = summary
+    if len(levels) > 1:
+        for name, s in results["servers"].items():
+            lo, hi = str(levels[0]), str(levels[-1])
+            s["scaling"] = s[hi]["aggregate_decode_tok_s"] / s[lo]["aggregate_decode_tok_s"]
+    return results
