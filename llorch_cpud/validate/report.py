@@ -18,24 +18,68 @@ def fmt_diff(r: dict) -> str:
     return f"{d:.2e} {r['status'].upper()}"
 
 
-def table(report: dict) -> str:
+def _ranges(ids: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    out, ids = [], sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def footnotes(report: dict) -> list[str]:
+    """Per reference: checkpoints not compared (N/A) and why, a declared tolerance that replaces SPEC's, and how
+    its own tokenizer encodes the prompt. Empty for references that compare everything at SPEC tolerances."""
+    out = []
+    notes = report.get("reference_notes", {})
+    for ref in report["references"]:
+        n = notes.get(ref, {})
+        mine = [r for r in report["results"] if r["reference"] == ref]
+        na = [r for r in mine if r["status"] == "n/a"]
+        if na:
+            why = n.get("unavailable_reason") or na[0]["note"].removeprefix("n/a: ")
+            out.append(f"{ref}: N/A at checkpoints {_ranges([r['id'] for r in na])} (not compared, not a failure): {why}")
+        for r in mine:  # where argmax or the greedy paths part: the step and the logit gap
+            if r["id"] in (10, 12) and r["status"] in ("tie", "fail"):
+                out.append(f"{ref}: checkpoint {r['id']} {r['status'].upper()}: {r['note']}")
+        if n.get("tolerances"):
+            spec = n.get("spec_tolerances", {})
+            tols = ", ".join(f"checkpoint {k}: {v:g}" + (f" instead of SPEC {spec[k]:g}" if k in spec else "")
+                             for k, v in n["tolerances"].items())
+            out.append(f"{ref}: declared tolerance {tols} ({n.get('tolerance_reason', '')}); also the vs-reference part "
+                       f"of 9 and the tie threshold of 10 and 12")
+        if n.get("tokenization"):
+            out.append(f"{ref}: tokenization: {n['tokenization']}")
+    return out
+
+
+def table(report: dict, notes: bool = True) -> str:
     refs = report["references"]
     by = {(r["id"], r["reference"]): r for r in report["results"]}
     ids = sorted({r["id"] for r in report["results"]})
     names = {r["id"]: r["name"] for r in report["results"]}
-    tols = {r["id"]: r["tolerance"] for r in report["results"]}
+    tols: dict = {}  # the column shows the strictest (SPEC's); a reference's declared tolerance is shown in its cell
+    for r in report["results"]:
+        tols[r["id"]] = min(tols.get(r["id"], r["tolerance"]), r["tolerance"])
     head = ["#", "checkpoint", "tolerance"] + refs
     rows = [head]
     for i in ids:
         row = [str(i), names[i], f"{tols[i]:g}"]
         for ref in refs:
             r = by.get((i, ref))
-            row.append(fmt_diff(r) if r else "-")
+            cell = fmt_diff(r) if r else "-"
+            if r and r["tolerance"] != tols[i]:
+                cell += f" (tol {r['tolerance']:g})"
+            row.append(cell)
         rows.append(row)
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + (footnotes(report) if notes else []))
 
 
 def _v(x) -> str:
@@ -74,6 +118,8 @@ def comparison_rows(report: dict, cid: int) -> list[list[str]]:
     if any("tokens" in c for c in cols):
         rows.append(["tokens"] + [_v(c.get("tokens")) for c in cols])
     rows.append(["max abs diff", "-"] + [fmt_diff(by[n]).split(" ")[0] for n in refs])
+    if len({by[n]["tolerance"] for n in refs}) > 1:  # a reference with a declared tolerance profile
+        rows.append(["tolerance", "-"] + [f"{by[n]['tolerance']:g}" for n in refs])
     rows.append(["result", "-"] + [by[n]["status"].upper() for n in refs])
     return rows
 
@@ -107,12 +153,14 @@ def markdown(report: dict) -> str:
     out.append(f"- references: {', '.join(report['references'])}")
     for name, reason in report.get("skipped", {}).items():
         out.append(f"- skipped reference {name}: {reason}")
+    for line in footnotes(report):
+        out.append(f"- {line}")
     out.append(f"- result: **{'PASS' if report['passed'] else 'FAIL'}**")
     out.append("")
     out.append("## Summary")
     out.append("")
     out.append("```")
-    out.append(table(report))
+    out.append(table(report, notes=False))  # the footnotes are in the list above
     out.append("```")
     out.append("")
     out.append("## Comparison, per checkpoint")
@@ -151,7 +199,7 @@ def markdown(report: dict) -> str:
         st = r.get("stats", {})
         o, f = st.get("ours", {}), st.get("reference", {})
         d = r["max_abs_diff"]
-        d = d if isinstance(d, str) or d is None else f"{d:.3e}"
+        d = "-" if d is None else d if isinstance(d, str) else f"{d:.3e}"
         out.append(
             f"| {r['id']} | {r['name']} | {r['reference']} | {r['shape']} | {d} | {r['tolerance']:g} | {r['status']} "
             f"| {s4(o)} | {s4(f)} | {first(o)} / {first(f)} | {r['note'].replace('|', '/')} |"

@@ -10,7 +10,7 @@ from pathlib import Path
 from llorch_cpud.engine import Engine
 from llorch_cpud.errors import LlorchError
 from llorch_cpud.validate import references
-from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
+from llorch_cpud.validate.checkpoints import CHECKPOINTS, OurSide, run_checkpoints
 from llorch_cpud.validate.references.base import ReferenceUnavailable
 
 
@@ -51,6 +51,25 @@ def base_versions() -> dict[str, str]:
     return v
 
 
+def reference_notes(ref, prompt: str, prompt_ids: list[int]) -> dict:
+    """What a reference declares about itself: a tolerance profile that replaces SPEC's (with its reason), and
+    how its own tokenizer encodes the prompt text compared with our ids (every reference is fed our ids)."""
+    out: dict = {}
+    if getattr(ref, "tolerances", None):
+        out["tolerances"] = {str(k): v for k, v in sorted(ref.tolerances.items())}
+        out["tolerance_reason"] = getattr(ref, "tolerance_reason", "")
+        out["spec_tolerances"] = {str(k): CHECKPOINTS[k][1] for k in sorted(ref.tolerances) if k in CHECKPOINTS}
+    if getattr(ref, "unavailable_reason", ""):
+        out["unavailable_reason"] = ref.unavailable_reason
+    try:
+        tok = ref.tokenization(prompt, prompt_ids)
+    except Exception as e:
+        tok = f"could not compare its tokenization: {type(e).__name__}: {e}"
+    if tok:
+        out["tokenization"] = tok
+    return out
+
+
 def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_names: list[str], n_tokens: int = 12,
              log=print) -> dict:
     """Run every checkpoint against every reference; returns the report dict."""
@@ -59,7 +78,7 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
         raise LlorchError("--prompt: encodes to no tokens")
     log(f"our side: {len(prompt_ids)} prompt tokens, {n_tokens} greedy tokens")
     ours = OurSide(engine, prompt_ids, n_tokens)
-    results, skipped, versions = [], {}, base_versions()
+    results, skipped, versions, notes = [], {}, base_versions(), {}
     for name in ref_names:
         log(f"reference {name}: loading")
         try:
@@ -70,6 +89,7 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
             log(f"reference {name}: SKIPPED ({e})")
             continue
         versions.update({f"{name}/{k}": v for k, v in ref.versions().items()})
+        notes[name] = reference_notes(ref, prompt, prompt_ids)
         log(f"reference {name}: running checkpoints")
         results += [r.to_json() for r in run_checkpoints(engine, ours, ref, family)]
         del ref
@@ -84,6 +104,7 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
         "references": ran,
         "skipped": skipped,
         "versions": versions,
+        "reference_notes": {n: v for n, v in notes.items() if v},
         "results": results,
         "passed": bool(ran) and not skipped and all(r["passed"] for r in results),
     }

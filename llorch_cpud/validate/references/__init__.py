@@ -11,6 +11,7 @@ REGISTRY = {
     "candle": ("llorch_cpud.validate.references.candle_ref", "CandleReference"),
     "tinygrad": ("llorch_cpud.validate.references.tinygrad_ref", "TinygradReference"),
     "jax": ("llorch_cpud.validate.references.jax_ref", "JaxReference"),
+    "llamacpp": ("llorch_cpud.validate.references.llamacpp_ref", "LlamaCppReference"),
 }
 
 

@@ -16,6 +16,12 @@ back numpy arrays. Tensor names and layouts (block 0, batch axis dropped):
 
 Adding a framework means one new module in this package that subclasses `Reference` and
 registers itself in `REGISTRY` (see __init__.py); the checkpoint code does not change.
+
+A reference that cannot expose something (llama.cpp has no API for block-0 tensors or its KV cache)
+leaves those names out of `capture()` and raises `NotAvailable` from `cache()`: the checkpoints that
+need them are reported "n/a" (not compared, not a failure), with the reason. A reference whose
+numerics differ from float32 by design declares that in `tolerances` (checkpoint id -> tolerance
+used instead of SPEC's, with `tolerance_reason`), which the report shows next to SPEC's value.
 """
 
 from __future__ import annotations
@@ -41,8 +47,19 @@ class ReferenceUnavailable(Exception):
     """The framework is not installed or cannot run here; the message says why."""
 
 
+class NotAvailable(Exception):
+    """The reference cannot expose this quantity through its API; the checkpoint is reported "n/a"."""
+
+
 class Reference(ABC):
     name: str = "?"
+    # Declared tolerance profile: checkpoint id -> tolerance used for this reference instead of SPEC's
+    # (only checkpoint 8 is meant here: it also sets the vs-reference part of 9 and the tie rules of 10
+    # and 12). Empty for references that compute what we compute in float32 or better.
+    tolerances: dict[int, float] = {}
+    tolerance_reason: str = ""
+    # Why capture() may lack block-0 tensors (shown with the "n/a" checkpoints); empty when it has them all.
+    unavailable_reason: str = ""
 
     @abstractmethod
     def load(self, model_path: Path, family: str, engine) -> None:
@@ -67,6 +84,11 @@ class Reference(ABC):
 
     @abstractmethod
     def softmax(self, logits: np.ndarray, temperature: float) -> np.ndarray: ...
+
+    def tokenization(self, text: str, ids: list[int]) -> str | None:
+        """Optional: how the reference's own tokenizer encodes `text` compared with our `ids` (which are
+        what every reference is fed). None when the reference has no tokenizer of its own to compare."""
+        return None
 
 
 def available_module(name: str) -> None:
