@@ -25,6 +25,7 @@ from llorch_cpud.models.base import Segment
 import llorch_cpud.sampling as sampling
 from llorch_cpud.sampling import SamplingParams
 from llorch_cpud.validate.references.base import NotAvailable
+from llorch_cpud.validate.report import tol_text
 
 # id -> (name, tolerance). Names for the norm depend on the family.
 CHECKPOINTS = {
@@ -141,14 +142,6 @@ class OurSide:
             Request(prompt_ids=self.ids, max_tokens=self.n_tokens, sampling=SamplingParams(temperature=0.0), seed=0)
         )
         self.greedy = end.token_ids
-
-
-def tol_text(x: float) -> str:
-    """1e-3 as "1e-3", 1.5 as "1.5"."""
-    if x and abs(math.log10(abs(x))) >= 3:
-        m, e = f"{x:e}".split("e")
-        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
-    return f"{x:g}"
 
 
 class Capture(dict):

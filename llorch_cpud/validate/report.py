@@ -7,6 +7,14 @@ import math
 from pathlib import Path
 
 
+def tol_text(x: float) -> str:
+    """A tolerance as SPEC writes it: 1e-3 as "1e-3", 1.5 as "1.5"."""
+    if x and abs(math.log10(abs(x))) >= 3:
+        m, e = f"{x:e}".split("e")
+        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+    return f"{x:g}"
+
+
 def fmt_diff(r: dict) -> str:
     d = r["max_abs_diff"]
     if r["status"] == "error":
@@ -48,7 +56,7 @@ def footnotes(report: dict) -> list[str]:
                 out.append(f"{ref}: checkpoint {r['id']} {r['status'].upper()}: {r['note']}")
         if n.get("tolerances"):
             spec = n.get("spec_tolerances", {})
-            tols = ", ".join(f"checkpoint {k}: {v:g}" + (f" instead of SPEC {spec[k]:g}" if k in spec else "")
+            tols = ", ".join(f"checkpoint {k}: {v:g}" + (f" instead of SPEC {tol_text(spec[k])}" if k in spec else "")
                              for k, v in n["tolerances"].items())
             out.append(f"{ref}: declared tolerance {tols} ({n.get('tolerance_reason', '')}); also the vs-reference part "
                        f"of 9 and the tie threshold of 10 and 12")
