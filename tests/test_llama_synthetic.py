@@ -159,9 +159,9 @@ def test_loads_hf_layout_weights(synthetic, variant):
     assert model.config.rms_norm_eps == pytest.approx(1e-6) and model.config.rope_base == 10000.0
     assert ("output.weight" in model.weights) == (not tied)
     for name in ("blk.0.attn_k.weight", "blk.1.attn_v.weight"):  # F16 / F32: exact up to the F16 rounding
-        assert np.abs(model.weights[name] - hf[name]).max() <= 1e-3 * np.abs(hf[name]).max()
+        assert np.abs(model.dense(name) - hf[name]).max() <= 1e-3 * np.abs(hf[name]).max()
     for name in ("blk.0.attn_q.weight", "blk.1.attn_q.weight"):  # Q8_0, un-permuted: within quantization error
-        assert np.abs(model.weights[name] - hf[name]).max() <= 0.02 * np.abs(hf[name]).max()
+        assert np.abs(model.dense(name) - hf[name]).max() <= 0.02 * np.abs(hf[name]).max()
     assert tok.encode("Hello.") == [19556, 30]
 
 
@@ -184,7 +184,7 @@ def test_all_checkpoints_pass_against_transformers(synthetic, variant):
     try:
         ref.load(path, "llama", engine)
         assert np.array_equal(ref.model.model.layers[1].self_attn.q_proj.weight.detach().numpy(),
-                              model.weights["blk.1.attn_q.weight"])
+                              model.dense("blk.1.attn_q.weight"))
         ours = OurSide(engine, tok.encode("Hello. Ünïcode → 東京, code: x = [1, 2]"), 12)
         results = run_checkpoints(engine, ours, ref, "llama")
     finally:

@@ -1,8 +1,11 @@
 """The Llama family in numpy (Llama, SmolLM2 and kin), loaded from GGUF: one small pure function per
 checkpoint stage, composed into a forward pass — the same shape of code as models/gpt2.py.
 
-Weights are keyed by the GGUF tensor names (`token_embd.weight`, `blk.0.attn_q.weight`, ...) and
-dequantized to float32 `[out, in]` (nn.Linear orientation) at load, so a projection is `x @ W.T`.
+Weights are keyed by the GGUF tensor names (`token_embd.weight`, `blk.0.attn_q.weight`, ...), each
+`[out, in]` (nn.Linear orientation), so a projection is `x @ W.T` — written `linear(x, W)`, because
+Q4_1/Q8_0 matrices stay quantized (`kernels.QuantMatrix`: the product is computed on the stored
+blocks, 4-5x fewer bytes per decode step than float32; see kernels/quantized.py for its numerics).
+Every other tensor is dequantized to float32 at load. `Llama.dense(name)` is any weight as float32.
 
 Rotary layout. llama.cpp's converter permutes the rows of `attn_q`/`attn_k` within each head so
 that its "NORM" rope can rotate adjacent pairs (2i, 2i+1). At load we undo that permutation (the
@@ -16,6 +19,7 @@ read `Llama.gguf.raw(name)[qk_row_order[name]]` (rows of quantized blocks permut
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,8 @@ import numpy as np
 
 from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.errors import ModelLoadError
+from llorch_cpud.kernels import quantized as _quantized
+from llorch_cpud.kernels.quantized import QuantMatrix, as_dense, linear, take_rows
 from llorch_cpud.models.base import Segment, trace_put
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
@@ -181,9 +187,9 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def qkv_projection(x, q_weight, k_weight, v_weight, n_head: int, n_kv_head: int, cos, sin):
     """Checkpoint 2. Q, K, V projections split into heads; RoPE applied to Q and K (HF row layout)."""
     rows = x.shape[0]
-    q = (x @ q_weight.T).reshape(rows, n_head, -1)  # [rows, n_embd] -> [rows, n_head, hd]
-    k = (x @ k_weight.T).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
-    v = (x @ v_weight.T).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
+    q = linear(x, q_weight).reshape(rows, n_head, -1)  # [rows, n_embd] -> [rows, n_head, hd]
+    k = linear(x, k_weight).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
+    v = linear(x, v_weight).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # [rows, H, hd], [rows, Hkv, hd], [rows, Hkv, hd]
 
 
@@ -220,7 +226,7 @@ def attention_output(scores: np.ndarray, v: np.ndarray, o_weight: np.ndarray) ->
     weights = softmax(scores).reshape(n_kv, -1, total)  # [H, n, T] -> [Hkv, g·n, T]
     heads = (weights @ v).reshape(n_head, n, head_dim)  # [Hkv, g·n, T] @ [Hkv, T, hd] -> [H, n, hd]
     merged = heads.transpose(1, 0, 2).reshape(n, n_head * head_dim)  # [H, n, hd] -> [n, H·hd]
-    return merged @ o_weight.T  # [n, H·hd] -> [n, n_embd]
+    return linear(merged, o_weight)  # [n, H·hd] -> [n, n_embd]
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -231,9 +237,9 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def ffn(x, gate_weight, up_weight, down_weight) -> np.ndarray:
     """Checkpoint 6. SwiGLU: down(silu(gate(x)) · up(x))."""
-    gate = x @ gate_weight.T  # [rows, n_embd] -> [rows, n_ff]
-    up = x @ up_weight.T  # [rows, n_embd] -> [rows, n_ff]
-    return (silu(gate) * up) @ down_weight.T  # [rows, n_ff] -> [rows, n_embd]
+    gate = linear(x, gate_weight)  # [rows, n_embd] -> [rows, n_ff]
+    up = linear(x, up_weight)  # [rows, n_embd] -> [rows, n_ff]
+    return linear(silu(gate) * up, down_weight)  # [rows, n_ff] -> [rows, n_embd]
 
 
 def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
@@ -277,14 +283,14 @@ def block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, si
 
 def embed(w: dict, tokens: np.ndarray) -> np.ndarray:
     """Token embeddings (no position embedding: positions enter through RoPE)."""
-    return w["token_embd.weight"][tokens]  # [rows] -> [rows, n_embd]
+    return take_rows(w["token_embd.weight"], tokens)  # [rows] -> [rows, n_embd]
 
 
 def lm_head(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
     """Checkpoint 8 (last step). Final RMSNorm, then the head (token_embd when output.weight is absent)."""
     h = rms_norm(x, w["output_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
     head = w.get("output.weight", w["token_embd.weight"])  # [vocab, n_embd]
-    return h @ head.T  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
+    return linear(h, head)  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
 
 
 # ---------------------------------------------------------------- the model
@@ -304,6 +310,10 @@ class Llama:
                                        config.rope_linear_factor)
         self.gguf = gguf  # the open GGUFFile (raw quantized blocks stay reachable through .raw(name))
         self.qk_row_order = qk_row_order or {}
+
+    def dense(self, name: str) -> np.ndarray:
+        """Weight `name` as a float32 array (a quantized matrix dequantized: the values the kernels use)."""
+        return as_dense(self.weights[name])
 
     def new_cache(self, max_seq: int) -> KVCache:
         c = self.config
@@ -388,9 +398,14 @@ def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def load_llama(f) -> Llama:
-    """A Llama from an open GGUFFile: config from metadata, every tensor dequantized to float32."""
+def load_llama(f, quantized: bool | None = None) -> Llama:
+    """A Llama from an open GGUFFile: config from metadata; Q4_1/Q8_0 matrices kept quantized
+    (`QuantMatrix`, products computed on the stored blocks) unless `quantized=False` (or
+    LLORCH_WEIGHTS=float32), every other tensor dequantized to float32."""
     cfg = LlamaConfig.from_gguf(f)
+    if quantized is None:
+        quantized = os.environ.get("LLORCH_WEIGHTS", "quantized") != "float32"
+    quantized = quantized and _quantized.available()
     known = {"token_embd.weight", "output_norm.weight", *_OPTIONAL_GLOBAL}
     known |= {f"blk.{i}.{t}" for i in range(cfg.n_layer) for t in _BLOCK_TENSORS}
     extra = [n for n in f.tensor_names() if n not in known]
@@ -398,13 +413,16 @@ def load_llama(f) -> Llama:
         raise ModelLoadError(f"{f.path}: tensor {extra[0]!r} is not part of the Llama architecture this loader runs "
                              f"({len(extra)} such tensors; refusing to ignore weights)")
     shapes = _expected_shapes(cfg)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict = {}
 
-    def load(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        stored = f.info(name).shape  # ModelLoadError names a missing tensor
-        if stored != shape:
-            raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {stored}, expected {shape} from the metadata")
-        return f.tensor(name)  # ModelLoadError names an undecodable type
+    def load(name: str, shape: tuple[int, ...], rows: np.ndarray | None = None):
+        info = f.info(name)  # ModelLoadError names a missing tensor
+        if info.shape != shape:
+            raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected {shape} from the metadata")
+        if quantized and len(shape) == 2 and info.type_name in _quantized.QUANT_TYPES:
+            return QuantMatrix.from_blocks(info.type_name, f.raw(name), shape, row_order=rows)
+        w = f.tensor(name)  # ModelLoadError names an undecodable type
+        return w if rows is None else np.ascontiguousarray(w[rows])
 
     weights["token_embd.weight"] = load("token_embd.weight", (cfg.vocab_size, cfg.n_embd))
     weights["output_norm.weight"] = load("output_norm.weight", (cfg.n_embd,))
@@ -416,16 +434,16 @@ def load_llama(f) -> Llama:
     for i in range(cfg.n_layer):
         for t in _BLOCK_TENSORS:
             name = f"blk.{i}.{t}"
-            w = load(name, shapes[t])
-            if t == "attn_q.weight":
-                w, order[name] = np.ascontiguousarray(w[q_order]), q_order
-            elif t == "attn_k.weight":
-                w, order[name] = np.ascontiguousarray(w[k_order]), k_order
-            weights[name] = w
+            rows = {"attn_q.weight": q_order, "attn_k.weight": k_order}.get(t)
+            weights[name] = load(name, shapes[t], rows)
+            if rows is not None:
+                order[name] = rows
+        f.release_pages()  # this layer's file pages are copied: don't let them pile up in RSS
     freq_factors = None
     if "rope_freqs.weight" in f:
         freq_factors = load("rope_freqs.weight", (cfg.head_dim // 2,))
     rope = RopeTables(cfg.head_dim, cfg.rope_base, min(cfg.n_ctx, 8192), cfg.rope_linear_factor, freq_factors)
+    f.release_pages()  # every weight is copied out of the mapping: its pages need not stay resident
     return Llama(cfg, weights, rope=rope, gguf=f, qk_row_order=order)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import llorch_cpud.models.gpt2 as gpt2
 import llorch_cpud.models.llama as llama
 import llorch_cpud.sampling as sampling
+from llorch_cpud.kernels import as_dense, linear
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def _rope_wrong_base(m):
 def _qk_left_permuted(m):  # Q/K rows kept in llama.cpp's GGUF order (the un-permutation forgotten)
     out = []
     for name, order in m.qk_row_order.items():
-        out.append((m.weights, name, np.ascontiguousarray(m.weights[name][np.argsort(order)])))
+        out.append((m.weights, name, np.ascontiguousarray(m.dense(name)[np.argsort(order)])))
     return out
 
 
@@ -185,7 +186,7 @@ def _llama_cache_write_off_by_one(cache, layer, start, k, v):
 
 
 def _llama_o_proj_transposed(scores, v, o_weight):
-    return _orig["llama.attention_output"](scores, v, o_weight.T)
+    return _orig["llama.attention_output"](scores, v, as_dense(o_weight).T)
 
 
 def _swiglu_swapped(x, gate_weight, up_weight, down_weight):
@@ -205,7 +206,7 @@ def _llama_block_no_attn_residual(x, w, i, cfg, segments, cos, sin, trace=None):
 
 
 def _llama_lm_head_no_final_norm(x, w, cfg):
-    return x @ w.get("output.weight", w["token_embd.weight"]).T
+    return linear(x, w.get("output.weight", w["token_embd.weight"]))
 
 
 def _rope_positions_restart(m):

@@ -222,8 +222,9 @@ class JaxReference(FrameworkReference):
                                  head_dim=mc.head_dim, n_ff=mc.n_ff, eps=mc.rms_norm_eps, rope_base=mc.rope_base,
                                  rope_linear_factor=mc.rope_linear_factor)
         # [out, in] weights stored transposed once ([in, out]), so a projection is x @ W_t
-        self.w = {name: array(a.T if a.ndim == 2 else a) for name, a in engine.model.weights.items()}
-        self.embed = array(engine.model.weights["token_embd.weight"])  # [vocab, E]
+        dense = {name: engine.model.dense(name) for name in engine.model.weights}  # quantized ones dequantized
+        self.w = {name: array(a.T if a.ndim == 2 else a) for name, a in dense.items()}
+        self.embed = array(dense["token_embd.weight"])  # [vocab, E]
         self.freq_factors = None
         gguf = getattr(engine.model, "gguf", None)
         if gguf is not None and "rope_freqs.weight" in gguf:

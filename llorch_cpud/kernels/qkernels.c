@@ -1,0 +1,304 @@
+/* Matrix products on ggml Q4_1 / Q8_0 weights, repacked row-interleaved (see quantized.py).
+ *
+ * Layout of one matrix [N, K] (N padded to n_chunk * L rows, K = NB * 32):
+ *   Q4_1  qs [n_chunk][NB][16][L] uint8   byte j of block b for each of the chunk's L rows
+ *                                         (low nibble: element j, high nibble: element j + 16)
+ *         d, m [n_chunk][NB][L] float32   w = d * q + m
+ *   Q8_0  qs [n_chunk][NB][32][L] int8,  d [n_chunk][NB][L] float32   w = d * q
+ *
+ * Each SIMD lane is one output row, so a lane's sum runs in a fixed order (block by block,
+ * element by element), whatever the thread count or the batch: results are deterministic and a
+ * row's result does not depend on the other rows.
+ *
+ *   Q4_1: y[n] = sum_k (d[n,k/32] * q[n,k] + m[n,k/32]) * x[k]    (each weight dequantized in a register)
+ *   Q8_0: y[n] = sum_b d[n,b] * sum_j q[n,b,j] * x[b*32+j]        (a pure scale: factoring it out is safe)
+ *
+ * Q4_1 is not computed as d*sum(q*x) + m*sum(x): with m about -8d the two terms nearly cancel and
+ * the float32 result loses digits the dequantized product keeps.
+ *
+ * Written with GCC/Clang vector extensions (16 x float32): the compiler emits AVX-512, AVX2 or
+ * SSE for -march=native. The GIL is released while computing; OpenMP spreads chunks over cores.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+/* 16 bytes -> 16 x int32. (GCC lowers __builtin_convertvector between vectors of different byte
+ * sizes one element at a time, 5x slower; the x86 widening instructions do it in one.) */
+static inline i32x16 widen_u8(const uint8_t *p)
+{
+#if defined(__AVX512F__)
+    return (i32x16)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__)
+    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    i32x16 r;
+    memcpy(&r, &a, 32);
+    memcpy((char *)&r + 32, &b, 32);
+    return r;
+#else
+    i32x16 r;
+    for (int i = 0; i < 16; i++) r[i] = p[i];
+    return r;
+#endif
+}
+
+static inline i32x16 widen_s8(const int8_t *p)
+{
+#if defined(__AVX512F__)
+    return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__)
+    __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    i32x16 r;
+    memcpy(&r, &a, 32);
+    memcpy((char *)&r + 32, &b, 32);
+    return r;
+#else
+    i32x16 r;
+    for (int i = 0; i < 16; i++) r[i] = p[i];
+    return r;
+#endif
+}
+
+#define RT 4 /* activation rows per pass: each converted weight vector feeds RT rows */
+
+static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
+
+/* ---- Q4_1 ------------------------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) void
+q4_1_tile(const float *x, const uint8_t *qs, const float *d, const float *m, float *out,
+          int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+{
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        f32x16 acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+        for (int64_t b = 0; b < NB; b++) {
+            const uint8_t *q = qs + ((c * NB + b) * 16) * L + i0;
+            f32x16 dv = load16(d + (c * NB + b) * L + i0);
+            f32x16 mv = load16(m + (c * NB + b) * L + i0);
+            f32x16 t[RT]; /* per-block partial sums, then added to acc: shorter float32 sums, smaller error */
+            for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+            for (int j = 0; j < 16; j++) {
+                i32x16 qi = widen_u8(q + j * L);
+                /* the weights themselves, exactly as ggml dequantizes them (d*q is exact in float32) */
+                f32x16 lo = dv * __builtin_convertvector(qi & 15, f32x16) + mv;
+                f32x16 hi = dv * __builtin_convertvector(qi >> 4, f32x16) + mv;
+                for (int r = 0; r < nr; r++) {
+                    const float *xr = x + (r0 + r) * K + b * 32;
+                    t[r] += lo * xr[j] + hi * xr[j + 16];
+                }
+            }
+            for (int r = 0; r < nr; r++) acc[r] += t[r];
+        }
+        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+
+static void q4_1_chunk(const float *x, const uint8_t *qs, const float *d, const float *m,
+                       float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    int64_t NB = K / 32, r0 = 0;
+    for (; r0 + 4 <= M; r0 += 4) q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 4);
+    switch (M - r0) {
+    case 3: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 3); break;
+    case 2: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 2); break;
+    case 1: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 1); break;
+    }
+}
+
+/* ---- Q8_0 ------------------------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) void
+q8_0_tile(const float *x, const int8_t *qs, const float *d, float *out,
+          int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+{
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        f32x16 acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+        for (int64_t b = 0; b < NB; b++) {
+            f32x16 t[RT];
+            for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+            const int8_t *q = qs + ((c * NB + b) * 32) * L + i0;
+            for (int j = 0; j < 32; j++) {
+                f32x16 w = __builtin_convertvector(widen_s8(q + j * L), f32x16);
+                for (int r = 0; r < nr; r++) t[r] += w * x[(r0 + r) * K + b * 32 + j];
+            }
+            f32x16 dv = load16(d + (c * NB + b) * L + i0);
+            for (int r = 0; r < nr; r++) acc[r] += dv * t[r];
+        }
+        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+
+static void q8_0_chunk(const float *x, const int8_t *qs, const float *d, float *out,
+                       int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    int64_t NB = K / 32, r0 = 0;
+    for (; r0 + 4 <= M; r0 += 4) q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 4);
+    switch (M - r0) {
+    case 3: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 3); break;
+    case 2: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 2); break;
+    case 1: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 1); break;
+    }
+}
+
+/* ---- dequantization into a transposed slab out_t [K][ldo] (columns c0*L .. c1*L) ---------- */
+
+static void q4_1_dequant_chunk(const uint8_t *qs, const float *d, const float *m, float *out_t,
+                               int64_t K, int64_t ldo, int64_t L, int64_t c, int64_t c0)
+{
+    int64_t NB = K / 32, col = (c - c0) * L;
+    for (int64_t b = 0; b < NB; b++)
+        for (int64_t i0 = 0; i0 < L; i0 += 16) {
+            f32x16 dv = load16(d + (c * NB + b) * L + i0), mv = load16(m + (c * NB + b) * L + i0);
+            for (int j = 0; j < 16; j++) {
+                i32x16 qi = widen_u8(qs + ((c * NB + b) * 16 + j) * L + i0);
+                store16(out_t + (b * 32 + j) * ldo + col + i0, dv * __builtin_convertvector(qi & 15, f32x16) + mv);
+                store16(out_t + (b * 32 + 16 + j) * ldo + col + i0, dv * __builtin_convertvector(qi >> 4, f32x16) + mv);
+            }
+        }
+}
+
+static void q8_0_dequant_chunk(const int8_t *qs, const float *d, float *out_t,
+                               int64_t K, int64_t ldo, int64_t L, int64_t c, int64_t c0)
+{
+    int64_t NB = K / 32, col = (c - c0) * L;
+    for (int64_t b = 0; b < NB; b++)
+        for (int64_t i0 = 0; i0 < L; i0 += 16) {
+            f32x16 dv = load16(d + (c * NB + b) * L + i0);
+            for (int j = 0; j < 32; j++) {
+                store16(out_t + (b * 32 + j) * ldo + col + i0,
+                        dv * __builtin_convertvector(widen_s8(qs + ((c * NB + b) * 32 + j) * L + i0), f32x16));
+            }
+        }
+}
+
+/* ---- Python bindings -------------------------------------------------------------------- */
+
+static int check_size(Py_buffer *b, Py_ssize_t need, const char *what)
+{
+    if (b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer of %zd bytes, kernel needs %zd", what, b->len, need);
+        return -1;
+    }
+    return 0;
+}
+
+/* q4_1_matmul(x, qs, d, m, out, M, K, n_chunk, L) ; out [M, n_chunk*L] */
+static PyObject *py_q4_1_matmul(PyObject *self, PyObject *args)
+{
+    Py_buffer x, qs, d, m, out;
+    Py_ssize_t M, K, nc, L;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)) return NULL;
+    PyObject *ret = NULL;
+    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") ||
+        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * 4, "d") ||
+        check_size(&m, nc * (K / 32) * L * 4, "m") || check_size(&out, M * nc * L * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = 0; c < nc; c++)
+        q4_1_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x); PyBuffer_Release(&qs);
+    PyBuffer_Release(&d); PyBuffer_Release(&m); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* q8_0_matmul(x, qs, d, out, M, K, n_chunk, L) */
+static PyObject *py_q8_0_matmul(PyObject *self, PyObject *args)
+{
+    Py_buffer x, qs, d, out;
+    Py_ssize_t M, K, nc, L;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L)) return NULL;
+    PyObject *ret = NULL;
+    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
+        check_size(&d, nc * (K / 32) * L * 4, "d") || check_size(&out, M * nc * L * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = 0; c < nc; c++)
+        q8_0_chunk(x.buf, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* q4_1_dequant_t(qs, d, m, out_t, K, n_chunk, L, c0, c1) ; out_t [K, (c1-c0)*L] */
+static PyObject *py_q4_1_dequant_t(PyObject *self, PyObject *args)
+{
+    Py_buffer qs, d, m, out;
+    Py_ssize_t K, nc, L, c0, c1;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnn", &qs, &d, &m, &out, &K, &nc, &L, &c0, &c1)) return NULL;
+    PyObject *ret = NULL;
+    if (K % 32 || L % 16 || c0 < 0 || c1 > nc || c0 > c1 || check_size(&qs, nc * (K / 32) * 16 * L, "qs") ||
+        check_size(&d, nc * (K / 32) * L * 4, "d") || check_size(&m, nc * (K / 32) * L * 4, "m") ||
+        check_size(&out, K * (c1 - c0) * L * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad shape or chunk range");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = c0; c < c1; c++)
+        q4_1_dequant_chunk(qs.buf, d.buf, m.buf, out.buf, K, (c1 - c0) * L, L, c, c0);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&m); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* q8_0_dequant_t(qs, d, out_t, K, n_chunk, L, c0, c1) */
+static PyObject *py_q8_0_dequant_t(PyObject *self, PyObject *args)
+{
+    Py_buffer qs, d, out;
+    Py_ssize_t K, nc, L, c0, c1;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnnnn", &qs, &d, &out, &K, &nc, &L, &c0, &c1)) return NULL;
+    PyObject *ret = NULL;
+    if (K % 32 || L % 16 || c0 < 0 || c1 > nc || c0 > c1 || check_size(&qs, nc * K * L, "qs") ||
+        check_size(&d, nc * (K / 32) * L * 4, "d") || check_size(&out, K * (c1 - c0) * L * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad shape or chunk range");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = c0; c < c1; c++)
+        q8_0_dequant_chunk(qs.buf, d.buf, out.buf, K, (c1 - c0) * L, L, c, c0);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
+    {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
+    {"q4_1_dequant_t", py_q4_1_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q4_1 matrix, float32, transposed"},
+    {"q8_0_dequant_t", py_q8_0_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q8_0 matrix, float32, transposed"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", "Quantized matrix kernels (see qkernels.c).",
+                                    -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__qkernels(void) { return PyModule_Create(&module); }

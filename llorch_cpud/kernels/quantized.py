@@ -1,0 +1,185 @@
+"""Matrix products on GGUF-quantized weights without a float32 copy of the matrix (Q4_1, Q8_0).
+
+Why: a decode step reads every weight once per token, so its speed is the speed of reading the
+weights. Dequantized to float32, SmolLM2's Q4_1 weights are 4-5x more bytes than as stored.
+`QuantMatrix` keeps the stored 4- or 8-bit integers and their per-block scales and computes
+`x @ W.T` from them directly (C kernels in qkernels.c, built at install: SIMD, OpenMP over the
+cores, GIL released).
+
+Numerics: the same products as on the float32 dequantized matrix - activations stay float32,
+each weight is `d·q + m` (Q4_1, formed in a register) or `d·q` (Q8_0, the scale applied per block)
+exactly as ggml dequantizes it - only the order of the float32 additions differs, so results agree with `x @ dequantize(W).T` to float32 rounding (tests/test_quantized.py checks
+that against a float64 product, with a negative control). The result of a row never depends on
+which thread computed it, nor on the other rows in the batch.
+
+Layout. ggml stores a row as consecutive 32-element blocks; a kernel that walks one row at a time
+needs a horizontal reduction per block. So at load the blocks are repacked *row-interleaved*:
+rows are grouped in chunks of L (32 or 64), and for each chunk, block b
+and byte j, the L rows' bytes are contiguous. The kernel's inner loop then runs over L rows with
+no reduction (one vector lane per output row); per-block scales are applied once per block.
+
+    Q4_1:  qs [n_chunk, n_block, 16, L] uint8 (low nibble = element j, high = element j+16)
+           d, m [n_chunk, n_block, L] float32
+    Q8_0:  qs [n_chunk, n_block, 32, L] int8;  d [n_chunk, n_block, L] float32
+
+Many rows at once (a prefill) are cheaper as float32 matrix products: for more than
+`DENSE_ROWS` rows, `matmul` dequantizes a slab of the matrix at a time and hands it to BLAS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    from llorch_cpud.kernels import _qkernels
+except ImportError:  # pragma: no cover - built at install; without a C compiler models load dense
+    _qkernels = None
+
+#: ggml types held quantized (others are dequantized to float32 at load).
+QUANT_TYPES = ("Q4_1", "Q8_0")
+#: above this many activation rows, dequantize-and-BLAS beats the quantized kernel
+DENSE_ROWS = int(os.environ.get("LLORCH_DENSE_ROWS", "12"))
+_SLAB_BYTES = 16 << 20  # float32 bytes dequantized at a time on the dense path
+
+
+def available() -> bool:
+    """Whether the compiled kernels are importable (the C extension built at install)."""
+    return _qkernels is not None
+
+
+def chunk_rows(n_out: int) -> int:
+    """Rows per interleaved chunk: 32 for small matrices (more chunks to share between cores), else 64."""
+    return 32 if n_out < 4096 else 64
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> [...] float32 (little-endian half floats)."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+class QuantMatrix:
+    """A weight matrix `[n_out, n_in]` (nn.Linear orientation) kept as ggml Q4_1 or Q8_0 blocks.
+
+    `matmul(x)` is `x @ W.T` ([rows, n_in] -> [rows, n_out]); `dequantize()` the float32 matrix
+    (what `GGUFFile.tensor` returns); `rows(ids)` dequantizes selected rows (an embedding lookup)."""
+
+    def __init__(self, kind: str, shape: tuple[int, int], qs: np.ndarray, d: np.ndarray, m: np.ndarray | None):
+        self.kind, self.shape = kind, (int(shape[0]), int(shape[1]))
+        self.qs, self.d, self.m = qs, d, m
+        self.dtype = np.dtype(np.float32)  # the dtype it computes in
+        self.ndim = 2
+
+    # -------------------------------------------------------------- construction
+
+    @classmethod
+    def from_blocks(cls, kind: str, raw: np.ndarray, shape: tuple[int, int], row_order: np.ndarray | None = None,
+                    chunk: int | None = None) -> "QuantMatrix":
+        """From a tensor's stored bytes ([n_out, row_bytes] uint8, as GGUFFile.raw gives them), rows
+        optionally reordered (`row_order`) before packing."""
+        n_out, n_in = shape
+        if kind not in QUANT_TYPES:
+            raise ValueError(f"QuantMatrix holds {', '.join(QUANT_TYPES)}, not {kind}")
+        if n_in % 32:
+            raise ValueError(f"row length {n_in} is not a multiple of 32")
+        nb = n_in // 32
+        chunk = chunk or chunk_rows(n_out)
+        bsize = 20 if kind == "Q4_1" else 34
+        blocks = np.asarray(raw).reshape(n_out, nb, bsize)  # [N, NB, block bytes]
+        if row_order is not None:
+            blocks = blocks[row_order]
+        n_chunk = -(-n_out // chunk)
+        pad = n_chunk * chunk - n_out
+        if pad:  # zero rows (scale 0) complete the last chunk; their outputs are dropped
+            blocks = np.concatenate([blocks, np.zeros((pad, nb, bsize), np.uint8)])
+        grouped = blocks.reshape(n_chunk, chunk, nb, bsize)  # [C, L, NB, bytes]
+        d = np.ascontiguousarray(_f16(grouped[..., 0:2]).transpose(0, 2, 1))  # [C, L, NB] -> [C, NB, L]
+        if kind == "Q4_1":
+            m = np.ascontiguousarray(_f16(grouped[..., 2:4]).transpose(0, 2, 1))  # [C, NB, L]
+            qs = np.ascontiguousarray(grouped[..., 4:20].transpose(0, 2, 3, 1))  # [C, L, NB, 16] -> [C, NB, 16, L]
+        else:
+            m = None
+            qs = np.ascontiguousarray(grouped[..., 2:34].view(np.int8).transpose(0, 2, 3, 1))  # [C, NB, 32, L]
+        return cls(kind, (n_out, n_in), qs, d, m)
+
+    # -------------------------------------------------------------- products
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes + (self.m.nbytes if self.m is not None else 0)
+
+    @property
+    def _padded(self) -> int:
+        return self.d.shape[0] * self.d.shape[2]
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T: [rows, n_in] -> [rows, n_out] float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows = x.shape[0]
+        if rows > DENSE_ROWS:
+            return self._matmul_dense(x)
+        n_chunk, L = self.d.shape[0], self.d.shape[2]
+        out = np.empty((rows, self._padded), np.float32)  # [rows, N padded to the chunk]
+        if self.kind == "Q4_1":
+            _qkernels.q4_1_matmul(x, self.qs, self.d, self.m, out, rows, self.shape[1], n_chunk, L)
+        else:
+            _qkernels.q8_0_matmul(x, self.qs, self.d, out, rows, self.shape[1], n_chunk, L)
+        return out[:, : self.shape[0]] if self._padded != self.shape[0] else out
+
+    def _dequant_t(self, c0: int, c1: int) -> np.ndarray:
+        """Chunks c0..c1 dequantized, transposed: [n_in, (c1-c0)·L] float32."""
+        n_chunk, L = self.d.shape[0], self.d.shape[2]
+        out_t = np.empty((self.shape[1], (c1 - c0) * L), np.float32)
+        if self.kind == "Q4_1":
+            _qkernels.q4_1_dequant_t(self.qs, self.d, self.m, out_t, self.shape[1], n_chunk, L, c0, c1)
+        else:
+            _qkernels.q8_0_dequant_t(self.qs, self.d, out_t, self.shape[1], n_chunk, L, c0, c1)
+        return out_t
+
+    def _matmul_dense(self, x: np.ndarray) -> np.ndarray:
+        n_chunk, L = self.d.shape[0], self.d.shape[2]
+        per_slab = max(1, _SLAB_BYTES // (4 * self.shape[1] * L))  # chunks per dequantized slab
+        out = np.empty((x.shape[0], self._padded), np.float32)
+        for c0 in range(0, n_chunk, per_slab):
+            c1 = min(n_chunk, c0 + per_slab)
+            out[:, c0 * L : c1 * L] = x @ self._dequant_t(c0, c1)  # [rows, K] @ [K, cols] -> [rows, cols]
+        return out[:, : self.shape[0]]
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix [n_out, n_in] (C-contiguous)."""
+        return np.ascontiguousarray(self._dequant_t(0, self.d.shape[0])[:, : self.shape[0]].T)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` dequantized: [len(ids)] -> [len(ids), n_in] (the embedding lookup)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        L = self.d.shape[2]
+        c, lane = ids // L, ids % L  # [rows]
+        d = self.d[c, :, lane]  # [rows, NB]
+        if self.kind == "Q4_1":
+            q = self.qs[c, :, :, lane]  # [rows, NB, 16]
+            vals = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float32)  # [rows, NB, 32]
+            w = d[..., None] * vals + self.m[c, :, lane][..., None]  # [rows, NB, 32]
+        else:
+            w = d[..., None] * self.qs[c, :, :, lane].astype(np.float32)  # [rows, NB, 32]
+        return w.reshape(len(ids), self.shape[1])  # [rows, n_in]
+
+    def __repr__(self) -> str:
+        return f"QuantMatrix({self.kind}, shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+
+
+def linear(x: np.ndarray, weight) -> np.ndarray:
+    """x @ weight.T for a float32 `[n_out, n_in]` array or a QuantMatrix: [rows, n_in] -> [rows, n_out]."""
+    if isinstance(weight, QuantMatrix):
+        return weight.matmul(x)
+    return x @ weight.T
+
+
+def as_dense(weight) -> np.ndarray:
+    """A float32 array for either kind of weight (QuantMatrix dequantized; arrays unchanged)."""
+    return weight.dequantize() if isinstance(weight, QuantMatrix) else weight
+
+
+def take_rows(weight, ids: np.ndarray) -> np.ndarray:
+    """weight[ids] for either kind of weight (an embedding lookup)."""
+    return weight.rows(ids) if isinstance(weight, QuantMatrix) else weight[ids]

@@ -1,0 +1,134 @@
+"""The quantized-matrix kernels (kernels/quantized.py + qkernels.c) against independent arithmetic.
+
+The reference for a quantized matrix is gguf-py's own dequantizer (llama.cpp's Python package, which
+tests/test_gguf_format.py checks against Candle) followed by a float64 matrix product; the kernels
+must agree to float32 rounding, on both paths (few rows: quantized kernel; many rows: dequantize +
+BLAS), and a corrupted kernel input must not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from llorch_cpud.kernels import quantized as qk
+from llorch_cpud.kernels.quantized import QuantMatrix, as_dense, linear, take_rows
+
+pytestmark = pytest.mark.skipif(not qk.available(), reason="C kernels not built")
+
+
+def make_blocks(kind: str, n_out: int, n_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(raw ggml bytes [n_out, row_bytes], float32 dequantized [n_out, n_in]) of a random matrix."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n_out, n_in)) * 0.05 + rng.standard_normal((n_out, 1)) * 0.02).astype(np.float32)
+    qtype = GGMLQuantizationType[kind]
+    raw = quantize(w, qtype)  # gguf-py: [n_out, row_bytes] uint8
+    return raw, dequantize(raw, qtype).reshape(n_out, n_in).astype(np.float32)
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("shape", [(192, 576), (1536, 576), (576, 1536), (100, 64), (4100, 96)])
+def test_matmul_matches_dequantized_product(kind, shape):
+    raw, w = make_blocks(kind, *shape)
+    m = QuantMatrix.from_blocks(kind, raw, shape)
+    assert np.array_equal(m.dequantize(), w)  # the stored values are exactly ggml's
+    rng = np.random.default_rng(1)
+    for rows in (1, 2, 3, 4, 5, 8, 12, 13, 40):  # 1..12: quantized kernel; 13, 40: dequantize + BLAS
+        x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+        y = m.matmul(x)
+        assert y.shape == (rows, shape[0]) and y.dtype == np.float32
+        fp32 = x @ w.T  # what BLAS makes of the same float32 product: the scale of rounding to accept
+        assert np.abs(y - ref).max() <= 4 * np.abs(fp32 - ref).max() + 1e-6, (rows, np.abs(y - ref).max())
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_row_results_do_not_depend_on_the_batch(kind):
+    """A row's result is bit-identical alone or with other rows (so batching streams changes nothing)."""
+    raw, _ = make_blocks(kind, 320, 256)
+    m = QuantMatrix.from_blocks(kind, raw, (320, 256))
+    x = np.random.default_rng(2).standard_normal((qk.DENSE_ROWS, 256)).astype(np.float32)
+    together = m.matmul(x)
+    for r in range(x.shape[0]):
+        assert np.array_equal(together[r], m.matmul(x[r : r + 1])[0])
+    assert np.array_equal(together, m.matmul(x))  # and deterministic run to run
+
+
+def test_row_order_and_rows_lookup():
+    raw, w = make_blocks("Q4_1", 130, 64)
+    order = np.random.default_rng(3).permutation(130)
+    m = QuantMatrix.from_blocks("Q4_1", raw, (130, 64), row_order=order)
+    assert np.array_equal(m.dequantize(), w[order])
+    ids = np.array([0, 31, 32, 63, 64, 129, 5])
+    assert np.array_equal(m.rows(ids), w[order][ids])
+    assert np.array_equal(take_rows(m, ids), w[order][ids]) and np.array_equal(take_rows(w, ids), w[ids])
+    assert np.array_equal(as_dense(m), w[order]) and as_dense(w) is w
+    x = np.ones((1, 64), np.float32)
+    assert np.allclose(linear(x, m), x @ w[order].T, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupted_kernel_input_is_caught():
+    """Negative control: the comparison above fails for a kernel fed one wrong nibble per block."""
+    raw, w = make_blocks("Q4_1", 192, 576)
+    m = QuantMatrix.from_blocks("Q4_1", raw, (192, 576))
+    m.qs[:, :, 3, :] ^= 0x10  # flip one bit of element 19 in every block
+    x = np.random.default_rng(4).standard_normal((1, 576)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    fp32 = x @ w.T
+    assert np.abs(m.matmul(x) - ref).max() > 100 * np.abs(fp32 - ref).max()
+
+
+def test_bad_buffers_raise_instead_of_reading_out_of_bounds():
+    from llorch_cpud.kernels import _qkernels
+
+    raw, _ = make_blocks("Q8_0", 64, 64)
+    m = QuantMatrix.from_blocks("Q8_0", raw, (64, 64))
+    x = np.ones((2, 64), np.float32)
+    out = np.empty((2, 64), np.float32)
+    with pytest.raises(ValueError, match="x: buffer"):
+        _qkernels.q8_0_matmul(x, m.qs, m.d, out, 3, 64, 2, 32)  # claims 3 rows, x holds 2
+    with pytest.raises(ValueError, match="out: buffer"):
+        _qkernels.q8_0_matmul(x, m.qs, m.d, out[:1], 2, 64, 2, 32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _qkernels.q8_0_matmul(x, m.qs, m.d, out, 2, 60, 2, 32)
+    with pytest.raises(ValueError):
+        QuantMatrix.from_blocks("Q4_1", np.zeros((4, 10), np.uint8), (4, 16))
+    with pytest.raises(ValueError, match="holds"):
+        QuantMatrix.from_blocks("Q6_K", np.zeros((4, 210), np.uint8), (4, 256))
+
+
+def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
+    """The default SmolLM2 loads its matrices as QuantMatrix (4-5x fewer bytes than float32), and
+    LLORCH_WEIGHTS=float32's dense model computes the same logits to float32 rounding."""
+    from llorch_cpud.formats import default_model_path
+    from llorch_cpud.formats.gguf import GGUFFile
+    from llorch_cpud.models.base import Segment
+    from llorch_cpud.models.llama import load_llama
+
+    path = default_model_path()
+    if not path.exists():
+        pytest.skip("SmolLM2 GGUF not installed")
+    qm = load_llama(GGUFFile.open(path))
+    dm = load_llama(GGUFFile.open(path), quantized=False)
+    assert isinstance(qm.weights["blk.0.ffn_up.weight"], QuantMatrix)
+    assert isinstance(qm.weights["token_embd.weight"], QuantMatrix)  # Q8_0
+    assert isinstance(dm.weights["blk.0.ffn_up.weight"], np.ndarray)
+    q_bytes = sum(w.nbytes for w in qm.weights.values())
+    d_bytes = sum(w.nbytes for w in dm.weights.values())
+    assert q_bytes * 4 < d_bytes
+    tokens = np.array([1, 504, 3458, 282, 4649, 314], dtype=np.int64)
+    for model in (qm, dm):
+        cache = model.new_cache(8)
+        h = model.forward(tokens, [Segment(cache, 0, len(tokens))])
+        model._test_logits = model.logits(h[-1:])  # [1, vocab], the quantized kernel (one row)
+        step = model.forward(np.array([28], dtype=np.int64), [Segment(cache, len(tokens), 1)])
+        model._test_step = model.logits(step)
+    for attr in ("_test_logits", "_test_step"):
+        a, b = getattr(qm, attr), getattr(dm, attr)
+        assert np.abs(a - b).max() <= 1e-3, attr  # checkpoint 8's tolerance
+        assert a.argmax() == b.argmax()
