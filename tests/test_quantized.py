@@ -2,8 +2,7 @@
 
 The reference for a quantized matrix is gguf-py's own dequantizer (llama.cpp's Python package, which
 tests/test_gguf_format.py checks against Candle) followed by a float64 matrix product; the kernels
-must agree to float32 rounding, on both paths (few rows: quantized kernel; many rows: dequantize +
-BLAS), and a corrupted kernel input must not."""
+must agree to float32 rounding for any number of rows, and a corrupted kernel input must not."""
 
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ def test_matmul_matches_dequantized_product(kind, shape):
     m = QuantMatrix.from_blocks(kind, raw, shape)
     assert np.array_equal(m.dequantize(), w)  # the stored values are exactly ggml's
     rng = np.random.default_rng(1)
-    for rows in (1, 2, 3, 4, 5, 8, 12, 13, 40):  # 1..12: quantized kernel; 13, 40: dequantize + BLAS
+    for rows in (1, 2, 3, 7, 8, 9, 16, 23, 40):  # tiles of 8 rows and every remainder path
         x = rng.standard_normal((rows, shape[1])).astype(np.float32)
         ref = x.astype(np.float64) @ w.T.astype(np.float64)
         y = m.matmul(x)
@@ -52,7 +51,7 @@ def test_row_results_do_not_depend_on_the_batch(kind):
     """A row's result is bit-identical alone or with other rows (so batching streams changes nothing)."""
     raw, _ = make_blocks(kind, 320, 256)
     m = QuantMatrix.from_blocks(kind, raw, (320, 256))
-    x = np.random.default_rng(2).standard_normal((qk.DENSE_ROWS, 256)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((21, 256)).astype(np.float32)
     together = m.matmul(x)
     for r in range(x.shape[0]):
         assert np.array_equal(together[r], m.matmul(x[r : r + 1])[0])

@@ -69,7 +69,7 @@ static inline i32x16 widen_s8(const int8_t *p)
 #endif
 }
 
-#define RT 4 /* activation rows per pass: each converted weight vector feeds RT rows */
+#define RT 8 /* activation rows per pass: each converted weight vector feeds RT rows */
 
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
@@ -109,8 +109,12 @@ static void q4_1_chunk(const float *x, const uint8_t *qs, const float *d, const 
                        float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
     int64_t NB = K / 32, r0 = 0;
-    for (; r0 + 4 <= M; r0 += 4) q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 4);
+    for (; r0 + RT <= M; r0 += RT) q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, RT);
     switch (M - r0) {
+    case 7: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 7); break;
+    case 6: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 6); break;
+    case 5: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 5); break;
+    case 4: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 4); break;
     case 3: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 3); break;
     case 2: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 2); break;
     case 1: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 1); break;
@@ -145,8 +149,12 @@ static void q8_0_chunk(const float *x, const int8_t *qs, const float *d, float *
                        int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
     int64_t NB = K / 32, r0 = 0;
-    for (; r0 + 4 <= M; r0 += 4) q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 4);
+    for (; r0 + RT <= M; r0 += RT) q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, RT);
     switch (M - r0) {
+    case 7: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 7); break;
+    case 6: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 6); break;
+    case 5: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 5); break;
+    case 4: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 4); break;
     case 3: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 3); break;
     case 2: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 2); break;
     case 1: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 1); break;

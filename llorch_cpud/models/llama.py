@@ -18,6 +18,7 @@ read `Llama.gguf.raw(name)[qk_row_order[name]]` (rows of quantized blocks permut
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -322,10 +323,21 @@ class Llama:
     def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])  # [rows]
         cos, sin = self.rope.rows(positions)  # 2 × [rows, hd]
-        x = embed(self.weights, tokens)  # [rows, n_embd]
-        for i in range(self.config.n_layer):
-            x = block(x, self.weights, i, self.config, segments, cos, sin, trace)  # [rows, n_embd]
+        with self._threads():  # quantized kernels own the cores: numpy's BLAS stays on one thread
+            x = embed(self.weights, tokens)  # [rows, n_embd]
+            for i in range(self.config.n_layer):
+                x = block(x, self.weights, i, self.config, segments, cos, sin, trace)  # [rows, n_embd]
         return x
+
+    def _threads(self):
+        if self.quantized:
+            return _quantized.blas_single_thread()
+        return contextlib.nullcontext()
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any matrix is held quantized (then `forward` runs the C kernels)."""
+        return any(isinstance(w, QuantMatrix) for w in self.weights.values())
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
