@@ -131,3 +131,49 @@ def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
         a, b = getattr(qm, attr), getattr(dm, attr)
         assert np.abs(a - b).max() <= 1e-3, attr  # checkpoint 8's tolerance
         assert a.argmax() == b.argmax()
+
+
+@pytest.mark.parametrize("n_head,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 24)])
+def test_decode_attention_matches_the_numpy_stage_functions(n_head, n_kv, head_dim):
+    """The batched one-row attention kernel computes what attention_scores + attention_heads compute
+    (GQA grouping, causal length, softmax), for sequences of different lengths in one call."""
+    from llorch_cpud.kernels.quantized import decode_attention
+    from llorch_cpud.models.llama import attention_heads, attention_scores
+
+    rng = np.random.default_rng(5)
+    lengths = [1, 2, 17, 64, 100]
+    caches = [rng.standard_normal((2, n_kv, 100, head_dim)).astype(np.float32) * 2 for _ in lengths]
+    q = rng.standard_normal((len(lengths), n_head, head_dim)).astype(np.float32) * 2
+    got = decode_attention(q, [c[0] for c in caches], [c[1] for c in caches], lengths)  # [B, H·hd]
+    for b, T in enumerate(lengths):
+        k, v = caches[b][0][:, :T], caches[b][1][:, :T]
+        ref = attention_heads(attention_scores(q[b : b + 1], k, T - 1), v)[0]  # [H·hd]
+        assert np.abs(got[b] - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max()), (b, np.abs(got[b] - ref).max())
+    # negative control: a sequence attending one position too few is far off
+    short = decode_attention(q[-1:], [caches[-1][0]], [caches[-1][1]], [99])
+    assert np.abs(short[0] - got[-1]).max() > 1e-3
+    with pytest.raises(ValueError, match="cannot hold"):
+        decode_attention(q[:1], [caches[0][0]], [caches[0][1]], [101])
+
+
+def test_decode_steps_fast_path_equals_numpy_path():
+    """A batched decode step of the quantized SmolLM2 (C attention for one-row segments) gives the
+    logits the numpy attention path gives (trace forces that path) to float32 rounding."""
+    from llorch_cpud.formats import default_model_path
+    from llorch_cpud.formats.gguf import GGUFFile
+    from llorch_cpud.models.base import Segment
+    from llorch_cpud.models.llama import load_llama
+
+    path = default_model_path()
+    if not path.exists():
+        pytest.skip("SmolLM2 GGUF not installed")
+    model = load_llama(GGUFFile.open(path))
+    prompts = [[1, 504, 3458, 282], [1, 9690, 28, 2115, 314, 253, 1345], [1, 42]]
+    caches = [model.new_cache(16) for _ in prompts]
+    for p, c in zip(prompts, caches):
+        model.forward(np.array(p), [Segment(c, 0, len(p))])
+    segs = [Segment(c, len(p), 1) for p, c in zip(prompts, caches)]
+    tokens = np.array([28, 29, 30])
+    fast = model.logits(model.forward(tokens, segs))  # [3, vocab]
+    slow = model.logits(model.forward(tokens, segs, trace={}))  # same positions rewritten, numpy attention
+    assert np.abs(fast - slow).max() <= 1e-3 and (fast.argmax(-1) == slow.argmax(-1)).all()

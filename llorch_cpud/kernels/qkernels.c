@@ -22,6 +22,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float f32x16 __attribute__((vector_size(64)));
@@ -192,8 +193,6 @@ static void q8_0_dequant_chunk(const int8_t *qs, const float *d, float *out_t,
         }
 }
 
-/* ---- Python bindings -------------------------------------------------------------------- */
-
 static int check_size(Py_buffer *b, Py_ssize_t need, const char *what)
 {
     if (b->len < need) {
@@ -202,6 +201,182 @@ static int check_size(Py_buffer *b, Py_ssize_t need, const char *what)
     }
     return 0;
 }
+
+/* ---- decode attention: one query row per sequence, each sequence with its own KV cache ------ */
+
+#include <math.h>
+
+/* exp of 16 floats: x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative
+ * error ~2e-7, about one float32 ulp), times 2^n built in the exponent bits. Inputs here are <= 0
+ * (scores minus their max); below -87 the result is 0, as expf's underflow is. */
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+/* Sum of 16 lanes as a fixed tree (halves added: 16 -> 8 -> 4 -> 2 -> 1), deterministic. */
+static inline float hsum16(f32x16 a)
+{
+    f32x8 a0, a1;
+    memcpy(&a0, &a, 32);
+    memcpy(&a1, (char *)&a + 32, 32);
+    f32x8 b = a0 + a1;
+    f32x4 b0, b1;
+    memcpy(&b0, &b, 16);
+    memcpy(&b1, (char *)&b + 16, 16);
+    f32x4 c = b0 + b1;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+static inline void exp16(float *v)
+{
+    float y[16];
+    int32_t e[16];
+    for (int i = 0; i < 16; i++) { /* written lane by lane; GCC vectorises the loop */
+        float x = v[i] < -87.f ? -87.f : v[i];
+        float n = floorf(x * 1.44269504088896341f + 0.5f);
+        float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+        float p = 1.f / 720;
+        p = p * r + 1.f / 120;
+        p = p * r + 1.f / 24;
+        p = p * r + 1.f / 6;
+        p = p * r + 0.5f;
+        p = p * r + 1.f;
+        p = p * r + 1.f;
+        y[i] = p;
+        e[i] = ((int32_t)n + 127) << 23;
+    }
+    float sc[16];
+    memcpy(sc, e, sizeof sc);
+    for (int i = 0; i < 16; i++) v[i] = v[i] < -87.f ? 0.f : y[i] * sc[i];
+}
+
+/* One (sequence, KV head) with its g query heads: softmax(q . K[0:T]^T * scale) . V[0:T].
+ * k, v point at this KV head's [max_seq][hd] slab; q at g consecutive query rows [g][hd];
+ * scores scratch holds g * T floats (T rounded up to 16). */
+static void attend_group(const float *q, const float *k, const float *v, int64_t T, int64_t hd, int64_t g,
+                         float scale, float *scores, float *out)
+{
+    int64_t Tp = (T + 15) & ~(int64_t)15;
+    for (int64_t t = 0; t < T; t++) {
+        const float *kt = k + t * hd;
+        for (int64_t h = 0; h < g; h++) {
+            const float *qh = q + h * hd;
+            float s = 0.f;
+            if (hd % 16 == 0) { /* 16 partial sums, then a fixed tree: vectorised, deterministic */
+                f32x16 acc = {0};
+                for (int64_t i = 0; i < hd; i += 16) acc += load16(qh + i) * load16(kt + i);
+                s = hsum16(acc);
+            } else {
+                for (int64_t i = 0; i < hd; i++) s += qh[i] * kt[i];
+            }
+            scores[h * Tp + t] = s * scale;
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        float *sh = scores + h * Tp;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < T; t++) mx = sh[t] > mx ? sh[t] : mx;
+        for (int64_t t = T; t < Tp; t++) sh[t] = -INFINITY;
+        float sum = 0.f;
+        for (int64_t t = 0; t < Tp; t++) sh[t] -= mx;
+        for (int64_t t = 0; t < Tp; t += 16) exp16(sh + t);
+        for (int64_t t = 0; t < T; t++) sum += sh[t];
+        float inv = 1.f / sum;
+        float *oh = out + h * hd;
+        for (int64_t i = 0; i < hd; i++) oh[i] = 0.f;
+        for (int64_t t = 0; t < T; t++) {
+            const float *vt = v + t * hd;
+            float p = sh[t] * inv;
+            for (int64_t i = 0; i < hd; i++) oh[i] += p * vt[i];
+        }
+    }
+}
+
+/* attend_decode(q, ks, vs, lengths, out, n_head, n_kv, hd)
+ *   q [B, n_head, hd]; ks[b], vs[b]: that sequence's layer slab [n_kv, max_seq_b, hd] (C-contiguous);
+ *   lengths[b]: positions to attend (T_b); out [B, n_head * hd]. */
+static PyObject *py_attend_decode(PyObject *self, PyObject *args)
+{
+    Py_buffer q, out;
+    PyObject *ks, *vs, *lens;
+    Py_ssize_t H, Hkv, hd;
+    if (!PyArg_ParseTuple(args, "y*OOOw*nnn", &q, &ks, &vs, &lens, &out, &H, &Hkv, &hd)) return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t B = PySequence_Size(lens);
+    Py_buffer *kb = NULL, *vb = NULL;
+    int64_t *T = NULL, *ms = NULL;
+    Py_ssize_t nk = 0, nv = 0, maxT = 0;
+    if (B < 0 || PySequence_Size(ks) != B || PySequence_Size(vs) != B) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ks, vs and lengths differ in length");
+        goto done;
+    }
+    if (H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0 || check_size(&q, B * H * hd * 4, "q") ||
+        check_size(&out, B * H * hd * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad head counts");
+        goto done;
+    }
+    kb = PyMem_Calloc(B ? B : 1, sizeof(Py_buffer));
+    vb = PyMem_Calloc(B ? B : 1, sizeof(Py_buffer));
+    T = PyMem_Calloc(B ? B : 1, sizeof(int64_t));
+    ms = PyMem_Calloc(B ? B : 1, sizeof(int64_t));
+    if (!kb || !vb || !T || !ms) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t b = 0; b < B; b++) {
+        PyObject *o;
+        o = PySequence_GetItem(ks, b);
+        if (!o) goto done;
+        int rk = PyObject_GetBuffer(o, &kb[b], PyBUF_C_CONTIGUOUS);
+        Py_DECREF(o);
+        if (rk < 0) goto done;
+        nk++;
+        o = PySequence_GetItem(vs, b);
+        if (!o) goto done;
+        int rv = PyObject_GetBuffer(o, &vb[b], PyBUF_C_CONTIGUOUS);
+        Py_DECREF(o);
+        if (rv < 0) goto done;
+        nv++;
+        o = PySequence_GetItem(lens, b);
+        if (!o) goto done;
+        T[b] = PyLong_AsLongLong(o);
+        Py_DECREF(o);
+        if (T[b] == -1 && PyErr_Occurred()) goto done;
+        ms[b] = kb[b].len / (Py_ssize_t)(Hkv * hd * 4);
+        if (kb[b].len != vb[b].len || kb[b].len != ms[b] * Hkv * hd * 4 || T[b] < 1 || T[b] > ms[b]) {
+            PyErr_Format(PyExc_ValueError, "sequence %zd: cache of %zd bytes cannot hold %lld positions of %zd x %zd",
+                         b, kb[b].len, (long long)T[b], Hkv, hd);
+            goto done;
+        }
+        if (T[b] > maxT) maxT = T[b];
+    }
+    {
+        float scale = 1.f / sqrtf((float)hd);
+        const float *qp = q.buf;
+        float *op = out.buf;
+        int64_t g = H / Hkv;
+        Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+        {
+            float *scores = malloc(sizeof(float) * g * ((maxT + 15) & ~(int64_t)15));
+#pragma omp for schedule(dynamic, 1)
+            for (Py_ssize_t bk = 0; bk < B * Hkv; bk++) {
+                int64_t b = bk / Hkv, kvh = bk % Hkv; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
+                const float *kp = (const float *)kb[b].buf + kvh * ms[b] * hd;
+                const float *vp = (const float *)vb[b].buf + kvh * ms[b] * hd;
+                int64_t h0 = b * H + kvh * g;
+                attend_group(qp + h0 * hd, kp, vp, T[b], hd, g, scale, scores, op + h0 * hd);
+            }
+            free(scores);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None; Py_INCREF(ret);
+done:
+    for (Py_ssize_t b = 0; b < nk; b++) PyBuffer_Release(&kb[b]);
+    for (Py_ssize_t b = 0; b < nv; b++) PyBuffer_Release(&vb[b]);
+    PyMem_Free(kb); PyMem_Free(vb); PyMem_Free(T); PyMem_Free(ms);
+    PyBuffer_Release(&q); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* ---- Python bindings -------------------------------------------------------------------- */
 
 /* q4_1_matmul(x, qs, d, m, out, M, K, n_chunk, L) ; out [M, n_chunk*L] */
 static PyObject *py_q4_1_matmul(PyObject *self, PyObject *args)
@@ -299,6 +474,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
     {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
     {"q4_1_dequant_t", py_q4_1_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q4_1 matrix, float32, transposed"},

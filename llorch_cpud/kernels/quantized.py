@@ -66,11 +66,36 @@ class QuantMatrix:
     `matmul(x)` is `x @ W.T` ([rows, n_in] -> [rows, n_out]); `dequantize()` the float32 matrix
     (what `GGUFFile.tensor` returns); `rows(ids)` dequantizes selected rows (an embedding lookup)."""
 
-    def __init__(self, kind: str, shape: tuple[int, int], qs: np.ndarray, d: np.ndarray, m: np.ndarray | None):
+    def __init__(self, kind: str, shape: tuple[int, int], qs: np.ndarray, d: np.ndarray, m: np.ndarray | None,
+                 parent: "tuple[QuantMatrix, int] | None" = None):
         self.kind, self.shape = kind, (int(shape[0]), int(shape[1]))
         self.qs, self.d, self.m = qs, d, m
         self.dtype = np.dtype(np.float32)  # the dtype it computes in
         self.ndim = 2
+        self.parent = parent  # (fused matrix, first row in it) when this matrix is a view of a fused one
+
+    @classmethod
+    def fuse(cls, mats: "list[QuantMatrix]") -> "list[QuantMatrix] | None":
+        """Matrices sharing their input (Q, K, V; gate, up) stacked into one, returned as views of it,
+        so `linear_many` computes them in one kernel call; same memory, bit-identical results (a row's
+        sum never depends on the other rows). None when they cannot be fused (different types, or a
+        row count that is not a whole number of chunks)."""
+        first = mats[0]
+        L = first.d.shape[2]
+        if any(m.kind != first.kind or m.shape[1] != first.shape[1] or m.d.shape[2] != L or m.shape[0] % L
+               or m.parent is not None for m in mats):
+            return None
+        qs = np.concatenate([m.qs for m in mats])  # chunk axis first: each part stays contiguous
+        d = np.concatenate([m.d for m in mats])
+        mm = np.concatenate([m.m for m in mats]) if first.m is not None else None
+        fused = cls(first.kind, (sum(m.shape[0] for m in mats), first.shape[1]), qs, d, mm)
+        views, c0 = [], 0
+        for m in mats:
+            c1 = c0 + m.d.shape[0]
+            views.append(cls(m.kind, m.shape, qs[c0:c1], d[c0:c1], mm[c0:c1] if mm is not None else None,
+                             parent=(fused, c0 * L)))
+            c0 = c1
+        return views
 
     # -------------------------------------------------------------- construction
 
@@ -182,6 +207,41 @@ def linear(x: np.ndarray, weight) -> np.ndarray:
     if isinstance(weight, QuantMatrix):
         return weight.matmul(x)
     return x @ weight.T
+
+
+def linear_many(x: np.ndarray, weights) -> list[np.ndarray]:
+    """[x @ w.T for w in weights]: one kernel call when the weights are, in order, the parts of one
+    fused QuantMatrix (`QuantMatrix.fuse`); otherwise one product each. Same values either way."""
+    first = weights[0]
+    if isinstance(first, QuantMatrix) and first.parent is not None:
+        fused, row = first.parent[0], 0
+        for w in weights:
+            if not isinstance(w, QuantMatrix) or w.parent is None or w.parent[0] is not fused or w.parent[1] != row:
+                break
+            row += w.shape[0]
+        else:
+            if row == fused.shape[0]:
+                y = fused.matmul(x)  # [rows, Σ n_out]
+                parts, c = [], 0
+                for w in weights:
+                    parts.append(y[:, c : c + w.shape[0]])  # [rows, n_out] views
+                    c += w.shape[0]
+                return parts
+    return [linear(x, w) for w in weights]
+
+
+def decode_attention(q: np.ndarray, keys: list, values: list, lengths: list[int]) -> np.ndarray:
+    """Attention of one new query row per sequence over that sequence's cached keys and values - the
+    math of models/llama.py's `attention_scores` + `attention_heads` for a single row (the causal
+    mask is then just the length), in one C call for the whole batch instead of ~10 numpy calls per
+    sequence. q [B, H, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a KVCache);
+    lengths[b] = T_b positions to attend -> [B, H·hd]. tests/test_quantized.py holds it to the numpy
+    stage functions."""
+    B, n_head, head_dim = q.shape
+    out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
+    _qkernels.attend_decode(np.ascontiguousarray(q, dtype=np.float32), keys, values, lengths, out,
+                            n_head, keys[0].shape[0], head_dim)
+    return out
 
 
 def as_dense(weight) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.errors import ModelLoadError
 from llorch_cpud.kernels import quantized as _quantized
-from llorch_cpud.kernels.quantized import QuantMatrix, as_dense, linear, take_rows
+from llorch_cpud.kernels.quantized import QuantMatrix, as_dense, decode_attention, linear, linear_many, take_rows
 from llorch_cpud.models.base import Segment, trace_put
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
@@ -170,7 +170,7 @@ class RopeTables:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """Checkpoint 1. RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · weight (no mean, no bias)."""
-    ms = np.square(x).mean(axis=-1, keepdims=True)  # [rows, n_embd] -> [rows, 1]
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1])  # mean(x²): [rows, n_embd] -> [rows, 1]
     return weight * (x * (1.0 / np.sqrt(ms + np.float32(eps))))  # [rows, n_embd]
 
 
@@ -188,9 +188,10 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def qkv_projection(x, q_weight, k_weight, v_weight, n_head: int, n_kv_head: int, cos, sin):
     """Checkpoint 2. Q, K, V projections split into heads; RoPE applied to Q and K (HF row layout)."""
     rows = x.shape[0]
-    q = linear(x, q_weight).reshape(rows, n_head, -1)  # [rows, n_embd] -> [rows, n_head, hd]
-    k = linear(x, k_weight).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
-    v = linear(x, v_weight).reshape(rows, n_kv_head, -1)  # [rows, n_embd] -> [rows, n_kv_head, hd]
+    q, k, v = linear_many(x, (q_weight, k_weight, v_weight))  # [rows, n_embd] -> [rows, H·hd], 2 × [rows, Hkv·hd]
+    q = q.reshape(rows, n_head, -1)  # [rows, H·hd] -> [rows, n_head, hd]
+    k = k.reshape(rows, n_kv_head, -1)  # [rows, Hkv·hd] -> [rows, n_kv_head, hd]
+    v = v.reshape(rows, n_kv_head, -1)  # [rows, Hkv·hd] -> [rows, n_kv_head, hd]
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # [rows, H, hd], [rows, Hkv, hd], [rows, Hkv, hd]
 
 
@@ -220,14 +221,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)  # [..., T]
 
 
-def attention_output(scores: np.ndarray, v: np.ndarray, o_weight: np.ndarray) -> np.ndarray:
-    """Checkpoint 5. softmax, weighted sum of V (grouped), merge heads, output projection."""
+def attention_heads(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax, weighted sum of V (grouped), heads merged: [H, n, T], [Hkv, T, hd] -> [n, H·hd]."""
     n_head, n, total = scores.shape  # scores: [H, n, T]; v: [Hkv, T, hd]
     n_kv, _, head_dim = v.shape
     weights = softmax(scores).reshape(n_kv, -1, total)  # [H, n, T] -> [Hkv, g·n, T]
     heads = (weights @ v).reshape(n_head, n, head_dim)  # [Hkv, g·n, T] @ [Hkv, T, hd] -> [H, n, hd]
-    merged = heads.transpose(1, 0, 2).reshape(n, n_head * head_dim)  # [H, n, hd] -> [n, H·hd]
-    return linear(merged, o_weight)  # [n, H·hd] -> [n, n_embd]
+    return heads.transpose(1, 0, 2).reshape(n, n_head * head_dim)  # [H, n, hd] -> [n, H·hd]
+
+
+def attention_output(scores: np.ndarray, v: np.ndarray, o_weight: np.ndarray) -> np.ndarray:
+    """Checkpoint 5. softmax, weighted sum of V (grouped), merge heads, output projection."""
+    return linear(attention_heads(scores, v), o_weight)  # [n, H·hd] -> [n, n_embd]
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -238,8 +243,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def ffn(x, gate_weight, up_weight, down_weight) -> np.ndarray:
     """Checkpoint 6. SwiGLU: down(silu(gate(x)) · up(x))."""
-    gate = linear(x, gate_weight)  # [rows, n_embd] -> [rows, n_ff]
-    up = linear(x, up_weight)  # [rows, n_embd] -> [rows, n_ff]
+    gate, up = linear_many(x, (gate_weight, up_weight))  # [rows, n_embd] -> 2 × [rows, n_ff]
     return linear(silu(gate) * up, down_weight)  # [rows, n_ff] -> [rows, n_embd]
 
 
@@ -251,17 +255,28 @@ def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos
     trace_put(trace, i, "q", q)
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
-    out = np.empty_like(x)  # [rows, n_embd]
+    merged = np.empty((x.shape[0], cfg.n_head * cfg.head_dim), np.float32)  # [rows, H·hd]
+    # one-row (decode) segments of a quantized model go through one C call for all of them
+    fused = trace is None and isinstance(w[p + "attn_output.weight"], QuantMatrix)
+    one_row: list[tuple[int, Segment]] = []
     row = 0
-    for seg in segments:
+    for seg in segments:  # attention is per sequence (its own cache); the projections are batched
         rows = slice(row, row + seg.length)
         cache_write(seg.cache, i, seg.start, k[rows], v[rows])
-        k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [Hkv, T, hd]
-        scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
-        if row == 0:
-            trace_put(trace, i, "scores", scores)
-        out[rows] = attention_output(scores, v_all, w[p + "attn_output.weight"])  # [n, n_embd]
+        if fused and seg.length == 1:
+            one_row.append((row, seg))
+        else:
+            k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [Hkv, T, hd]
+            scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
+            if row == 0:
+                trace_put(trace, i, "scores", scores)
+            merged[rows] = attention_heads(scores, v_all)  # [n, H·hd]
         row += seg.length
+    if one_row:
+        idx = [r for r, _ in one_row]
+        merged[idx] = decode_attention(q[idx], [s.cache.k[i] for _, s in one_row], [s.cache.v[i] for _, s in one_row],
+                                       [s.start + 1 for _, s in one_row])  # [B, H, hd] -> [B, H·hd]
+    out = linear(merged, w[p + "attn_output.weight"])  # checkpoint 5 for every row: [rows, H·hd] -> [rows, n_embd]
     trace_put(trace, i, "attn_out", out)
     return out
 
@@ -450,6 +465,12 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
             weights[name] = load(name, shapes[t], rows)
             if rows is not None:
                 order[name] = rows
+        for group in (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")):  # same input: one kernel call
+            names = [f"blk.{i}.{t}.weight" for t in group]
+            if all(isinstance(weights[n], QuantMatrix) for n in names):
+                views = QuantMatrix.fuse([weights[n] for n in names])
+                if views is not None:
+                    weights.update(zip(names, views))
         f.release_pages()  # this layer's file pages are copied: don't let them pile up in RSS
     freq_factors = None
     if "rope_freqs.weight" in f:

@@ -21,7 +21,7 @@ import numpy as np
 import llorch_cpud.models.gpt2 as gpt2
 import llorch_cpud.models.llama as llama
 import llorch_cpud.sampling as sampling
-from llorch_cpud.kernels import as_dense, linear
+from llorch_cpud.kernels import linear
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,8 @@ def _scores_gqa_modulo(q, k, start):
     return _orig["llama.attention_scores"](q, _repeat_kv_modulo(k, q.shape[1]), start)
 
 
-def _attn_out_gqa_modulo(scores, v, o_weight):
-    return _orig["llama.attention_output"](scores, _repeat_kv_modulo(v, scores.shape[0]), o_weight)
+def _attn_heads_gqa_modulo(scores, v):
+    return _orig["llama.attention_heads"](scores, _repeat_kv_modulo(v, scores.shape[0]))
 
 
 def _llama_scores_no_mask(q, k, start):
@@ -185,8 +185,9 @@ def _llama_cache_write_off_by_one(cache, layer, start, k, v):
     return _orig["llama.cache_write"](cache, layer, start + 1, k, v)
 
 
-def _llama_o_proj_transposed(scores, v, o_weight):
-    return _orig["llama.attention_output"](scores, v, as_dense(o_weight).T)
+def _llama_o_proj_transposed(m):  # every block's attn_output weight replaced by its transpose
+    names = [f"blk.{i}.attn_output.weight" for i in range(m.config.n_layer)]
+    return [(m.weights, n, np.ascontiguousarray(m.dense(n).T)) for n in names]
 
 
 def _swiglu_swapped(x, gate_weight, up_weight, down_weight):
@@ -234,7 +235,7 @@ def _rope_positions_restart(m):
 _orig.update({
     "llama.rms_norm": llama.rms_norm,
     "llama.attention_scores": llama.attention_scores,
-    "llama.attention_output": llama.attention_output,
+    "llama.attention_heads": llama.attention_heads,
     "llama.cache_write": llama.cache_write,
     "llama.ffn": llama.ffn,
 })
@@ -259,13 +260,12 @@ LLAMA_BUGS = {
         _L("rope_ignores_cache_offset", "decode steps rotated as position 0 (cache offset ignored)", 3,
            _rope_positions_restart),
         _L("gqa_modulo_heads", "query head h reads KV head h % n_kv instead of h // group", 4,
-           lambda m: [(llama, "attention_scores", _scores_gqa_modulo), (llama, "attention_output", _attn_out_gqa_modulo)]),
+           lambda m: [(llama, "attention_scores", _scores_gqa_modulo), (llama, "attention_heads", _attn_heads_gqa_modulo)]),
         _L("wrong_attention_scale", "scores scaled by 1/head_dim instead of 1/sqrt(head_dim)", 4,
            lambda m: [(llama, "attention_scores", _llama_scores_wrong_scale)]),
         _L("no_causal_mask", "attention without the causal mask", 4,
            lambda m: [(llama, "attention_scores", _llama_scores_no_mask)]),
-        _L("transposed_o_proj", "attention output projection weight transposed", 5,
-           lambda m: [(llama, "attention_output", _llama_o_proj_transposed)]),
+        _L("transposed_o_proj", "attention output projection weight transposed", 5, _llama_o_proj_transposed),
         _L("swiglu_gate_up_swapped", "SwiGLU with gate and up projections swapped", 6,
            lambda m: [(llama, "ffn", _swiglu_swapped)]),
         _L("gelu_instead_of_silu", "GELU (tanh) as the gate activation instead of SiLU", 6,
