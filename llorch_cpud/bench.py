@@ -183,6 +183,12 @@ def measure(name: str, args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """`[########------------] 3/8`: the bench's progress, one line per finished measurement."""
+    filled = round(width * done / total) if total else width
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+
+
 def summarize(samples: list[dict]) -> dict:
     out = {}
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s"):
@@ -233,8 +239,8 @@ def bench(args) -> dict:
             samples[n].append(measure(n, args))
             done += 1
             s = samples[n][-1]
-            print(f"[{done}/{total}] {n}: decode {s['decode_tok_s']:.1f} tok/s, prefill {s['prefill_tok_s']:.1f} tok/s",
-                  file=sys.stderr, flush=True)
+            print(f"{progress_bar(done, total)} {n}: decode {s['decode_tok_s']:.1f} tok/s, "
+                  f"prefill {s['prefill_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     result = {
         "model": str(args.model or "default"),
         "prompt_tokens": args.prompt_tokens,

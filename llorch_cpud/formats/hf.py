@@ -114,11 +114,19 @@ def load_gpt2_folder(folder: Path):
         if weights[name].shape != shape:
             raise ModelLoadError(f"{folder}: tensor {name!r} has shape {weights[name].shape}, config says {shape}")
     weights = {k: weights[k] for k in expected}  # drop buffers like h.0.attn.bias and an untied lm_head copy
+    from llorch_cpud import kernels
+
+    packed = kernels.enabled()
     for name in weights:
         if name.endswith(CONV1D_WEIGHTS):
-            # Same [in, out] tensor, stored column-major: `x @ W` then reads W as contiguous rows of
-            # dot products (BLAS "T" matvec), which streams memory faster than the axpy form.
-            weights[name] = np.asfortranarray(weights[name])
+            if packed:  # Conv1D [in, out] = Wᵀ: packed as W [out, in] for the C kernel (models/gpt2.conv1d)
+                weights[name] = kernels.PackedMatrix.from_dense(weights[name].T)
+            else:
+                # Same [in, out] tensor, stored column-major: `x @ W` then reads W as contiguous rows of
+                # dot products (BLAS "T" matvec), which streams memory faster than the axpy form.
+                weights[name] = np.asfortranarray(weights[name])
+    if packed:  # the tied head [vocab, n_embd] (also the embedding: rows are looked up in the packed form)
+        weights["wte.weight"] = kernels.PackedMatrix.from_dense(weights["wte.weight"])
     tokenizer = load_hf_tokenizer(folder, eos_token_id=cfg.eos_token_id)
     return GPT2(cfg, weights), tokenizer
 

@@ -162,6 +162,42 @@ static void q8_0_chunk(const float *x, const int8_t *qs, const float *d, float *
     }
 }
 
+/* ---- float32 matrices, packed [n_chunk][K][16]: the 16 rows of a chunk interleaved ------------ */
+
+static inline __attribute__((always_inline)) void
+f32_tile(const float *x, const float *w, float *out, int64_t K, int64_t ldo, int64_t c, int64_t r0, const int nr)
+{
+    const float *wc = w + c * K * 16;
+    f32x16 acc[RT];
+    for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        f32x16 t[RT]; /* 32-term partial sums added to acc: shorter float32 sums, as BLAS blocks them */
+        for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+        int64_t k1 = k0 + 32 < K ? k0 + 32 : K;
+        for (int64_t k = k0; k < k1; k++) {
+            f32x16 wv = load16(wc + k * 16);
+            for (int r = 0; r < nr; r++) t[r] += wv * x[(r0 + r) * K + k];
+        }
+        for (int r = 0; r < nr; r++) acc[r] += t[r];
+    }
+    for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * 16, acc[r]);
+}
+
+static void f32_chunk(const float *x, const float *w, float *out, int64_t M, int64_t K, int64_t ldo, int64_t c)
+{
+    int64_t r0 = 0;
+    for (; r0 + RT <= M; r0 += RT) f32_tile(x, w, out, K, ldo, c, r0, RT);
+    switch (M - r0) {
+    case 7: f32_tile(x, w, out, K, ldo, c, r0, 7); break;
+    case 6: f32_tile(x, w, out, K, ldo, c, r0, 6); break;
+    case 5: f32_tile(x, w, out, K, ldo, c, r0, 5); break;
+    case 4: f32_tile(x, w, out, K, ldo, c, r0, 4); break;
+    case 3: f32_tile(x, w, out, K, ldo, c, r0, 3); break;
+    case 2: f32_tile(x, w, out, K, ldo, c, r0, 2); break;
+    case 1: f32_tile(x, w, out, K, ldo, c, r0, 1); break;
+    }
+}
+
 /* ---- dequantization into a transposed slab out_t [K][ldo] (columns c0*L .. c1*L) ---------- */
 
 static void q4_1_dequant_chunk(const uint8_t *qs, const float *d, const float *m, float *out_t,
@@ -473,8 +509,30 @@ done:
     return ret;
 }
 
+/* f32_matmul(x, w, out, M, K, n_chunk) ; w packed [n_chunk, K, 16]; out [M, n_chunk*16] */
+static PyObject *py_f32_matmul(PyObject *self, PyObject *args)
+{
+    Py_buffer x, w, out;
+    Py_ssize_t M, K, nc;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnn", &x, &w, &out, &M, &K, &nc)) return NULL;
+    PyObject *ret = NULL;
+    if (check_size(&x, M * K * 4, "x") || check_size(&w, nc * K * 16 * 4, "w") ||
+        check_size(&out, M * nc * 16 * 4, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = 0; c < nc; c++)
+        f32_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x); PyBuffer_Release(&w); PyBuffer_Release(&out);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
+    {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
     {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
     {"q4_1_dequant_t", py_q4_1_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q4_1 matrix, float32, transposed"},

@@ -8,14 +8,15 @@ cores, GIL released).
 
 Numerics: the same products as on the float32 dequantized matrix - activations stay float32,
 each weight is `d·q + m` (Q4_1, formed in a register) or `d·q` (Q8_0, the scale applied per block)
-exactly as ggml dequantizes it - only the order of the float32 additions differs, so results agree with `x @ dequantize(W).T` to float32 rounding (tests/test_quantized.py checks
-that against a float64 product, with a negative control). The result of a row never depends on
+exactly as ggml dequantizes it - only the order of the float32 additions differs, so results
+agree with `x @ dequantize(W).T` to float32 rounding (tests/test_kernels.py checks that against
+a float64 product, with a negative control). The result of a row never depends on
 which thread computed it, nor on the other rows in the batch.
 
 Layout. ggml stores a row as consecutive 32-element blocks; a kernel that walks one row at a time
 needs a horizontal reduction per block. So at load the blocks are repacked *row-interleaved*:
-rows are grouped in chunks of L (32 or 64), and for each chunk, block b
-and byte j, the L rows' bytes are contiguous. The kernel's inner loop then runs over L rows with
+rows are grouped in chunks of L (32 or 64), and for each chunk, block b and byte j, the L rows'
+bytes are contiguous. The kernel's inner loop then runs over L rows with
 no reduction (one vector lane per output row); per-block scales are applied once per block.
 
     Q4_1:  qs [n_chunk, n_block, 16, L] uint8 (low nibble = element j, high = element j+16)
@@ -26,13 +27,10 @@ Many rows at once (a prefill) use the same kernel: it tiles 8 activation rows pe
 vector, which reaches ~350 GFLOP/s on this machine's 2 cores - more than numpy's float32 sgemm, and
 with no float32 copy of the matrix. While these kernels run (OpenMP threads on every core), numpy's
 BLAS is kept to one thread (`blas_single_thread`): two thread pools spinning on two cores starve
-each other (a 128-token prefill took 10x longer).
+each other (a 128-token prefill took 10x longer). The generic operations (`linear`, ...) are in ops.py.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
 
 import numpy as np
 
@@ -181,74 +179,3 @@ class QuantMatrix:
 
     def __repr__(self) -> str:
         return f"QuantMatrix({self.kind}, shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
-
-
-_controller = None
-
-
-def blas_single_thread():
-    """Context manager: numpy's BLAS limited to one thread inside (threadpoolctl), so it does not spin
-    against the kernels' OpenMP threads; restored on exit. ~7 µs per use."""
-    global _controller
-    if _controller is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            _controller = ThreadpoolController()
-        except Exception:  # pragma: no cover - threadpoolctl is a dependency
-            _controller = False
-    if not _controller:
-        return contextlib.nullcontext()
-    return _controller.limit(limits=1, user_api="blas")
-
-
-def linear(x: np.ndarray, weight) -> np.ndarray:
-    """x @ weight.T for a float32 `[n_out, n_in]` array or a QuantMatrix: [rows, n_in] -> [rows, n_out]."""
-    if isinstance(weight, QuantMatrix):
-        return weight.matmul(x)
-    return x @ weight.T
-
-
-def linear_many(x: np.ndarray, weights) -> list[np.ndarray]:
-    """[x @ w.T for w in weights]: one kernel call when the weights are, in order, the parts of one
-    fused QuantMatrix (`QuantMatrix.fuse`); otherwise one product each. Same values either way."""
-    first = weights[0]
-    if isinstance(first, QuantMatrix) and first.parent is not None:
-        fused, row = first.parent[0], 0
-        for w in weights:
-            if not isinstance(w, QuantMatrix) or w.parent is None or w.parent[0] is not fused or w.parent[1] != row:
-                break
-            row += w.shape[0]
-        else:
-            if row == fused.shape[0]:
-                y = fused.matmul(x)  # [rows, Σ n_out]
-                parts, c = [], 0
-                for w in weights:
-                    parts.append(y[:, c : c + w.shape[0]])  # [rows, n_out] views
-                    c += w.shape[0]
-                return parts
-    return [linear(x, w) for w in weights]
-
-
-def decode_attention(q: np.ndarray, keys: list, values: list, lengths: list[int]) -> np.ndarray:
-    """Attention of one new query row per sequence over that sequence's cached keys and values - the
-    math of models/llama.py's `attention_scores` + `attention_heads` for a single row (the causal
-    mask is then just the length), in one C call for the whole batch instead of ~10 numpy calls per
-    sequence. q [B, H, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a KVCache);
-    lengths[b] = T_b positions to attend -> [B, H·hd]. tests/test_quantized.py holds it to the numpy
-    stage functions."""
-    B, n_head, head_dim = q.shape
-    out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
-    _qkernels.attend_decode(np.ascontiguousarray(q, dtype=np.float32), keys, values, lengths, out,
-                            n_head, keys[0].shape[0], head_dim)
-    return out
-
-
-def as_dense(weight) -> np.ndarray:
-    """A float32 array for either kind of weight (QuantMatrix dequantized; arrays unchanged)."""
-    return weight.dequantize() if isinstance(weight, QuantMatrix) else weight
-
-
-def take_rows(weight, ids: np.ndarray) -> np.ndarray:
-    """weight[ids] for either kind of weight (an embedding lookup)."""
-    return weight.rows(ids) if isinstance(weight, QuantMatrix) else weight[ids]

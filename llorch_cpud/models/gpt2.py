@@ -1,17 +1,23 @@
 """GPT-2 in numpy: one small pure function per checkpoint stage, composed into a forward pass.
 
 Weights are named exactly as in the Hugging Face checkpoint (`h.0.attn.c_attn.weight`, ...).
-Conv1D weights are stored [in, out], so a projection is `x @ W + b`.
+Conv1D weights are [in, out], so a projection is `x @ W + b` - written `conv1d(x, W, b)`, because
+with the C kernels built the loader packs each W (as Wᵀ, `kernels.PackedMatrix`) for a kernel that
+reads the weights once per batched decode step (see kernels/packed.py). `GPT2.dense(name)` is any
+weight as the checkpoint's float32 array.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from llorch_cpud import kernels
 from llorch_cpud.cache import KVCache, cache_read, cache_write
+from llorch_cpud.kernels import PackedMatrix, decode_attention, linear, take_rows
 from llorch_cpud.models.base import Segment, trace_put
 
 
@@ -49,10 +55,21 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * weight + bias  # [rows, n_embd]
 
 
-def qkv_projection(x: np.ndarray, c_attn_weight: np.ndarray, c_attn_bias: np.ndarray, n_head: int):
+def conv1d(x: np.ndarray, weight, bias: np.ndarray) -> np.ndarray:
+    """Hugging Face Conv1D: x @ W + b with W [in, out] (a PackedMatrix holds Wᵀ: the same product)."""
+    y = weight.matmul(x) if isinstance(weight, PackedMatrix) else x @ weight  # [rows, in] -> [rows, out]
+    return y + bias
+
+
+def conv1d_weight(weight) -> np.ndarray:
+    """A Conv1D weight as the checkpoint's [in, out] float32 array, packed or not."""
+    return weight.dequantize().T if isinstance(weight, PackedMatrix) else weight
+
+
+def qkv_projection(x: np.ndarray, c_attn_weight, c_attn_bias: np.ndarray, n_head: int):
     """Checkpoint 2. Fused QKV projection, split into per-head Q, K, V."""
     rows, n_embd = x.shape
-    qkv = x @ c_attn_weight + c_attn_bias  # [rows, n_embd] -> [rows, 3*n_embd]
+    qkv = conv1d(x, c_attn_weight, c_attn_bias)  # [rows, n_embd] -> [rows, 3*n_embd]
     q, k, v = np.split(qkv, 3, axis=-1)  # 3 × [rows, n_embd]
     head_dim = n_embd // n_head
     return (
@@ -83,13 +100,17 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)  # [..., T]
 
 
-def attention_output(scores: np.ndarray, v: np.ndarray, c_proj_weight: np.ndarray, c_proj_bias: np.ndarray) -> np.ndarray:
-    """Checkpoint 5. softmax, weighted sum of V, merge heads, output projection."""
+def attention_heads(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax, weighted sum of V, heads merged: [n_head, n, T], [n_head, T, hd] -> [n, n_embd]."""
     n_head, n, _ = scores.shape  # scores: [n_head, n, T]; v: [n_head, T, head_dim]
     weights = softmax(scores)  # [n_head, n, T]
     heads = weights @ v  # [n_head, n, T] @ [n_head, T, hd] -> [n_head, n, hd]
-    merged = heads.transpose(1, 0, 2).reshape(n, -1)  # [n_head, n, hd] -> [n, n_embd]
-    return merged @ c_proj_weight + c_proj_bias  # [n, n_embd] -> [n, n_embd]
+    return heads.transpose(1, 0, 2).reshape(n, -1)  # [n_head, n, hd] -> [n, n_embd]
+
+
+def attention_output(scores: np.ndarray, v: np.ndarray, c_proj_weight, c_proj_bias: np.ndarray) -> np.ndarray:
+    """Checkpoint 5. softmax, weighted sum of V, merge heads, output projection."""
+    return conv1d(attention_heads(scores, v), c_proj_weight, c_proj_bias)  # [n, n_embd] -> [n, n_embd]
 
 
 GELU_C = np.float32(math.sqrt(2.0 / math.pi))
@@ -103,8 +124,8 @@ def gelu_new(x: np.ndarray) -> np.ndarray:
 
 def ffn(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias) -> np.ndarray:
     """Checkpoint 6. Up projection, GELU (tanh), down projection."""
-    h = x @ c_fc_weight + c_fc_bias  # [rows, n_embd] -> [rows, n_inner]
-    return gelu_new(h) @ c_proj_weight + c_proj_bias  # [rows, n_inner] -> [rows, n_embd]
+    h = conv1d(x, c_fc_weight, c_fc_bias)  # [rows, n_embd] -> [rows, n_inner]
+    return conv1d(gelu_new(h), c_proj_weight, c_proj_bias)  # [rows, n_inner] -> [rows, n_embd]
 
 
 def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
@@ -114,17 +135,28 @@ def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trac
     trace_put(trace, i, "q", q)
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
-    out = np.empty_like(x)  # [rows, n_embd]
+    merged = np.empty_like(x)  # [rows, n_embd]
+    # one-row (decode) segments of a packed model go through one C call for all of them
+    fused = trace is None and isinstance(w[p + "c_proj.weight"], PackedMatrix)
+    one_row: list[tuple[int, Segment]] = []
     row = 0
-    for seg in segments:
+    for seg in segments:  # attention is per sequence (its own cache); the projections are batched
         rows = slice(row, row + seg.length)
         cache_write(seg.cache, i, seg.start, k[rows], v[rows])
-        k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [H, T, hd]
-        scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
-        if row == 0:
-            trace_put(trace, i, "scores", scores)
-        out[rows] = attention_output(scores, v_all, w[p + "c_proj.weight"], w[p + "c_proj.bias"])  # [n, n_embd]
+        if fused and seg.length == 1:
+            one_row.append((row, seg))
+        else:
+            k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [H, T, hd]
+            scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
+            if row == 0:
+                trace_put(trace, i, "scores", scores)
+            merged[rows] = attention_heads(scores, v_all)  # [n, n_embd]
         row += seg.length
+    if one_row:
+        idx = [r for r, _ in one_row]
+        merged[idx] = decode_attention(q[idx], [s.cache.k[i] for _, s in one_row], [s.cache.v[i] for _, s in one_row],
+                                       [s.start + 1 for _, s in one_row])  # [B, H, hd] -> [B, n_embd]
+    out = conv1d(merged, w[p + "c_proj.weight"], w[p + "c_proj.bias"])  # checkpoint 5, every row: [rows, n_embd]
     trace_put(trace, i, "attn_out", out)
     return out
 
@@ -147,13 +179,13 @@ def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=No
 
 def embed(w: dict, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Token plus learned absolute position embeddings."""
-    return w["wte.weight"][tokens] + w["wpe.weight"][positions]  # [rows] -> [rows, n_embd]
+    return take_rows(w["wte.weight"], tokens) + w["wpe.weight"][positions]  # [rows] -> [rows, n_embd]
 
 
 def lm_head(x: np.ndarray, w: dict, cfg: GPT2Config) -> np.ndarray:
     """Checkpoint 8 (last step). Final LayerNorm, then the tied head: logits = ln_f(x) · wteᵀ."""
     h = layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
-    return h @ w["wte.weight"].T  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
+    return linear(h, w["wte.weight"])  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
 
 
 # ---------------------------------------------------------------- the model
@@ -169,15 +201,31 @@ class GPT2:
         self.vocab_size = config.vocab_size
         self.eos_token_id = config.eos_token_id
 
+    @property
+    def packed(self) -> bool:
+        """Whether the projections are packed for the C kernels (then forward keeps BLAS on one thread)."""
+        return isinstance(self.weights["wte.weight"], PackedMatrix)
+
+    def dense(self, name: str) -> np.ndarray:
+        """Weight `name` as the checkpoint's float32 array (Conv1D [in, out]; wte [vocab, n_embd])."""
+        w = self.weights[name]
+        if name == "wte.weight":
+            return kernels.as_dense(w)
+        return conv1d_weight(w)
+
     def new_cache(self, max_seq: int) -> KVCache:
         c = self.config
         return KVCache.allocate(c.n_layer, c.n_head, min(max_seq, self.n_ctx), c.head_dim)
 
+    def _threads(self):
+        return kernels.blas_single_thread() if self.packed else contextlib.nullcontext()
+
     def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])  # [rows]
-        x = embed(self.weights, tokens, positions)  # [rows, n_embd]
-        for i in range(self.config.n_layer):
-            x = block(x, self.weights, i, self.config, segments, trace)  # [rows, n_embd]
+        with self._threads():  # the C kernels own the cores: numpy's BLAS stays on one thread
+            x = embed(self.weights, tokens, positions)  # [rows, n_embd]
+            for i in range(self.config.n_layer):
+                x = block(x, self.weights, i, self.config, segments, trace)  # [rows, n_embd]
         return x
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:

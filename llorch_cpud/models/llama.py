@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import numpy as np
 
 from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.errors import ModelLoadError
-from llorch_cpud.kernels import quantized as _quantized
-from llorch_cpud.kernels.quantized import QuantMatrix, as_dense, decode_attention, linear, linear_many, take_rows
+from llorch_cpud import kernels
+from llorch_cpud.kernels import QuantMatrix, as_dense, decode_attention, linear, linear_many, take_rows
 from llorch_cpud.models.base import Segment, trace_put
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
@@ -346,7 +345,7 @@ class Llama:
 
     def _threads(self):
         if self.quantized:
-            return _quantized.blas_single_thread()
+            return kernels.blas_single_thread()
         return contextlib.nullcontext()
 
     @property
@@ -428,11 +427,11 @@ def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def load_llama(f, quantized: bool | None = None) -> Llama:
     """A Llama from an open GGUFFile: config from metadata; Q4_1/Q8_0 matrices kept quantized
     (`QuantMatrix`, products computed on the stored blocks) unless `quantized=False` (or
-    LLORCH_WEIGHTS=float32), every other tensor dequantized to float32."""
+    LLORCH_KERNELS=numpy), every other tensor dequantized to float32."""
     cfg = LlamaConfig.from_gguf(f)
     if quantized is None:
-        quantized = os.environ.get("LLORCH_WEIGHTS", "quantized") != "float32"
-    quantized = quantized and _quantized.available()
+        quantized = kernels.enabled()
+    quantized = quantized and kernels.available()
     known = {"token_embd.weight", "output_norm.weight", *_OPTIONAL_GLOBAL}
     known |= {f"blk.{i}.{t}" for i in range(cfg.n_layer) for t in _BLOCK_TENSORS}
     extra = [n for n in f.tensor_names() if n not in known]
@@ -446,7 +445,7 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
         info = f.info(name)  # ModelLoadError names a missing tensor
         if info.shape != shape:
             raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected {shape} from the metadata")
-        if quantized and len(shape) == 2 and info.type_name in _quantized.QUANT_TYPES:
+        if quantized and len(shape) == 2 and info.type_name in kernels.QUANT_TYPES:
             return QuantMatrix.from_blocks(info.type_name, f.raw(name), shape, row_order=rows)
         w = f.tensor(name)  # ModelLoadError names an undecodable type
         return w if rows is None else np.ascontiguousarray(w[rows])

@@ -49,8 +49,9 @@ def _gelu_erf(x):
     return 0.5 * x * (1.0 + np.vectorize(erf, otypes=[np.float32])(x / math.sqrt(2.0)))
 
 
-def _attn_out_transposed(scores, v, c_proj_weight, c_proj_bias):
-    return _orig["attention_output"](scores, v, c_proj_weight.T, c_proj_bias)
+def _attn_out_transposed(m):  # every block's attn.c_proj weight replaced by its transpose
+    names = [f"h.{i}.attn.c_proj.weight" for i in range(m.config.n_layer)]
+    return [(m.weights, n, np.ascontiguousarray(m.dense(n).T)) for n in names]
 
 
 def _cache_write_off_by_one(cache, layer, start, k, v):
@@ -75,7 +76,7 @@ def _block_no_attn_residual(x, w, i, cfg, segments, trace=None):
 
 
 def _lm_head_no_final_norm(x, w, cfg):
-    return x @ w["wte.weight"].T
+    return linear(x, w["wte.weight"])
 
 
 def _argmax_second(logits):
@@ -87,12 +88,11 @@ def _softmax_ignores_temperature(logits, temperature):
 
 
 def _ffn_bias_dropped(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias):
-    return gpt2.gelu_new(x @ c_fc_weight + c_fc_bias) @ c_proj_weight
+    return gpt2.conv1d(gpt2.gelu_new(gpt2.conv1d(x, c_fc_weight, c_fc_bias)), c_proj_weight, np.float32(0))
 
 
 _orig = {
     "layer_norm": gpt2.layer_norm,
-    "attention_output": gpt2.attention_output,
     "cache_write": gpt2.cache_write,
     "attention_scores": gpt2.attention_scores,
     "softmax_probs": sampling.softmax_probs,
@@ -107,14 +107,14 @@ BUGS = {
             lambda m: [(gpt2, "layer_norm", _ln_unbiased)]),
         Bug("transposed_qkv_weight", "c_attn weight used transposed (read as [out, in] and reshaped)", 2,
             lambda m: [(m.weights, "h.0.attn.c_attn.weight",
-                        np.ascontiguousarray(m.weights["h.0.attn.c_attn.weight"].T).reshape(m.weights["h.0.attn.c_attn.weight"].shape))]),
+                        np.ascontiguousarray(m.dense("h.0.attn.c_attn.weight").T).reshape(m.dense("h.0.attn.c_attn.weight").shape))]),
         Bug("kv_cache_off_by_one", "KV cache written one position late", 3,
             lambda m: [(gpt2, "cache_write", _cache_write_off_by_one)]),
         Bug("wrong_attention_scale", "scores scaled by 1/head_dim instead of 1/sqrt(head_dim)", 4,
             lambda m: [(gpt2, "attention_scores", _scores_wrong_scale)]),
         Bug("no_causal_mask", "attention without the causal mask", 4, lambda m: [(gpt2, "attention_scores", _scores_no_mask)]),
         Bug("transposed_c_proj", "attention output projection weight transposed", 5,
-            lambda m: [(gpt2, "attention_output", _attn_out_transposed)]),
+            _attn_out_transposed),
         Bug("erf_gelu", "exact erf GELU instead of GPT-2's tanh approximation", 6, lambda m: [(gpt2, "gelu_new", _gelu_erf)]),
         Bug("ffn_bias_dropped", "FFN down-projection bias dropped", 6, lambda m: [(gpt2, "ffn", _ffn_bias_dropped)]),
         Bug("dropped_residual", "attention residual connection dropped", 7,

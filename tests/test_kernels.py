@@ -1,4 +1,4 @@
-"""The quantized-matrix kernels (kernels/quantized.py + qkernels.c) against independent arithmetic.
+"""The C kernels (kernels/: quantized.py, packed.py, ops.py + qkernels.c) against independent arithmetic.
 
 The reference for a quantized matrix is gguf-py's own dequantizer (llama.cpp's Python package, which
 tests/test_gguf_format.py checks against Candle) followed by a float64 matrix product; the kernels
@@ -11,10 +11,10 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from llorch_cpud.kernels import quantized as qk
-from llorch_cpud.kernels.quantized import QuantMatrix, as_dense, linear, take_rows
+from llorch_cpud import kernels
+from llorch_cpud.kernels import PackedMatrix, QuantMatrix, as_dense, linear, linear_many, take_rows
 
-pytestmark = pytest.mark.skipif(not qk.available(), reason="C kernels not built")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built")
 
 
 def make_blocks(kind: str, n_out: int, n_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +103,7 @@ def test_bad_buffers_raise_instead_of_reading_out_of_bounds():
 
 def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
     """The default SmolLM2 loads its matrices as QuantMatrix (4-5x fewer bytes than float32), and
-    LLORCH_WEIGHTS=float32's dense model computes the same logits to float32 rounding."""
+    the plain numpy model (quantized=False, as LLORCH_KERNELS=numpy) computes the same logits to float32 rounding."""
     from llorch_cpud.formats import default_model_path
     from llorch_cpud.formats.gguf import GGUFFile
     from llorch_cpud.models.base import Segment
@@ -137,7 +137,7 @@ def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
 def test_decode_attention_matches_the_numpy_stage_functions(n_head, n_kv, head_dim):
     """The batched one-row attention kernel computes what attention_scores + attention_heads compute
     (GQA grouping, causal length, softmax), for sequences of different lengths in one call."""
-    from llorch_cpud.kernels.quantized import decode_attention
+    from llorch_cpud.kernels import decode_attention
     from llorch_cpud.models.llama import attention_heads, attention_scores
 
     rng = np.random.default_rng(5)
@@ -177,3 +177,41 @@ def test_decode_steps_fast_path_equals_numpy_path():
     fast = model.logits(model.forward(tokens, segs))  # [3, vocab]
     slow = model.logits(model.forward(tokens, segs, trace={}))  # same positions rewritten, numpy attention
     assert np.abs(fast - slow).max() <= 1e-3 and (fast.argmax(-1) == slow.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("shape", [(2304, 768), (50, 96), (16, 3072), (7, 40)])
+def test_packed_float32_matches_float64_product(shape):
+    """PackedMatrix (GPT-2's projections and head): x @ W.T within BLAS-sized rounding of float64,
+    for every tile remainder, exact unpacking and row lookup, bit-identical rows across batches."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    p = PackedMatrix.from_dense(np.asfortranarray(w))  # GPT-2's Conv1D weights arrive Fortran-ordered
+    assert np.array_equal(p.dequantize(), w) and np.array_equal(as_dense(p), w)
+    ids = np.array([0, shape[0] - 1, shape[0] // 2])
+    assert np.array_equal(p.rows(ids), w[ids]) and np.array_equal(take_rows(p, ids), w[ids])
+    for rows in (1, 3, 8, 11, 33):
+        x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+        y = linear(x, p)
+        assert y.shape == (rows, shape[0])
+        assert np.abs(y - ref).max() <= 4 * np.abs(x @ w.T - ref).max() + 1e-6
+        assert np.array_equal(y[1:2], p.matmul(x[1:2]))  # a row alone = the same row in a batch
+    bad = PackedMatrix(p.shape, p.w.copy())
+    bad.w[0, 5, 3] += 1.0  # negative control: one wrong weight shows in row 3's outputs
+    x = rng.standard_normal((2, shape[1])).astype(np.float32)
+    assert np.abs(bad.matmul(x)[:, 3] - p.matmul(x)[:, 3]).max() > 1e-3
+
+
+def test_fused_views_compute_what_separate_matrices_do():
+    rng = np.random.default_rng(7)
+    ws = [(rng.standard_normal((n, 64)) * 0.1).astype(np.float32) for n in (64, 32, 32)]
+    parts = PackedMatrix.fuse([PackedMatrix.from_dense(w) for w in ws])
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    together = linear_many(x, parts)  # one kernel call
+    for part, w, y in zip(parts, ws, together):
+        assert part.parent is not None and np.array_equal(y, PackedMatrix.from_dense(w).matmul(x))
+    assert PackedMatrix.fuse([PackedMatrix.from_dense(ws[0][:10])]) is None  # 10 rows: not whole chunks
+    raws = [make_blocks("Q4_1", n, 64, seed=n)[0] for n in (64, 32)]
+    qparts = QuantMatrix.fuse([QuantMatrix.from_blocks("Q4_1", r, (n, 64)) for r, n in zip(raws, (64, 32))])
+    for part, r, n, y in zip(qparts, raws, (64, 32), linear_many(x, qparts)):
+        assert np.array_equal(y, QuantMatrix.from_blocks("Q4_1", r, (n, 64)).matmul(x))

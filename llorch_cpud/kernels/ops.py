@@ -1,0 +1,84 @@
+"""The operations model code calls, for any kind of weight: a float32 numpy array `[out, in]`, a
+`QuantMatrix` (ggml Q4_1/Q8_0 blocks) or a `PackedMatrix` (float32, row-interleaved) - plus the
+batched decode attention and the BLAS thread limit that goes with the C kernels."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from llorch_cpud.kernels.packed import PackedMatrix
+from llorch_cpud.kernels.quantized import QuantMatrix, _qkernels
+
+KernelMatrix = (QuantMatrix, PackedMatrix)
+
+_controller = None
+
+
+def blas_single_thread():
+    """Context manager: numpy's BLAS limited to one thread inside (threadpoolctl), so it does not spin
+    against the kernels' OpenMP threads; restored on exit. ~7 µs per use."""
+    global _controller
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController()
+        except Exception:  # pragma: no cover - threadpoolctl is a dependency
+            _controller = False
+    if not _controller:
+        return contextlib.nullcontext()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def linear(x: np.ndarray, weight) -> np.ndarray:
+    """x @ weight.T for a float32 `[n_out, n_in]` array, a QuantMatrix or a PackedMatrix: [rows, n_in] -> [rows, n_out]."""
+    if isinstance(weight, KernelMatrix):
+        return weight.matmul(x)
+    return x @ weight.T
+
+
+def linear_many(x: np.ndarray, weights) -> list[np.ndarray]:
+    """[x @ w.T for w in weights]: one kernel call when the weights are, in order, the parts of one
+    fused QuantMatrix (`QuantMatrix.fuse`); otherwise one product each. Same values either way."""
+    first = weights[0]
+    if isinstance(first, KernelMatrix) and first.parent is not None:
+        fused, row = first.parent[0], 0
+        for w in weights:
+            if not isinstance(w, KernelMatrix) or w.parent is None or w.parent[0] is not fused or w.parent[1] != row:
+                break
+            row += w.shape[0]
+        else:
+            if row == fused.shape[0]:
+                y = fused.matmul(x)  # [rows, Σ n_out]
+                parts, c = [], 0
+                for w in weights:
+                    parts.append(y[:, c : c + w.shape[0]])  # [rows, n_out] views
+                    c += w.shape[0]
+                return parts
+    return [linear(x, w) for w in weights]
+
+
+def decode_attention(q: np.ndarray, keys: list, values: list, lengths: list[int]) -> np.ndarray:
+    """Attention of one new query row per sequence over that sequence's cached keys and values - the
+    math of models/llama.py's `attention_scores` + `attention_heads` for a single row (the causal
+    mask is then just the length), in one C call for the whole batch instead of ~10 numpy calls per
+    sequence. q [B, H, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a KVCache);
+    lengths[b] = T_b positions to attend -> [B, H·hd]. tests/test_kernels.py holds it to the numpy
+    stage functions."""
+    B, n_head, head_dim = q.shape
+    out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
+    _qkernels.attend_decode(np.ascontiguousarray(q, dtype=np.float32), keys, values, lengths, out,
+                            n_head, keys[0].shape[0], head_dim)
+    return out
+
+
+def as_dense(weight) -> np.ndarray:
+    """A float32 `[out, in]` array for any kind of weight (kernel matrices unpacked; arrays unchanged)."""
+    return weight.dequantize() if isinstance(weight, KernelMatrix) else weight
+
+
+def take_rows(weight, ids: np.ndarray) -> np.ndarray:
+    """weight[ids] for any kind of weight (an embedding lookup)."""
+    return weight.rows(ids) if isinstance(weight, KernelMatrix) else weight[ids]

@@ -1,0 +1,85 @@
+"""Float32 weight matrices packed for the C kernel (GPT-2's projections and head).
+
+Why: numpy's BLAS is at the memory-bandwidth limit for one row (a matrix-vector product), but for
+the 2-16 rows of a batched decode step its matrix products stream the weights at only 15-21 GB/s
+here, and a batched step then costs almost as much per row as separate steps. The same
+lane-per-output-row kernel as QuantMatrix, on float32, reads the weights once per step whatever the
+row count (~30 GB/s with 8 rows, ~45 GB/s with one, ~360 GFLOP/s for a prefill).
+
+Layout: W `[n_out, n_in]` (nn.Linear orientation; a GPT-2 Conv1D weight is stored transposed) as
+`[n_chunk, n_in, 16]`: for each chunk of 16 output rows, element k of the 16 rows side by side. The
+kernel streams one chunk contiguously, one SIMD lane per output row, summing in a fixed order
+(32-term partial sums, then added), so a row's result never depends on the other rows of the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llorch_cpud.kernels.quantized import _qkernels
+
+LANES = 16
+
+
+class PackedMatrix:
+    """A float32 matrix `[n_out, n_in]` packed for the kernel; `matmul(x)` is `x @ W.T`."""
+
+    def __init__(self, shape: tuple[int, int], w: np.ndarray, parent: "tuple[PackedMatrix, int] | None" = None):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.w = w  # [n_chunk, n_in, 16] float32
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+        self.parent = parent  # (fused matrix, first row in it) when a view of a fused one
+
+    @classmethod
+    def from_dense(cls, w: np.ndarray) -> "PackedMatrix":
+        """From W [n_out, n_in] (any memory order); rows padded with zeros to a multiple of 16."""
+        n_out, n_in = w.shape
+        n_chunk = -(-n_out // LANES)
+        packed = np.zeros((n_chunk, n_in, LANES), np.float32)  # [C, n_in, 16]
+        full = n_out // LANES
+        if full:
+            packed[:full] = w[: full * LANES].reshape(full, LANES, n_in).transpose(0, 2, 1)  # [C, 16, K] -> [C, K, 16]
+        rest = n_out - full * LANES
+        if rest:
+            packed[full, :, :rest] = w[full * LANES :].T  # [rest, K] -> [K, rest]
+        return cls((n_out, n_in), packed)
+
+    @classmethod
+    def fuse(cls, mats: "list[PackedMatrix]") -> "list[PackedMatrix] | None":
+        """Matrices sharing their input stacked into one (see QuantMatrix.fuse); None if a row count is
+        not a whole number of chunks or the inputs differ."""
+        if any(m.shape[1] != mats[0].shape[1] or m.shape[0] % LANES or m.parent is not None for m in mats):
+            return None
+        w = np.concatenate([m.w for m in mats])
+        fused = cls((sum(m.shape[0] for m in mats), mats[0].shape[1]), w)
+        views, c0 = [], 0
+        for m in mats:
+            c1 = c0 + m.w.shape[0]
+            views.append(cls(m.shape, w[c0:c1], parent=(fused, c0 * LANES)))
+            c0 = c1
+        return views
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T: [rows, n_in] -> [rows, n_out] float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n_chunk = self.w.shape[0]
+        out = np.empty((x.shape[0], n_chunk * LANES), np.float32)  # [rows, n_out padded to 16]
+        _qkernels.f32_matmul(x, self.w, out, x.shape[0], self.shape[1], n_chunk)
+        return out[:, : self.shape[0]] if n_chunk * LANES != self.shape[0] else out
+
+    def dequantize(self) -> np.ndarray:
+        """W as a C-contiguous float32 [n_out, n_in] array (exactly the values packed)."""
+        return np.ascontiguousarray(self.w.transpose(0, 2, 1).reshape(-1, self.shape[1])[: self.shape[0]])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of W: [len(ids)] -> [len(ids), n_in] (an embedding lookup)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return self.w[ids // LANES, :, ids % LANES]  # [rows, n_in]
+
+    def __repr__(self) -> str:
+        return f"PackedMatrix(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
