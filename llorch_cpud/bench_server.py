@@ -3,7 +3,9 @@
 For each concurrency level, N streaming clients start together with the same greedy request
 (different prompts); we record per-stream time to first token and token counts, the
 aggregate decode rate (tokens after each stream's first, over the wall time from the first
-first-token to the last end), and `/health` latency sampled throughout.
+first-token to the last end - a window that includes the other streams' prefills), the
+steady-state decode rate (tokens arriving while all N streams are decoding and none has ended:
+the batched decode steps alone), and `/health` latency sampled throughout.
 """
 
 from __future__ import annotations
@@ -55,15 +57,16 @@ def stream_ours(base: str, i: int, args, out: dict) -> None:
     body = {"job_id": f"bench-{time.time_ns()}-{i}", "prompt": prompt_text(i, args.prompt_tokens * 3 // 4),
             "max_tokens": args.new_tokens, "temperature": 0.0}
     t0 = time.perf_counter()
-    first, n, event = None, 0, None
+    first, n, event, times = None, 0, None, []
     with httpx.Client(timeout=None) as c, c.stream("POST", base + "/execute", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("event:"):
                 event = line[6:].strip()
             elif line.startswith("data:") and event == "token":
                 n += 1
-                first = first or time.perf_counter()
-    out.update(t0=t0, first=first or time.perf_counter(), end=time.perf_counter(), pieces=n)
+                times.append(time.perf_counter())
+                first = first or times[-1]
+    out.update(t0=t0, first=first or time.perf_counter(), end=time.perf_counter(), pieces=n, times=times)
 
 
 def stream_llama_server(base: str, i: int, args, out: dict) -> None:
@@ -72,15 +75,16 @@ def stream_llama_server(base: str, i: int, args, out: dict) -> None:
     body = {"prompt": prompt_text(i, args.prompt_tokens * 3 // 4), "n_predict": args.new_tokens, "temperature": 0.0,
             "stream": True, "cache_prompt": False}
     t0 = time.perf_counter()
-    first, n = None, 0
+    first, n, times = None, 0, []
     with httpx.Client(timeout=None) as c, c.stream("POST", base + "/completion", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 d = json.loads(line[5:])
                 if d.get("content") or not d.get("stop"):
                     n += 1
-                    first = first or time.perf_counter()
-    out.update(t0=t0, first=first or time.perf_counter(), end=time.perf_counter(), pieces=n)
+                    times.append(time.perf_counter())
+                    first = first or times[-1]
+    out.update(t0=t0, first=first or time.perf_counter(), end=time.perf_counter(), pieces=n, times=times)
 
 
 def run_level(base: str, streamer, n: int, args) -> dict:
@@ -109,7 +113,13 @@ def run_level(base: str, streamer, n: int, args) -> dict:
     start = min(o["first"] for o in outs)
     end = max(o["end"] for o in outs)
     tokens = sum(max(o["pieces"] - 1, 0) for o in outs)
+    # steady state: while every stream is past its first token and none has ended (no prefill of
+    # another request in the window: the batched decode steps alone)
+    s0, s1 = max(o["first"] for o in outs), min(o["end"] for o in outs)
+    in_window = sum(1 for o in outs for t in o["times"] if s0 < t <= s1)
+    steady = in_window / (s1 - s0) if s1 - s0 > 0.2 else None
     return {"streams": n, "aggregate_decode_tok_s": tokens / (end - start) if end > start else 0.0,
+            "steady_decode_tok_s": steady,
             "per_stream_tok_s": statistics.median((o["pieces"] - 1) / (o["end"] - o["first"]) for o in outs if o["end"] > o["first"]),
             "ttft_ms_median": statistics.median((o["first"] - o["t0"]) * 1000 for o in outs),
             "health_ms_max": max(health) if health else None,
@@ -165,15 +175,20 @@ def bench_concurrency(args, with_llama_server: bool) -> dict:
         summary = {}
         for n, rs in runs.items():
             agg = [r["aggregate_decode_tok_s"] for r in rs]
+            steady = [r["steady_decode_tok_s"] for r in rs if r["steady_decode_tok_s"]]
             summary[str(n)] = {"aggregate_decode_tok_s": statistics.median(agg), "min": min(agg), "max": max(agg),
+                               "steady_decode_tok_s": statistics.median(steady) if steady else None,
                                "per_stream_tok_s": statistics.median(r["per_stream_tok_s"] for r in rs),
                                "ttft_ms": statistics.median(r["ttft_ms_median"] for r in rs),
                                "health_ms_max": max(r["health_ms_max"] or 0 for r in rs)}
-            print(f"{name} x{n}: aggregate {summary[str(n)]['aggregate_decode_tok_s']:.1f} tok/s, "
-                  f"health max {summary[str(n)]['health_ms_max']:.1f} ms", file=sys.stderr, flush=True)
+            st = summary[str(n)]["steady_decode_tok_s"]
+            print(f"{name} x{n}: aggregate {summary[str(n)]['aggregate_decode_tok_s']:.1f} tok/s, steady-state "
+                  f"{st or 0:.1f} tok/s, health max {summary[str(n)]['health_ms_max']:.1f} ms", file=sys.stderr, flush=True)
         results["servers"][name] = summary
     if len(levels) > 1:
         for name, s in results["servers"].items():
             lo, hi = str(levels[0]), str(levels[-1])
             s["scaling"] = s[hi]["aggregate_decode_tok_s"] / s[lo]["aggregate_decode_tok_s"]
+            if s[hi]["steady_decode_tok_s"] and s[lo]["steady_decode_tok_s"]:
+                s["steady_scaling"] = s[hi]["steady_decode_tok_s"] / s[lo]["steady_decode_tok_s"]
     return results

@@ -144,16 +144,20 @@ def test_decode_attention_matches_the_numpy_stage_functions(n_head, n_kv, head_d
     lengths = [1, 2, 17, 64, 100]
     caches = [rng.standard_normal((2, n_kv, 100, head_dim)).astype(np.float32) * 2 for _ in lengths]
     q = rng.standard_normal((len(lengths), n_head, head_dim)).astype(np.float32) * 2
-    got = decode_attention(q, [c[0] for c in caches], [c[1] for c in caches], lengths)  # [B, H·hd]
+    k_new = rng.standard_normal((len(lengths), n_kv, head_dim)).astype(np.float32)
+    v_new = rng.standard_normal((len(lengths), n_kv, head_dim)).astype(np.float32)
+    got = decode_attention(q, k_new, v_new, [c[0] for c in caches], [c[1] for c in caches], lengths)  # [B, H·hd]
     for b, T in enumerate(lengths):
+        assert np.array_equal(caches[b][0][:, T - 1], k_new[b]) and np.array_equal(caches[b][1][:, T - 1], v_new[b])
         k, v = caches[b][0][:, :T], caches[b][1][:, :T]
         ref = attention_heads(attention_scores(q[b : b + 1], k, T - 1), v)[0]  # [H·hd]
         assert np.abs(got[b] - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max()), (b, np.abs(got[b] - ref).max())
-    # negative control: a sequence attending one position too few is far off
-    short = decode_attention(q[-1:], [caches[-1][0]], [caches[-1][1]], [99])
+    # negative control: a sequence attending to too few positions is far off
+    scratch = [c.copy() for c in caches[-1]]
+    short = decode_attention(q[-1:], scratch[0][:, 59][None], scratch[1][:, 59][None], [scratch[0]], [scratch[1]], [60])
     assert np.abs(short[0] - got[-1]).max() > 1e-3
     with pytest.raises(ValueError, match="cannot hold"):
-        decode_attention(q[:1], [caches[0][0]], [caches[0][1]], [101])
+        decode_attention(q[:1], k_new[:1], v_new[:1], [caches[0][0]], [caches[0][1]], [101])
 
 
 def test_decode_steps_fast_path_equals_numpy_path():

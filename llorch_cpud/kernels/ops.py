@@ -60,16 +60,20 @@ def linear_many(x: np.ndarray, weights) -> list[np.ndarray]:
     return [linear(x, w) for w in weights]
 
 
-def decode_attention(q: np.ndarray, keys: list, values: list, lengths: list[int]) -> np.ndarray:
-    """Attention of one new query row per sequence over that sequence's cached keys and values - the
-    math of models/llama.py's `attention_scores` + `attention_heads` for a single row (the causal
-    mask is then just the length), in one C call for the whole batch instead of ~10 numpy calls per
-    sequence. q [B, H, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a KVCache);
-    lengths[b] = T_b positions to attend -> [B, H·hd]. tests/test_kernels.py holds it to the numpy
-    stage functions."""
+def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: list, values: list,
+                     lengths: list[int]) -> np.ndarray:
+    """One new query row per sequence: its K/V row written into the sequence's cache at position
+    length-1 (what `cache_write` does), then attention over the cached positions - the math of
+    `attention_scores` + `attention_heads` for a single row (the causal mask is then just the length),
+    in one C call for the whole batch instead of ~12 numpy calls per sequence.
+
+    q [B, H, hd]; k_new, v_new [B, Hkv, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a
+    KVCache); lengths[b] = T_b -> [B, H·hd]. tests/test_kernels.py holds it to the numpy functions."""
     B, n_head, head_dim = q.shape
     out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
-    _qkernels.attend_decode(np.ascontiguousarray(q, dtype=np.float32), keys, values, lengths, out,
+    f32 = np.float32
+    _qkernels.attend_decode(np.ascontiguousarray(q, dtype=f32), np.ascontiguousarray(k_new, dtype=f32),
+                            np.ascontiguousarray(v_new, dtype=f32), keys, values, lengths, out,
                             n_head, keys[0].shape[0], head_dim)
     return out
 

@@ -327,15 +327,16 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
     }
 }
 
-/* attend_decode(q, ks, vs, lengths, out, n_head, n_kv, hd)
- *   q [B, n_head, hd]; ks[b], vs[b]: that sequence's layer slab [n_kv, max_seq_b, hd] (C-contiguous);
- *   lengths[b]: positions to attend (T_b); out [B, n_head * hd]. */
+/* attend_decode(q, k_new, v_new, ks, vs, lengths, out, n_head, n_kv, hd)
+ *   q [B, n_head, hd]; k_new, v_new [B, n_kv, hd]: the new position's K, V, written into the caches at
+ *   position T_b - 1 first; ks[b], vs[b]: that sequence's layer slab [n_kv, max_seq_b, hd]
+ *   (C-contiguous, writable); lengths[b]: positions to attend (T_b); out [B, n_head * hd]. */
 static PyObject *py_attend_decode(PyObject *self, PyObject *args)
 {
-    Py_buffer q, out;
+    Py_buffer q, kn, vn, out;
     PyObject *ks, *vs, *lens;
     Py_ssize_t H, Hkv, hd;
-    if (!PyArg_ParseTuple(args, "y*OOOw*nnn", &q, &ks, &vs, &lens, &out, &H, &Hkv, &hd)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOOw*nnn", &q, &kn, &vn, &ks, &vs, &lens, &out, &H, &Hkv, &hd)) return NULL;
     PyObject *ret = NULL;
     Py_ssize_t B = PySequence_Size(lens);
     Py_buffer *kb = NULL, *vb = NULL;
@@ -346,6 +347,7 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
         goto done;
     }
     if (H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0 || check_size(&q, B * H * hd * 4, "q") ||
+        check_size(&kn, B * Hkv * hd * 4, "k_new") || check_size(&vn, B * Hkv * hd * 4, "v_new") ||
         check_size(&out, B * H * hd * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad head counts");
         goto done;
@@ -359,13 +361,13 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
         PyObject *o;
         o = PySequence_GetItem(ks, b);
         if (!o) goto done;
-        int rk = PyObject_GetBuffer(o, &kb[b], PyBUF_C_CONTIGUOUS);
+        int rk = PyObject_GetBuffer(o, &kb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
         Py_DECREF(o);
         if (rk < 0) goto done;
         nk++;
         o = PySequence_GetItem(vs, b);
         if (!o) goto done;
-        int rv = PyObject_GetBuffer(o, &vb[b], PyBUF_C_CONTIGUOUS);
+        int rv = PyObject_GetBuffer(o, &vb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
         Py_DECREF(o);
         if (rv < 0) goto done;
         nv++;
@@ -388,6 +390,12 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
         float *op = out.buf;
         int64_t g = H / Hkv;
         Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t b = 0; b < B; b++) /* the new position's K, V into the cache (cache_write's job) */
+            for (Py_ssize_t kvh = 0; kvh < Hkv; kvh++) {
+                size_t at = (size_t)((kvh * ms[b] + T[b] - 1) * hd);
+                memcpy((float *)kb[b].buf + at, (const float *)kn.buf + (b * Hkv + kvh) * hd, hd * 4);
+                memcpy((float *)vb[b].buf + at, (const float *)vn.buf + (b * Hkv + kvh) * hd, hd * 4);
+            }
 #pragma omp parallel
         {
             float *scores = malloc(sizeof(float) * g * ((maxT + 15) & ~(int64_t)15));
@@ -408,7 +416,7 @@ done:
     for (Py_ssize_t b = 0; b < nk; b++) PyBuffer_Release(&kb[b]);
     for (Py_ssize_t b = 0; b < nv; b++) PyBuffer_Release(&vb[b]);
     PyMem_Free(kb); PyMem_Free(vb); PyMem_Free(T); PyMem_Free(ms);
-    PyBuffer_Release(&q); PyBuffer_Release(&out);
+    PyBuffer_Release(&q); PyBuffer_Release(&kn); PyBuffer_Release(&vn); PyBuffer_Release(&out);
     return ret;
 }
 

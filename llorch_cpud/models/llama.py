@@ -261,10 +261,10 @@ def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos
     row = 0
     for seg in segments:  # attention is per sequence (its own cache); the projections are batched
         rows = slice(row, row + seg.length)
-        cache_write(seg.cache, i, seg.start, k[rows], v[rows])
         if fused and seg.length == 1:
-            one_row.append((row, seg))
+            one_row.append((row, seg))  # its cache write happens in decode_attention
         else:
+            cache_write(seg.cache, i, seg.start, k[rows], v[rows])
             k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [Hkv, T, hd]
             scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
             if row == 0:
@@ -273,7 +273,8 @@ def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos
         row += seg.length
     if one_row:
         idx = [r for r, _ in one_row]
-        merged[idx] = decode_attention(q[idx], [s.cache.k[i] for _, s in one_row], [s.cache.v[i] for _, s in one_row],
+        merged[idx] = decode_attention(q[idx], k[idx], v[idx], [s.cache.k[i] for _, s in one_row],
+                                       [s.cache.v[i] for _, s in one_row],
                                        [s.start + 1 for _, s in one_row])  # [B, H, hd] -> [B, H·hd]
     out = linear(merged, w[p + "attn_output.weight"])  # checkpoint 5 for every row: [rows, H·hd] -> [rows, n_embd]
     trace_put(trace, i, "attn_out", out)
