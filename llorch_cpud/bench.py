@@ -217,6 +217,39 @@ def table(result: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def concurrency_table(conc: dict) -> str:
+    """Streams through the real servers: one row per server and level (aggregate over the whole window,
+    steady state with every stream decoding, per stream, TTFT, worst /health), then ours/peer."""
+    rows = [["server", "streams", "aggregate tok/s", "steady tok/s", "per stream", "TTFT ms", "health max ms"]]
+    servers = conc.get("servers", {})
+    for name, s in servers.items():
+        for level in conc.get("levels", []):
+            r = s.get(str(level))
+            if not r:
+                continue
+            steady = r.get("steady_decode_tok_s")
+            rows.append([name, str(level), f"{r['aggregate_decode_tok_s']:.1f} ({r['min']:.1f}-{r['max']:.1f})",
+                         f"{steady:.1f}" if steady else "-", f"{r['per_stream_tok_s']:.1f}", f"{r['ttft_ms']:.0f}",
+                         f"{r['health_ms_max']:.1f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    for name, s in servers.items():
+        if "scaling" in s:
+            steady = f", steady state {s['steady_scaling']:.2f}x" if "steady_scaling" in s else ""
+            lines.append(f"{name}: {conc['levels'][-1]} streams / 1 stream = {s['scaling']:.2f}x aggregate{steady}")
+    if "ours" in servers and len(servers) > 1:
+        for peer, s in servers.items():
+            if peer == "ours":
+                continue
+            for level in conc.get("levels", []):
+                a, b = servers["ours"].get(str(level)), s.get(str(level))
+                if a and b and b["aggregate_decode_tok_s"]:
+                    lines.append(f"ours/{peer} at {level} streams: {a['aggregate_decode_tok_s'] / b['aggregate_decode_tok_s']:.2f}x")
+    for name, reason in conc.get("skipped", {}).items():
+        lines.append(f"skipped {name}: {reason}")
+    return "\n".join(lines)
+
+
 def bench(args) -> dict:
     peers = [p for p in args.peers.split(",") if p]
     unknown = [p for p in peers if p not in RUNNERS and p != "llama-server"]
@@ -289,7 +322,8 @@ def cmd_bench(args) -> int:
     for n, reason in result["skipped"].items():
         print(f"skipped {n}: {reason}")
     if "concurrency" in result:
-        print(json.dumps(result["concurrency"], indent=2))
+        print()
+        print(concurrency_table(result["concurrency"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -42,6 +42,7 @@ def test_bench_runs_ours_and_transformers_and_concurrency(gpt2_small, tmp_path):
     for level in ("1", "2"):
         assert conc[level]["aggregate_decode_tok_s"] > 0 and conc[level]["health_ms_max"] > 0
     assert conc["scaling"] == pytest.approx(conc["2"]["aggregate_decode_tok_s"] / conc["1"]["aggregate_decode_tok_s"])
+    assert f"ours: 2 streams / 1 stream = {conc['scaling']:.2f}x aggregate" in r.stdout  # the concurrency table
 
 
 def test_bench_rejects_unknown_peer(gpt2_small):

@@ -292,15 +292,21 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
                          float scale, float *scores, float *out)
 {
     int64_t Tp = (T + 15) & ~(int64_t)15;
+    const int wide = hd % 64 == 0; /* 4 vectors per 64 elements, kept in registers */
     for (int64_t t = 0; t < T; t++) {
         const float *kt = k + t * hd;
         for (int64_t h = 0; h < g; h++) {
             const float *qh = q + h * hd;
             float s = 0.f;
-            if (hd % 16 == 0) { /* 16 partial sums, then a fixed tree: vectorised, deterministic */
-                f32x16 acc = {0};
-                for (int64_t i = 0; i < hd; i += 16) acc += load16(qh + i) * load16(kt + i);
-                s = hsum16(acc);
+            if (wide) { /* 64 partial sums, then a fixed tree: vectorised, deterministic */
+                f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t i = 0; i < hd; i += 64) {
+                    a0 += load16(qh + i) * load16(kt + i);
+                    a1 += load16(qh + i + 16) * load16(kt + i + 16);
+                    a2 += load16(qh + i + 32) * load16(kt + i + 32);
+                    a3 += load16(qh + i + 48) * load16(kt + i + 48);
+                }
+                s = hsum16((a0 + a1) + (a2 + a3));
             } else {
                 for (int64_t i = 0; i < hd; i++) s += qh[i] * kt[i];
             }
@@ -312,17 +318,36 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
         float mx = -INFINITY;
         for (int64_t t = 0; t < T; t++) mx = sh[t] > mx ? sh[t] : mx;
         for (int64_t t = T; t < Tp; t++) sh[t] = -INFINITY;
-        float sum = 0.f;
         for (int64_t t = 0; t < Tp; t++) sh[t] -= mx;
         for (int64_t t = 0; t < Tp; t += 16) exp16(sh + t);
+        float sum = 0.f;
         for (int64_t t = 0; t < T; t++) sum += sh[t];
         float inv = 1.f / sum;
+        for (int64_t t = 0; t < T; t++) sh[t] *= inv; /* the softmax weights */
         float *oh = out + h * hd;
-        for (int64_t i = 0; i < hd; i++) oh[i] = 0.f;
-        for (int64_t t = 0; t < T; t++) {
-            const float *vt = v + t * hd;
-            float p = sh[t] * inv;
-            for (int64_t i = 0; i < hd; i++) oh[i] += p * vt[i];
+        if (wide) {
+            for (int64_t i = 0; i < hd; i += 64) {
+                f32x16 o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+                for (int64_t t = 0; t < T; t++) {
+                    const float *vt = v + t * hd + i;
+                    float p = sh[t];
+                    o0 += p * load16(vt);
+                    o1 += p * load16(vt + 16);
+                    o2 += p * load16(vt + 32);
+                    o3 += p * load16(vt + 48);
+                }
+                store16(oh + i, o0);
+                store16(oh + i + 16, o1);
+                store16(oh + i + 32, o2);
+                store16(oh + i + 48, o3);
+            }
+        } else {
+            for (int64_t i = 0; i < hd; i++) oh[i] = 0.f;
+            for (int64_t t = 0; t < T; t++) {
+                const float *vt = v + t * hd;
+                float p = sh[t];
+                for (int64_t i = 0; i < hd; i++) oh[i] += p * vt[i];
+            }
         }
     }
 }
