@@ -3,8 +3,8 @@
  * Layout of one matrix [N, K] (N padded to n_chunk * L rows, K = NB * 32):
  *   Q4_1  qs [n_chunk][NB][16][L] uint8   byte j of block b for each of the chunk's L rows
  *                                         (low nibble: element j, high nibble: element j + 16)
- *         d, m [n_chunk][NB][L] float32   w = d * q + m
- *   Q8_0  qs [n_chunk][NB][32][L] int8,  d [n_chunk][NB][L] float32   w = d * q
+ *         d, m [n_chunk][NB][L] float16   w = d * q + m
+ *   Q8_0  qs [n_chunk][NB][32][L] int8,  d [n_chunk][NB][L] float16   w = d * q
  *
  * Each SIMD lane is one output row, so a lane's sum runs in a fixed order (block by block,
  * element by element), whatever the thread count or the batch: results are deterministic and a
@@ -70,6 +70,41 @@ static inline i32x16 widen_s8(const int8_t *p)
 #endif
 }
 
+/* 16 half floats -> 16 x float32 (the per-block scales stay float16, as ggml stores them). */
+static inline float half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13); /* inf, nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else { /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline f32x16 load16h(const uint16_t *p)
+{
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__)
+    __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    f32x16 r;
+    memcpy(&r, &a, 32);
+    memcpy((char *)&r + 32, &b, 32);
+    return r;
+#else
+    f32x16 r;
+    for (int i = 0; i < 16; i++) r[i] = half_to_float(p[i]);
+    return r;
+#endif
+}
+
 #define RT 8 /* activation rows per pass: each converted weight vector feeds RT rows */
 
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
@@ -78,7 +113,7 @@ static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 /* ---- Q4_1 ------------------------------------------------------------------------------- */
 
 static inline __attribute__((always_inline)) void
-q4_1_tile(const float *x, const uint8_t *qs, const float *d, const float *m, float *out,
+q4_1_tile(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
@@ -86,8 +121,8 @@ q4_1_tile(const float *x, const uint8_t *qs, const float *d, const float *m, flo
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
         for (int64_t b = 0; b < NB; b++) {
             const uint8_t *q = qs + ((c * NB + b) * 16) * L + i0;
-            f32x16 dv = load16(d + (c * NB + b) * L + i0);
-            f32x16 mv = load16(m + (c * NB + b) * L + i0);
+            f32x16 dv = load16h(d + (c * NB + b) * L + i0);
+            f32x16 mv = load16h(m + (c * NB + b) * L + i0);
             f32x16 t[RT]; /* per-block partial sums, then added to acc: shorter float32 sums, smaller error */
             for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
             for (int j = 0; j < 16; j++) {
@@ -106,7 +141,7 @@ q4_1_tile(const float *x, const uint8_t *qs, const float *d, const float *m, flo
     }
 }
 
-static void q4_1_chunk(const float *x, const uint8_t *qs, const float *d, const float *m,
+static void q4_1_chunk(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
                        float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
     int64_t NB = K / 32, r0 = 0;
@@ -125,7 +160,7 @@ static void q4_1_chunk(const float *x, const uint8_t *qs, const float *d, const 
 /* ---- Q8_0 ------------------------------------------------------------------------------- */
 
 static inline __attribute__((always_inline)) void
-q8_0_tile(const float *x, const int8_t *qs, const float *d, float *out,
+q8_0_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
@@ -139,14 +174,14 @@ q8_0_tile(const float *x, const int8_t *qs, const float *d, float *out,
                 f32x16 w = __builtin_convertvector(widen_s8(q + j * L), f32x16);
                 for (int r = 0; r < nr; r++) t[r] += w * x[(r0 + r) * K + b * 32 + j];
             }
-            f32x16 dv = load16(d + (c * NB + b) * L + i0);
+            f32x16 dv = load16h(d + (c * NB + b) * L + i0);
             for (int r = 0; r < nr; r++) acc[r] += dv * t[r];
         }
         for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
     }
 }
 
-static void q8_0_chunk(const float *x, const int8_t *qs, const float *d, float *out,
+static void q8_0_chunk(const float *x, const int8_t *qs, const uint16_t *d, float *out,
                        int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
     int64_t NB = K / 32, r0 = 0;
@@ -200,13 +235,13 @@ static void f32_chunk(const float *x, const float *w, float *out, int64_t M, int
 
 /* ---- dequantization into a transposed slab out_t [K][ldo] (columns c0*L .. c1*L) ---------- */
 
-static void q4_1_dequant_chunk(const uint8_t *qs, const float *d, const float *m, float *out_t,
+static void q4_1_dequant_chunk(const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out_t,
                                int64_t K, int64_t ldo, int64_t L, int64_t c, int64_t c0)
 {
     int64_t NB = K / 32, col = (c - c0) * L;
     for (int64_t b = 0; b < NB; b++)
         for (int64_t i0 = 0; i0 < L; i0 += 16) {
-            f32x16 dv = load16(d + (c * NB + b) * L + i0), mv = load16(m + (c * NB + b) * L + i0);
+            f32x16 dv = load16h(d + (c * NB + b) * L + i0), mv = load16h(m + (c * NB + b) * L + i0);
             for (int j = 0; j < 16; j++) {
                 i32x16 qi = widen_u8(qs + ((c * NB + b) * 16 + j) * L + i0);
                 store16(out_t + (b * 32 + j) * ldo + col + i0, dv * __builtin_convertvector(qi & 15, f32x16) + mv);
@@ -215,13 +250,13 @@ static void q4_1_dequant_chunk(const uint8_t *qs, const float *d, const float *m
         }
 }
 
-static void q8_0_dequant_chunk(const int8_t *qs, const float *d, float *out_t,
+static void q8_0_dequant_chunk(const int8_t *qs, const uint16_t *d, float *out_t,
                                int64_t K, int64_t ldo, int64_t L, int64_t c, int64_t c0)
 {
     int64_t NB = K / 32, col = (c - c0) * L;
     for (int64_t b = 0; b < NB; b++)
         for (int64_t i0 = 0; i0 < L; i0 += 16) {
-            f32x16 dv = load16(d + (c * NB + b) * L + i0);
+            f32x16 dv = load16h(d + (c * NB + b) * L + i0);
             for (int j = 0; j < 32; j++) {
                 store16(out_t + (b * 32 + j) * ldo + col + i0,
                         dv * __builtin_convertvector(widen_s8(qs + ((c * NB + b) * 32 + j) * L + i0), f32x16));
@@ -262,6 +297,27 @@ static inline float hsum16(f32x16 a)
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+/* The sums of 4 vectors' 16 lanes, as one fixed tree (deterministic): [sum(a), sum(b), sum(c), sum(d)]. */
+static inline f32x4 hsum4x16(f32x16 a, f32x16 b, f32x16 c, f32x16 d)
+{
+    f32x8 a8, b8, c8, d8, t;
+    memcpy(&a8, &a, 32); memcpy(&t, (char *)&a + 32, 32); a8 += t;
+    memcpy(&b8, &b, 32); memcpy(&t, (char *)&b + 32, 32); b8 += t;
+    memcpy(&c8, &c, 32); memcpy(&t, (char *)&c + 32, 32); c8 += t;
+    memcpy(&d8, &d, 32); memcpy(&t, (char *)&d + 32, 32); d8 += t;
+    const i32x8 lo = {0, 8, 1, 9, 2, 10, 3, 11}, hi = {4, 12, 5, 13, 6, 14, 7, 15};
+    f32x8 ab = __builtin_shuffle(a8, b8, lo) + __builtin_shuffle(a8, b8, hi); /* a0 b0 a1 b1 a2 b2 a3 b3 */
+    f32x8 cd = __builtin_shuffle(c8, d8, lo) + __builtin_shuffle(c8, d8, hi);
+    const i32x8 lo2 = {0, 1, 8, 9, 2, 3, 10, 11}, hi2 = {4, 5, 12, 13, 6, 7, 14, 15};
+    f32x8 abcd = __builtin_shuffle(ab, cd, lo2) + __builtin_shuffle(ab, cd, hi2); /* a b c d a b c d */
+    f32x4 r0, r1;
+    memcpy(&r0, &abcd, 16);
+    memcpy(&r1, (char *)&abcd + 16, 16);
+    return r0 + r1;
+}
+
 static inline void exp16(float *v)
 {
     float y[16];
@@ -293,7 +349,22 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
 {
     int64_t Tp = (T + 15) & ~(int64_t)15;
     const int wide = hd % 64 == 0; /* 4 vectors per 64 elements, kept in registers */
-    for (int64_t t = 0; t < T; t++) {
+    int64_t t = 0;
+    if (hd % 16 == 0) /* 4 positions at a time: their 4 dot products reduced together */
+        for (; t + 4 <= T; t += 4)
+            for (int64_t h = 0; h < g; h++) {
+                const float *qh = q + h * hd;
+                f32x16 a[4];
+                for (int j = 0; j < 4; j++) {
+                    const float *kt = k + (t + j) * hd;
+                    f32x16 acc = {0};
+                    for (int64_t i = 0; i < hd; i += 16) acc += load16(qh + i) * load16(kt + i);
+                    a[j] = acc;
+                }
+                f32x4 s4 = hsum4x16(a[0], a[1], a[2], a[3]);
+                for (int j = 0; j < 4; j++) scores[h * Tp + t + j] = s4[j] * scale;
+            }
+    for (; t < T; t++) {
         const float *kt = k + t * hd;
         for (int64_t h = 0; h < g; h++) {
             const float *qh = q + h * hd;
@@ -319,9 +390,12 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
         for (int64_t t = 0; t < T; t++) mx = sh[t] > mx ? sh[t] : mx;
         for (int64_t t = T; t < Tp; t++) sh[t] = -INFINITY;
         for (int64_t t = 0; t < Tp; t++) sh[t] -= mx;
-        for (int64_t t = 0; t < Tp; t += 16) exp16(sh + t);
-        float sum = 0.f;
-        for (int64_t t = 0; t < T; t++) sum += sh[t];
+        f32x16 acc = {0}; /* the padding lanes hold exp(-inf) = 0 */
+        for (int64_t t = 0; t < Tp; t += 16) {
+            exp16(sh + t);
+            acc += load16(sh + t);
+        }
+        float sum = hsum16(acc); /* 16 partial sums and a fixed tree: vectorised, deterministic */
         float inv = 1.f / sum;
         for (int64_t t = 0; t < T; t++) sh[t] *= inv; /* the softmax weights */
         float *oh = out + h * hd;
@@ -455,8 +529,8 @@ static PyObject *py_q4_1_matmul(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)) return NULL;
     PyObject *ret = NULL;
     if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") ||
-        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * 4, "d") ||
-        check_size(&m, nc * (K / 32) * L * 4, "m") || check_size(&out, M * nc * L * 4, "out")) {
+        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * 2, "d") ||
+        check_size(&m, nc * (K / 32) * L * 2, "m") || check_size(&out, M * nc * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
         goto done;
     }
@@ -480,7 +554,7 @@ static PyObject *py_q8_0_matmul(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L)) return NULL;
     PyObject *ret = NULL;
     if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
-        check_size(&d, nc * (K / 32) * L * 4, "d") || check_size(&out, M * nc * L * 4, "out")) {
+        check_size(&d, nc * (K / 32) * L * 2, "d") || check_size(&out, M * nc * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
         goto done;
     }
@@ -503,7 +577,7 @@ static PyObject *py_q4_1_dequant_t(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnn", &qs, &d, &m, &out, &K, &nc, &L, &c0, &c1)) return NULL;
     PyObject *ret = NULL;
     if (K % 32 || L % 16 || c0 < 0 || c1 > nc || c0 > c1 || check_size(&qs, nc * (K / 32) * 16 * L, "qs") ||
-        check_size(&d, nc * (K / 32) * L * 4, "d") || check_size(&m, nc * (K / 32) * L * 4, "m") ||
+        check_size(&d, nc * (K / 32) * L * 2, "d") || check_size(&m, nc * (K / 32) * L * 2, "m") ||
         check_size(&out, K * (c1 - c0) * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad shape or chunk range");
         goto done;
@@ -527,7 +601,7 @@ static PyObject *py_q8_0_dequant_t(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*w*nnnnn", &qs, &d, &out, &K, &nc, &L, &c0, &c1)) return NULL;
     PyObject *ret = NULL;
     if (K % 32 || L % 16 || c0 < 0 || c1 > nc || c0 > c1 || check_size(&qs, nc * K * L, "qs") ||
-        check_size(&d, nc * (K / 32) * L * 4, "d") || check_size(&out, K * (c1 - c0) * L * 4, "out")) {
+        check_size(&d, nc * (K / 32) * L * 2, "d") || check_size(&out, K * (c1 - c0) * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad shape or chunk range");
         goto done;
     }

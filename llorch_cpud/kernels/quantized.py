@@ -20,8 +20,8 @@ bytes are contiguous. The kernel's inner loop then runs over L rows with
 no reduction (one vector lane per output row); per-block scales are applied once per block.
 
     Q4_1:  qs [n_chunk, n_block, 16, L] uint8 (low nibble = element j, high = element j+16)
-           d, m [n_chunk, n_block, L] float32
-    Q8_0:  qs [n_chunk, n_block, 32, L] int8;  d [n_chunk, n_block, L] float32
+           d, m [n_chunk, n_block, L] float16 (as stored: 20 bytes per 32 weights, like ggml's)
+    Q8_0:  qs [n_chunk, n_block, 32, L] int8;  d [n_chunk, n_block, L] float16
 
 Many rows at once (a prefill) use the same kernel: it tiles 8 activation rows per converted weight
 vector, which reaches ~350 GFLOP/s on this machine's 2 cores - more than numpy's float32 sgemm, and
@@ -54,8 +54,8 @@ def chunk_rows(n_out: int) -> int:
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
-    """[..., 2] uint8 -> [...] float32 (little-endian half floats)."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+    """[..., 2] uint8 -> [...] float16 (little-endian half floats, kept as stored: the kernels widen them)."""
+    return np.ascontiguousarray(raw).view("<f2")[..., 0]
 
 
 class QuantMatrix:
@@ -168,11 +168,11 @@ class QuantMatrix:
         ids = np.asarray(ids, dtype=np.int64)
         L = self.d.shape[2]
         c, lane = ids // L, ids % L  # [rows]
-        d = self.d[c, :, lane]  # [rows, NB]
+        d = self.d[c, :, lane].astype(np.float32)  # [rows, NB]
         if self.kind == "Q4_1":
             q = self.qs[c, :, :, lane]  # [rows, NB, 16]
             vals = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float32)  # [rows, NB, 32]
-            w = d[..., None] * vals + self.m[c, :, lane][..., None]  # [rows, NB, 32]
+            w = d[..., None] * vals + self.m[c, :, lane][..., None].astype(np.float32)  # [rows, NB, 32]
         else:
             w = d[..., None] * self.qs[c, :, :, lane].astype(np.float32)  # [rows, NB, 32]
         return w.reshape(len(ids), self.shape[1])  # [rows, n_in]
