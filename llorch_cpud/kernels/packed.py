@@ -38,8 +38,11 @@ class PackedMatrix:
         n_chunk = -(-n_out // LANES)
         packed = np.zeros((n_chunk, n_in, LANES), np.float32)  # [C, n_in, 16]
         full = n_out // LANES
-        if full:
-            packed[:full] = w[: full * LANES].reshape(full, LANES, n_in).transpose(0, 2, 1)  # [C, 16, K] -> [C, K, 16]
+        step = max(1, (8 << 20) // (LANES * n_in * 4))  # chunks per copy: an ~8 MB temporary, not a whole matrix
+        for c0 in range(0, full, step):
+            c1 = min(full, c0 + step)
+            rows = w[c0 * LANES : c1 * LANES].reshape(c1 - c0, LANES, n_in)  # [c, 16, K] (a copy if w is transposed)
+            packed[c0:c1] = rows.transpose(0, 2, 1)  # [c, 16, K] -> [c, K, 16]
         rest = n_out - full * LANES
         if rest:
             packed[full, :, :rest] = w[full * LANES :].T  # [rest, K] -> [K, rest]
