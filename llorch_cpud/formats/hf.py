@@ -81,11 +81,15 @@ def load_safetensors(files: list[Path], strip_prefixes: tuple[str, ...] = ()) ->
     for f in files:
         try:
             with safe_open(str(f), framework="numpy") as st:
-                for name in st.keys():
-                    key = name
-                    for p in strip_prefixes:
-                        if key.startswith(p):
-                            key = key[len(p) :]
+                names = list(st.keys())
+            for name in names:
+                key = name
+                for p in strip_prefixes:
+                    if key.startswith(p):
+                        key = key[len(p) :]
+                # the file is opened (memory-mapped) per tensor: closing it unmaps the pages just read,
+                # so the process never holds the whole file's mapping on top of the copies
+                with safe_open(str(f), framework="numpy") as st:
                     out[key] = read_tensor(st, name)
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from None
