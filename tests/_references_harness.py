@@ -1,5 +1,5 @@
-"""Shared by tests/test_references_*.py and tests/test_isolated.py: loading a framework reference once
-per module (skipping with the framework's own reason when it cannot run here), memoising its
+"""Shared by tests/test_references_frameworks.py, test_references_cli.py and test_isolated.py: loading a
+framework reference once per module (skipping with the framework's own reason when it cannot run here), memoising its
 answers for the negative controls, and tinygrad's kernel cache in a temporary folder.
 
 The reference side never depends on our engine (an injected bug changes only our side), so a
