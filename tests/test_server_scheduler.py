@@ -126,3 +126,55 @@ def test_inference_failure_is_an_error_event_and_the_loop_survives(engine, monke
     assert b == [("error", {"code": "INFERENCE_FAILED", "message": "RuntimeError: boom"})]
     assert g[-1][0] == "end" and g[-1][1].tokens_out == 3
     assert all(isinstance(ev, TokenEvent) for k, ev in g[:-1])
+
+
+def test_prompts_in_one_step_are_bit_identical_to_each_alone(engine):
+    """The scheduler prefills arrivals together; each one's logits must equal its single-sequence run:
+    bit for bit with the C kernels (rows summed in a fixed order), to float32 rounding on numpy's BLAS."""
+    import numpy as np
+
+    from llorch_cpud import kernels
+
+    def same(a, b):
+        return np.array_equal(a, b) if kernels.enabled() else np.allclose(a, b, rtol=0, atol=1e-4)
+
+    reqs = [Request(prompt=p, max_tokens=4, sampling=GREEDY) for p in PROMPTS[:4]]
+    together = [engine.start(r) for r in reqs]
+    engine.step(together)
+    for r, s in zip(reqs, together):
+        alone = engine.start(r)
+        engine.step([alone])
+        assert same(alone.last_logits, s.last_logits)
+        assert alone.generated == s.generated
+    engine.step(together)  # and the decode step after it, batched vs alone
+    for r, s in zip(reqs, together):
+        alone = engine.start(r)
+        engine.step([alone])
+        engine.step([alone])
+        assert same(alone.last_logits, s.last_logits)
+
+
+@pytest.mark.parametrize("prefill_tokens, steps", [(4096, 1), (1, len(PROMPTS))])
+def test_arrivals_prefilled_together_up_to_the_token_budget(engine, prefill_tokens, steps):
+    async def main():
+        metrics = Metrics()
+        sch = Scheduler(engine, metrics, max_batch=8, prefill_tokens=prefill_tokens)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(job_id=f"p{i}", seq=engine.start(Request(prompt=p, max_tokens=6, sampling=GREEDY)),
+                    endpoint="execute", loop=loop) for i, p in enumerate(PROMPTS)]
+        for j in jobs:  # all waiting before the engine thread's first look
+            sch.submit(j)
+        sch.start()
+        results = await asyncio.gather(*(drain(j) for j in jobs))
+        sch.stop()
+        return metrics, results
+
+    metrics, results = run(main())
+    assert metrics.prefill["steps"] == steps
+    assert metrics.prefill["tokens"] == sum(len(engine.tokenizer.encode(p)) for p in PROMPTS)
+    for p, evs in zip(PROMPTS, results):
+        ref = reference(engine, p, 6)
+        assert evs[-1][0] == "end" and evs[-1][1].token_ids == ref.token_ids
+    # together, all six decode in every step; one prompt per step, the first finishes its 6 tokens
+    # before the last is prefilled
+    assert (metrics.decode["rows_max"] == len(PROMPTS)) == (steps == 1)

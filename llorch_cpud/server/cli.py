@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                         "(default: $LLORCH_API_KEY, which keeps the key out of the process list)")
     s.add_argument("--max-batch", type=_ranged_int(1, 1024, "--max-batch"), default=16,
                    help="most sequences decoded together in one step (others wait in the queue)")
+    s.add_argument("--prefill-tokens", type=_ranged_int(1, 1 << 20, "--prefill-tokens"), default=2048,
+                   help="prompt tokens prefilled together in one step (default 2048; the oldest waiting prompt "
+                        "always goes, alone if longer; 1 = one prompt per step)")
     s.add_argument("--max-queue", type=_ranged_int(1, 100000, "--max-queue"), default=256,
                    help="most jobs waiting for a batch slot before new ones get 503")
     s.add_argument("--callback-attempts", type=_ranged_int(1, 100, "--callback-attempts"), default=6,
@@ -53,5 +56,5 @@ def cmd_serve(a) -> int:
     if a.api_key is not None and not a.api_key:
         raise LlorchError("--api-key must not be empty")
     return serve(ServeConfig(model=a.model, host=a.host, port=a.port, worker_id=a.worker_id, callback_url=a.callback_url,
-                             api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue,
+                             api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, prefill_tokens=a.prefill_tokens,
                              callback_attempts=a.callback_attempts))

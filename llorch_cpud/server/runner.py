@@ -202,7 +202,7 @@ async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> 
     state.model_bytes = weights_bytes(engine.model)
     state.load_seconds = load_seconds
     state.scheduler = Scheduler(engine, state.metrics, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                                on_terminal=state.on_terminal)
+                                on_terminal=state.on_terminal, prefill_tokens=cfg.prefill_tokens)
     state.scheduler.start()
     sch = state.scheduler
     state.metrics.gauges.update({

@@ -7,11 +7,19 @@ side) through a thread-safe inbox. Each loop iteration of the engine thread:
    is set (POST /cancel, client disconnect, shutdown) — its KV cache is freed and its
    stream gets its terminal event;
 2. admits waiting jobs while fewer than `max_batch` are active;
-3. prefills the oldest admitted-but-not-prefilled job *alone* — the same single-sequence
-   step `Engine.generate` runs, so a request's prompt logits are bit-identical to the
-   CLI's — which also samples its first token;
+3. prefills the admitted-but-not-prefilled jobs, oldest first, together in ONE `Engine.step`
+   (their prompt rows share the matrix products; attention per sequence), as many as fit in
+   `prefill_tokens` prompt tokens (the oldest always goes, alone if it is longer) — the way
+   llama-server fills one batch with every slot's prompt. With the C kernels a row's result does
+   not depend on the other rows of the step (each row is summed in a fixed order), so a request's
+   logits are bit-identical to the CLI's single-sequence run (tests/test_server_scheduler.py);
+   numpy's BLAS (LLORCH_KERNELS=numpy) may round differently for another number of rows. The step
+   also samples each one's first token;
 4. runs ONE `Engine.step` over every job in decode: one row each through the same matrix
    products (batched decode), attention per sequence.
+
+Requests that arrive together thus start decoding together: the batched decode steps are not
+interleaved with one prefill per request (which stalls every stream once per newcomer).
 
 Events go back to the asyncio side with `loop.call_soon_threadsafe`, one list per job per
 step, as soon as the step returns: a token is on the wire one step after it was sampled,
@@ -71,10 +79,11 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 16, max_queue: int = 256,
-                 on_terminal=None):
+                 on_terminal=None, prefill_tokens: int = 2048):
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled together in one step (at least one prompt)
         self.max_queue = max_queue
         self.on_terminal = on_terminal  # called on the loop thread when a job's terminal event is queued
         self.cond = threading.Condition()
@@ -159,16 +168,25 @@ class Scheduler:
             job.seq.t_start = time.perf_counter()  # prefill time excludes time spent queued
             self.active.append(job)
         decoding = [j for j in self.active if j.prefilled]
-        new = next((j for j in self.active if not j.prefilled), None)
-        if new is not None:
+        new, tokens = [], 0
+        for j in self.active:
+            if not j.prefilled:
+                n = len(j.seq.prompt_ids)
+                if new and tokens + n > self.prefill_tokens:
+                    break
+                new.append(j)
+                tokens += n
+        if new:
             t0 = time.perf_counter()
-            self._step([new])
-            new.prefilled = True
-            self.metrics.prefill_step(len(new.seq.prompt_ids), time.perf_counter() - t0)
-            if new.seq.t_first is not None:
-                self.metrics.first_token(new.seq.t_first - new.seq.t_start)
-            log("prefill", job_id=new.job_id, correlation_id=new.correlation_id, prompt_tokens=len(new.seq.prompt_ids),
-                prefill_ms=round((time.perf_counter() - t0) * 1000, 1), batch=len(self.active))
+            self._step(new)
+            ms = round((time.perf_counter() - t0) * 1000, 1)
+            self.metrics.prefill_step(tokens, time.perf_counter() - t0)
+            for j in new:
+                j.prefilled = True
+                if j.seq.t_first is not None:
+                    self.metrics.first_token(j.seq.t_first - j.seq.t_start)
+                log("prefill", job_id=j.job_id, correlation_id=j.correlation_id, prompt_tokens=len(j.seq.prompt_ids),
+                    prefill_ms=ms, prefilled_together=len(new), batch=len(self.active))
             self._reap_cancelled()  # a cancel that came in during a long prefill ends before the next step
             decoding = [j for j in decoding if not j.seq.done]
         if decoding:
