@@ -225,7 +225,7 @@ def concurrency_table(conc: dict) -> str:
     for name, s in servers.items():
         for level in conc.get("levels", []):
             r = s.get(str(level))
-            if not r:
+            if not isinstance(r, dict) or "aggregate_decode_tok_s" not in r:
                 continue
             steady = r.get("steady_decode_tok_s")
             rows.append([name, str(level), f"{r['aggregate_decode_tok_s']:.1f} ({r['min']:.1f}-{r['max']:.1f})",
@@ -233,18 +233,15 @@ def concurrency_table(conc: dict) -> str:
                          f"{r['health_ms_max']:.1f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    for name, s in servers.items():
-        if "scaling" in s:
-            steady = f", steady state {s['steady_scaling']:.2f}x" if "steady_scaling" in s else ""
-            lines.append(f"{name}: {conc['levels'][-1]} streams / 1 stream = {s['scaling']:.2f}x aggregate{steady}")
-    if "ours" in servers and len(servers) > 1:
-        for peer, s in servers.items():
-            if peer == "ours":
-                continue
-            for level in conc.get("levels", []):
-                a, b = servers["ours"].get(str(level)), s.get(str(level))
-                if a and b and b["aggregate_decode_tok_s"]:
-                    lines.append(f"ours/{peer} at {level} streams: {a['aggregate_decode_tok_s'] / b['aggregate_decode_tok_s']:.2f}x")
+    for name, s in servers.items():  # ratios: medians of per-round ratios (runs of a round are back to back)
+        if s.get("scaling"):
+            steady = f", steady state {s['steady_scaling']:.2f}x" if s.get("steady_scaling") else ""
+            lines.append(f"{name}: {conc['levels'][-1]} streams / {conc['levels'][0]} = {s['scaling']:.2f}x aggregate{steady}")
+    for key, by_level in servers.get("ours", {}).items():
+        if key.startswith("vs_"):
+            for level, ratio in by_level.items():
+                if ratio:
+                    lines.append(f"ours/{key[3:]} at {level} streams: {ratio:.2f}x aggregate")
     for name, reason in conc.get("skipped", {}).items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

@@ -146,7 +146,14 @@ def start_llama_server(binary: str, model: str, parallel: int, ctx: int) -> tupl
     return proc, base
 
 
+def per_round_ratio(a: list[dict], b: list[dict], key: str) -> float | None:
+    """Median over rounds of a[i][key] / b[i][key] (runs of the same round were measured back to back)."""
+    ratios = [x[key] / y[key] for x, y in zip(a, b) if x.get(key) and y.get(key)]
+    return statistics.median(ratios) if ratios else None
+
+
 def bench_concurrency(args, with_llama_server: bool) -> dict:
+    from llorch_cpud.bench import progress_bar
     from llorch_cpud.formats import resolve
 
     model = str(resolve(args.model))
@@ -165,30 +172,47 @@ def bench_concurrency(args, with_llama_server: bool) -> dict:
     else:
         servers_skipped = {}
     results: dict = {"levels": levels, "servers": {}, "skipped": servers_skipped}
-    for name, (start, streamer) in servers.items():
-        proc, base = start()
-        try:
-            runs = {n: [run_level(base, streamer, n, args) for _ in range(args.repeats)] for n in levels}
-        finally:
+    # All servers up at once (an idle one uses no CPU) and the runs interleaved round by round -
+    # ours x1, peer x1, ours x8, peer x8, then again - so a change in the machine's memory bandwidth
+    # during the benchmark hits every server and level alike; ratios are medians of per-round ratios.
+    procs: dict = {}
+    runs: dict = {name: {n: [] for n in levels} for name in servers}
+    total, done = args.repeats * len(levels) * len(servers), 0
+    try:
+        for name, (start, _) in servers.items():
+            procs[name] = start()
+        for _ in range(args.repeats):
+            for n in levels:
+                for name, (_, streamer) in servers.items():
+                    r = run_level(procs[name][1], streamer, n, args)
+                    runs[name][n].append(r)
+                    done += 1
+                    print(f"{progress_bar(done, total)} {name} x{n}: aggregate {r['aggregate_decode_tok_s']:.1f} tok/s, "
+                          f"steady-state {r['steady_decode_tok_s'] or 0:.1f} tok/s", file=sys.stderr, flush=True)
+    finally:
+        for proc, _ in procs.values():
             proc.terminate()
+        for proc, _ in procs.values():
             proc.wait(timeout=60)
+    for name, by_level in runs.items():
         summary = {}
-        for n, rs in runs.items():
+        for n, rs in by_level.items():
             agg = [r["aggregate_decode_tok_s"] for r in rs]
             steady = [r["steady_decode_tok_s"] for r in rs if r["steady_decode_tok_s"]]
             summary[str(n)] = {"aggregate_decode_tok_s": statistics.median(agg), "min": min(agg), "max": max(agg),
                                "steady_decode_tok_s": statistics.median(steady) if steady else None,
                                "per_stream_tok_s": statistics.median(r["per_stream_tok_s"] for r in rs),
                                "ttft_ms": statistics.median(r["ttft_ms_median"] for r in rs),
-                               "health_ms_max": max(r["health_ms_max"] or 0 for r in rs)}
-            st = summary[str(n)]["steady_decode_tok_s"]
-            print(f"{name} x{n}: aggregate {summary[str(n)]['aggregate_decode_tok_s']:.1f} tok/s, steady-state "
-                  f"{st or 0:.1f} tok/s, health max {summary[str(n)]['health_ms_max']:.1f} ms", file=sys.stderr, flush=True)
+                               "health_ms_max": max(r["health_ms_max"] or 0 for r in rs),
+                               "runs": rs}
+        if len(levels) > 1:
+            lo, hi = by_level[levels[0]], by_level[levels[-1]]
+            summary["scaling"] = per_round_ratio(hi, lo, "aggregate_decode_tok_s")
+            summary["steady_scaling"] = per_round_ratio(hi, lo, "steady_decode_tok_s")
         results["servers"][name] = summary
-    if len(levels) > 1:
-        for name, s in results["servers"].items():
-            lo, hi = str(levels[0]), str(levels[-1])
-            s["scaling"] = s[hi]["aggregate_decode_tok_s"] / s[lo]["aggregate_decode_tok_s"]
-            if s[hi]["steady_decode_tok_s"] and s[lo]["steady_decode_tok_s"]:
-                s["steady_scaling"] = s[hi]["steady_decode_tok_s"] / s[lo]["steady_decode_tok_s"]
+    if "ours" in runs:
+        for peer in runs:
+            if peer != "ours":
+                results["servers"]["ours"][f"vs_{peer}"] = {
+                    str(n): per_round_ratio(runs["ours"][n], runs[peer][n], "aggregate_decode_tok_s") for n in levels}
     return results

@@ -50,7 +50,7 @@ class ServeConfig:
     api_key: str | None = None
     max_batch: int = 16
     max_queue: int = 256
-    prefill_tokens: int = 2048
+    prefill_tokens: int = 256
     callback_attempts: int = 6
     callback_timeout: float = 5.0
 
