@@ -46,13 +46,13 @@ def prompt_ids_for(tokenizer_encode, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_ours(model: str | None, prompt_tokens: int, new_tokens: int) -> dict:
+def run_ours(model: str | None, prompt_tokens: int, new_tokens: int, numerics: str = "float32") -> dict:
     from llorch_cpud.cli import load_engine
     from llorch_cpud.engine import Request
     from llorch_cpud.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    engine, _ = load_engine(model)
+    engine, _ = load_engine(model, numerics=numerics)
     load_s = time.perf_counter() - t0
     engine.eos_token_id = None  # generate exactly new_tokens
     ids = prompt_ids_for(engine.tokenizer.encode, prompt_tokens)
@@ -177,6 +177,8 @@ def measure(name: str, args) -> dict:
     model = str(resolve(args.model))
     cmd = [runner_python(name, args), "-m", "llorch_cpud.bench", "--runner", name, "--model", model,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    if name == "ours":
+        cmd += ["--numerics", getattr(args, "numerics", "float32")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"{name} runner failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
@@ -277,6 +279,7 @@ def bench(args) -> dict:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
+        "numerics": getattr(args, "numerics", "float32"),
         "runners": {n: summarize(samples[n]) for n in names},
         "samples": samples,
         "skipped": skipped,
@@ -292,7 +295,7 @@ def bench(args) -> dict:
 
 
 def register(sub) -> None:
-    from llorch_cpud.cli import ranged
+    from llorch_cpud.cli import add_numerics_argument, ranged
 
     b = sub.add_parser("bench", help="benchmark ours against peers in the same run")
     b.add_argument("--model", default=None)
@@ -304,6 +307,7 @@ def register(sub) -> None:
     b.add_argument("--json", type=Path, default=None, help="also write the result here")
     b.add_argument("--llamacpp-python", default=None, help="python interpreter that imports llama_cpp")
     b.add_argument("--llama-server", default=None, help="path to llama-server")
+    add_numerics_argument(b)
     b.set_defaults(func=cmd_bench)
 
 
@@ -315,6 +319,8 @@ def cmd_bench(args) -> int:
     except ValueError:
         raise LlorchError(f"--concurrency: expected comma-separated integers, got {args.concurrency!r}") from None
     result = bench(args)
+    if result["numerics"] != "float32":
+        print(f"ours runs with --numerics {result['numerics']}")
     print(table(result))
     for n, reason in result["skipped"].items():
         print(f"skipped {n}: {reason}")
@@ -334,8 +340,12 @@ def _runner_main() -> None:
     p.add_argument("--model")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--numerics", default="float32")
     a = p.parse_args()
-    fn = {"ours": run_ours, "transformers": run_transformers, "llamacpp": run_llamacpp}[a.runner]
+    if a.runner == "ours":
+        print(json.dumps(run_ours(a.model, a.prompt_tokens, a.new_tokens, a.numerics)))
+        return
+    fn = {"transformers": run_transformers, "llamacpp": run_llamacpp}[a.runner]
     print(json.dumps(fn(a.model, a.prompt_tokens, a.new_tokens)))
 
 

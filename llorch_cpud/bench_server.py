@@ -127,9 +127,10 @@ def run_level(base: str, streamer, n: int, args) -> dict:
             "tokens": [o["pieces"] for o in outs]}
 
 
-def start_ours(model: str) -> tuple[subprocess.Popen, str]:
+def start_ours(model: str, numerics: str = "float32") -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llorch_cpud.cli", "serve", "--model", model, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "llorch_cpud.cli", "serve", "--model", model, "--port", str(port),
+                             "--numerics", numerics],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     wait_health(base, lambda r: r.status_code == 200)
@@ -158,7 +159,8 @@ def bench_concurrency(args, with_llama_server: bool) -> dict:
 
     model = str(resolve(args.model))
     levels = sorted(set(args.concurrency))
-    servers = {"ours": (lambda: start_ours(model), stream_ours)}
+    numerics = getattr(args, "numerics", "float32")
+    servers = {"ours": (lambda: start_ours(model, numerics), stream_ours)}
     if with_llama_server:
         binary = args.llama_server or os.environ.get("LLORCH_LLAMA_SERVER") or shutil.which("llama-server")
         if not binary or not Path(binary).exists():

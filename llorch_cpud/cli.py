@@ -42,6 +42,15 @@ def ranged(kind, lo=None, hi=None, name=""):
     return parse
 
 
+NUMERICS_HELP = ("products on quantized (GGUF Q4_1/Q8_0) weights: float32 = float32 activations, the dequantized "
+                 "model's numbers (default); q8 = activations quantized to 8 bits per 32-block and integer dot "
+                 "products, as llama.cpp computes (faster; its own tolerances in validate)")
+
+
+def add_numerics_argument(parser) -> None:
+    parser.add_argument("--numerics", choices=("float32", "q8"), default="float32", help=NUMERICS_HELP)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="llorch-cpud", description="CPU inference worker that proves its own numerics")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -60,6 +69,7 @@ def build_parser() -> Parser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable, at most 4)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object when done")
+    add_numerics_argument(g)
     g.add_argument("prompt")
 
     v = sub.add_parser("validate", help="compare every checkpoint against reference implementations")
@@ -69,6 +79,7 @@ def build_parser() -> Parser:
     v.add_argument("--tokens", type=ranged(int, 1, 512, "--tokens"), default=16, help="greedy tokens for checkpoint 12")
     v.add_argument("--report", type=Path, default=None, help="folder for report.json and report.md (default llorch-report; "
                    "with --isolated, reports are written only when given)")
+    add_numerics_argument(v)
     v.add_argument("--isolated", action="store_true",
                    help="no model: each component alone on synthetic inputs against every installed reference")
     g.set_defaults(func=cmd_generate)
@@ -78,12 +89,12 @@ def build_parser() -> Parser:
     return p
 
 
-def load_engine(spec: str | None):
+def load_engine(spec: str | None, numerics: str = "float32"):
     from llorch_cpud.engine import Engine
     from llorch_cpud.formats import load_model, resolve
 
     path = resolve(spec)
-    model, tokenizer, name = load_model(str(path) if spec is None else spec)
+    model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics)
     return Engine(model, tokenizer, name=name), path
 
 
@@ -97,7 +108,7 @@ def cmd_generate(a) -> int:
     from llorch_cpud.engine import EndEvent, Request
     from llorch_cpud.sampling import SamplingParams
 
-    engine, _ = load_engine(a.model)
+    engine, _ = load_engine(a.model, numerics=a.numerics)
     prompt = chat_prompt(engine, a.prompt) if a.chat else a.prompt
     req = Request(
         prompt=prompt,
@@ -133,7 +144,7 @@ def cmd_validate(a) -> int:
 
     refs = parse_references(a.references)
     a.report = a.report or Path("llorch-report")
-    engine, path = load_engine(a.model)
+    engine, path = load_engine(a.model, numerics=a.numerics)
     t0 = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = validate(engine, path, engine.model.family, a.prompt, refs, n_tokens=a.tokens, log=log)
@@ -142,7 +153,7 @@ def cmd_validate(a) -> int:
     print(rep.table(result))
     for name, reason in result["skipped"].items():
         print(f"skipped {name}: {reason}")
-    print(f"weights: {result['weights']}")
+    print(f"weights: {result['weights']}; numerics: {result['numerics']}")
     print(f"{'PASS' if result['passed'] else 'FAIL'} in {time.perf_counter() - t0:.1f}s; reports: {j} {m}")
     return 0 if result["passed"] else EXIT_FAILED_VALIDATION
 

@@ -40,8 +40,28 @@ def resolve(spec: str | None) -> Path:
     raise ModelLoadError(f"{spec}: no such file or folder")
 
 
-def load_model(spec: str | None):
-    """(model, tokenizer, name) for a --model value."""
+def load_model(spec: str | None, numerics: str = "float32"):
+    """(model, tokenizer, name) for a --model value, its quantized products in `numerics`
+    (kernels.quantized.NUMERICS: "float32", the default, or "q8", llama.cpp's 8-bit activations)."""
+    model, tok, name = _load_model(spec)
+    apply_numerics(model, numerics, name)
+    return model, tok, name
+
+
+def apply_numerics(model, numerics: str, name: str = "model") -> None:
+    """Set how the model's quantized products treat activations; `model.numerics` records it."""
+    from llorch_cpud.kernels.quantized import NUMERICS, set_numerics
+
+    if numerics not in NUMERICS:
+        raise ModelLoadError(f"numerics must be one of {', '.join(NUMERICS)}, not {numerics!r}")
+    n = set_numerics(model.weights, numerics)
+    if numerics != "float32" and n == 0:
+        raise ModelLoadError(f"{name}: --numerics {numerics} needs weights held quantized by the C kernels "
+                             "(GGUF Q4_1/Q8_0); this model has none")
+    model.numerics = numerics
+
+
+def _load_model(spec: str | None):
     path = resolve(spec)
     name = spec or path.stem
     if path.is_dir():

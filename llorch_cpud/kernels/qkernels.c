@@ -21,6 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,7 +118,54 @@ static inline f32x16 load16h(const uint16_t *p)
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 
-/* ---- Q4_1 ------------------------------------------------------------------------------- */
+/* Run tile(..., r0, nr) over the M activation rows: full tiles of RT rows, then the remainder
+ * (nr a compile-time constant in every call, so each tile's row loops unroll). */
+#define ROW_TILES(tile, M, ...)                                                  \
+    do {                                                                         \
+        int64_t r0_ = 0;                                                         \
+        for (; r0_ + RT <= (M); r0_ += RT) tile(__VA_ARGS__, r0_, RT);           \
+        switch ((M) - r0_) {                                                     \
+        case 7: tile(__VA_ARGS__, r0_, 7); break;                                \
+        case 6: tile(__VA_ARGS__, r0_, 6); break;                                \
+        case 5: tile(__VA_ARGS__, r0_, 5); break;                                \
+        case 4: tile(__VA_ARGS__, r0_, 4); break;                                \
+        case 3: tile(__VA_ARGS__, r0_, 3); break;                                \
+        case 2: tile(__VA_ARGS__, r0_, 2); break;                                \
+        case 1: tile(__VA_ARGS__, r0_, 1); break;                                \
+        }                                                                        \
+    } while (0)
+
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* 16 rows x 4 bytes (one group of the layout) as 16 lanes of 4 packed bytes. */
+static inline u32x16 load_group(const uint8_t *p) { u32x16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* Group g of block b of chunk c: [L rows][4 bytes]; G groups per block (Q4_1: 4, Q8_0: 8). */
+static inline const uint8_t *group_at(const void *qs, int64_t NB, int64_t L, int64_t c, int64_t b, int64_t g, int G)
+{
+    return (const uint8_t *)qs + (((c * NB + b) * G + g) * L) * 4;
+}
+
+/* Byte jj of each of the 16 lanes, zero-extended: one vpshufb (within 128-bit lanes, which hold whole
+ * 32-bit lanes), or two shifts-and-masks without AVX-512BW. */
+static inline i32x16 byte_of_lanes(u32x16 v, const int jj)
+{
+#if defined(__AVX512BW__)
+    const __m512i idx = _mm512_set4_epi32((int)(0x80808000u | (12 + jj)), (int)(0x80808000u | (8 + jj)),
+                                          (int)(0x80808000u | (4 + jj)), (int)(0x80808000u | jj));
+    return (i32x16)_mm512_shuffle_epi8((__m512i)v, idx);
+#else
+    return (i32x16)((v >> (8 * jj)) & 255);
+#endif
+}
+
+/* The chunk's bytes are one stream read front to back in the first 16-row pass: prefetch it. */
+static inline void prefetch_group(const uint8_t *grp, int64_t L)
+{
+    for (int64_t o = 0; o < L * 4; o += 64) __builtin_prefetch(grp + o + PF_LINES * 64, 0, 3);
+}
+
+/* ---- Q4_1, float32 activations ------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void
 q4_1_tile(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out,
@@ -127,20 +175,24 @@ q4_1_tile(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
         for (int64_t b = 0; b < NB; b++) {
-            const uint8_t *q = qs + ((c * NB + b) * 16) * L + i0;
             f32x16 dv = load16h(d + (c * NB + b) * L + i0);
             f32x16 mv = load16h(m + (c * NB + b) * L + i0);
             f32x16 t[RT]; /* per-block partial sums, then added to acc: shorter float32 sums, smaller error */
             for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
-            for (int j = 0; j < 16; j++) {
-                __builtin_prefetch(q - i0 + j * L + PF_LINES * 64, 0, 3); /* the chunk is one stream */
-                i32x16 qi = widen_u8(q + j * L);
-                /* the weights themselves, exactly as ggml dequantizes them (d*q is exact in float32) */
-                f32x16 lo = dv * __builtin_convertvector(qi & 15, f32x16) + mv;
-                f32x16 hi = dv * __builtin_convertvector(qi >> 4, f32x16) + mv;
-                for (int r = 0; r < nr; r++) {
-                    const float *xr = x + (r0 + r) * K + b * 32;
-                    t[r] += lo * xr[j] + hi * xr[j + 16];
+            for (int g = 0; g < 4; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
+                if (i0 == 0) prefetch_group(grp, L);
+                u32x16 v = load_group(grp + i0 * 4);
+                u32x16 lo4 = v & 0x0f0f0f0fu, hi4 = (v >> 4) & 0x0f0f0f0fu; /* elements 4g+jj, 16+4g+jj */
+                for (int jj = 0; jj < 4; jj++) {
+                    const int j = 4 * g + jj;
+                    /* the weights themselves, exactly as ggml dequantizes them (d*q is exact in float32) */
+                    f32x16 lo = dv * __builtin_convertvector(byte_of_lanes(lo4, jj), f32x16) + mv;
+                    f32x16 hi = dv * __builtin_convertvector(byte_of_lanes(hi4, jj), f32x16) + mv;
+                    for (int r = 0; r < nr; r++) {
+                        const float *xr = x + (r0 + r) * K + b * 32;
+                        t[r] += lo * xr[j] + hi * xr[j + 16];
+                    }
                 }
             }
             for (int r = 0; r < nr; r++) acc[r] += t[r];
@@ -152,20 +204,10 @@ q4_1_tile(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *
 static void q4_1_chunk(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
                        float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    int64_t NB = K / 32, r0 = 0;
-    for (; r0 + RT <= M; r0 += RT) q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, RT);
-    switch (M - r0) {
-    case 7: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 7); break;
-    case 6: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 6); break;
-    case 5: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 5); break;
-    case 4: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 4); break;
-    case 3: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 3); break;
-    case 2: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 2); break;
-    case 1: q4_1_tile(x, qs, d, m, out, K, ldo, NB, L, c, r0, 1); break;
-    }
+    ROW_TILES(q4_1_tile, M, x, qs, d, m, out, K, ldo, K / 32, L, c);
 }
 
-/* ---- Q8_0 ------------------------------------------------------------------------------- */
+/* ---- Q8_0, float32 activations ------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void
 q8_0_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
@@ -177,11 +219,14 @@ q8_0_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
         for (int64_t b = 0; b < NB; b++) {
             f32x16 t[RT];
             for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
-            const int8_t *q = qs + ((c * NB + b) * 32) * L + i0;
-            for (int j = 0; j < 32; j++) {
-                __builtin_prefetch(q - i0 + j * L + PF_LINES * 64, 0, 3);
-                f32x16 w = __builtin_convertvector(widen_s8(q + j * L), f32x16);
-                for (int r = 0; r < nr; r++) t[r] += w * x[(r0 + r) * K + b * 32 + j];
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+                if (i0 == 0) prefetch_group(grp, L);
+                i32x16 v = (i32x16)load_group(grp + i0 * 4);
+                for (int jj = 0; jj < 4; jj++) {
+                    f32x16 w = __builtin_convertvector((v << (24 - 8 * jj)) >> 24, f32x16); /* sign-extended byte jj */
+                    for (int r = 0; r < nr; r++) t[r] += w * x[(r0 + r) * K + b * 32 + 4 * g + jj];
+                }
             }
             f32x16 dv = load16h(d + (c * NB + b) * L + i0);
             for (int r = 0; r < nr; r++) acc[r] += dv * t[r];
@@ -193,17 +238,184 @@ q8_0_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
 static void q8_0_chunk(const float *x, const int8_t *qs, const uint16_t *d, float *out,
                        int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    int64_t NB = K / 32, r0 = 0;
-    for (; r0 + RT <= M; r0 += RT) q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, RT);
-    switch (M - r0) {
-    case 7: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 7); break;
-    case 6: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 6); break;
-    case 5: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 5); break;
-    case 4: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 4); break;
-    case 3: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 3); break;
-    case 2: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 2); break;
-    case 1: q8_0_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 1); break;
+    ROW_TILES(q8_0_tile, M, x, qs, d, out, K, ldo, K / 32, L, c);
+}
+
+/* ---- 8-bit activations (the `q8` numerics: llama.cpp's) ----------------------------------
+ *
+ * Each 32-element block of an activation row is quantized as ggml's quantize_row_q8_1 / q8_0 do:
+ * d = max|x| / 127, q = round-to-nearest-even(x * 127 / max|x|) (int8), d kept as float16, and for
+ * Q4_1 weights s = d * sum(q) as float16 too. The block's dot product is then an exact integer sum
+ *   Q4_1:  sum_j (d_w q_j + m_w) (d_x p_j)  ~  d_w d_x * sum_j q_j p_j  +  m_w s_x
+ *   Q8_0:  d_w d_x * sum_j q_j p_j
+ * computed with AVX-512 VNNI (vpdpbusd: 64 byte products per instruction), or exactly the same
+ * integers with plain vector code where VNNI is missing. The float32 block sums then run in a fixed
+ * order, as in the float32 kernels. */
+
+static inline float f16_round(float f)
+{
+#if defined(__F16C__)
+    return _cvtsh_ss(_cvtss_sh(f, 0)); /* round to nearest even, as ggml's FP32_TO_FP16 */
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = x & 0x80000000u, ax = x & 0x7fffffffu;
+    uint16_t h;
+    if (ax >= 0x7f800000u) h = (uint16_t)((sign >> 16) | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    else if (ax >= 0x477ff000u) h = (uint16_t)((sign >> 16) | 0x7c00); /* overflow to inf */
+    else if (ax < 0x38800000u) { /* subnormal half: round x / 2^-24 to an integer, ties to even */
+        float a;
+        memcpy(&a, &ax, 4);
+        h = (uint16_t)((sign >> 16) | (uint16_t)nearbyintf(a * 16777216.f));
+    } else {
+        uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u); /* round to nearest even on the dropped 13 bits */
+        h = (uint16_t)((sign >> 16) | ((r - 0x38000000u) >> 13));
     }
+    return half_to_float(h);
+#endif
+}
+
+/* x [M, K] float32 -> xq [M, K] bytes, dx [M, NB], sx [M, NB] (sx may be NULL). With offset, the bytes
+ * are q + 128 (unsigned: the u8 operand of vpdpbusd when the weights are the signed side). */
+static void quantize_rows_q8(const float *x, int64_t M, int64_t K, uint8_t *xq, float *dx, float *sx, int offset)
+{
+    int64_t NB = K / 32;
+#pragma omp parallel for schedule(static) if (M * K >= 65536)
+    for (int64_t rb = 0; rb < M * NB; rb++) {
+        const float *v = x + rb * 32; /* row r = rb / NB, block b = rb % NB: rows are contiguous */
+#if defined(__AVX512F__)
+        /* the same numbers, 16 lanes at a time: max is exact, the products are the same float32
+         * multiplications, and the conversion rounds to nearest even like nearbyintf */
+        __m512 a = _mm512_loadu_ps(v), c = _mm512_loadu_ps(v + 16);
+        float vmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        float vd = vmax / 127.f, vid = vmax != 0.f ? 127.f / vmax : 0.f;
+        __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(vid)));
+        __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(vid)));
+        int32_t vsum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+        if (offset) {
+            qa = _mm512_add_epi32(qa, _mm512_set1_epi32(128));
+            qc = _mm512_add_epi32(qc, _mm512_set1_epi32(128));
+        }
+        _mm_storeu_si128((__m128i *)(xq + rb * 32), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(xq + rb * 32 + 16), _mm512_cvtepi32_epi8(qc));
+        dx[rb] = f16_round(vd);
+        if (sx) sx[rb] = f16_round(vd * (float)vsum);
+        continue;
+#endif
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
+        float d = amax / 127.f, id = amax != 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) {
+            int32_t q = (int32_t)nearbyintf(v[j] * id);
+            sum += q;
+            xq[rb * 32 + j] = (uint8_t)(offset ? q + 128 : (int8_t)q);
+        }
+        dx[rb] = f16_round(d);
+        if (sx) sx[rb] = f16_round(d * (float)sum);
+    }
+}
+
+static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* acc + sum over the 4 bytes of each lane of u8(a) * s8(b): vpdpbusd, or the same integers without it. */
+static inline i32x16 dpbusd(i32x16 acc, u32x16 a, u32x16 b)
+{
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    return (i32x16)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)a, (__m512i)b);
+#else
+    for (int k = 0; k < 4; k++)
+        acc += (i32x16)((a >> (8 * k)) & 255) * (((i32x16)(b << (24 - 8 * k))) >> 24);
+    return acc;
+#endif
+}
+
+static inline u32x16 splat_u32(uint32_t v) { return (u32x16){0} + v; }
+
+/* Independent integer sums per activation row: with few rows one chain of dependent vpdpbusd per row
+ * would wait on the instruction's latency; with many rows the rows themselves are independent. */
+#define NCHAIN(nr) ((nr) <= 2 ? 4 : (nr) <= 4 ? 2 : 1)
+
+static inline __attribute__((always_inline)) void
+q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const uint16_t *d,
+             const uint16_t *m, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c,
+             int64_t r0, const int nr)
+{
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        f32x16 acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+        for (int64_t b = 0; b < NB; b++) {
+            i32x16 isum[RT * NCHAIN(nr)]; /* NCHAIN independent sums per row (integers: any split is exact) */
+            for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
+            for (int g = 0; g < 4; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
+                if (i0 == 0) prefetch_group(grp, L);
+                u32x16 v = load_group(grp + i0 * 4);
+                u32x16 lo = v & 0x0f0f0f0fu, hi = (v >> 4) & 0x0f0f0f0fu; /* elements 4g.., 16+4g.. */
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t *xb = (const uint8_t *)xq + (r0 + r) * K + b * 32;
+                    i32x16 *s0 = &isum[r * NCHAIN(nr) + (2 * g) % NCHAIN(nr)];
+                    i32x16 *s1 = &isum[r * NCHAIN(nr) + (2 * g + 1) % NCHAIN(nr)];
+                    *s0 = dpbusd(*s0, lo, splat_u32(load_u32(xb + 4 * g)));
+                    *s1 = dpbusd(*s1, hi, splat_u32(load_u32(xb + 16 + 4 * g)));
+                }
+            }
+            f32x16 dv = load16h(d + (c * NB + b) * L + i0), mv = load16h(m + (c * NB + b) * L + i0);
+            for (int r = 0; r < nr; r++) {
+                int64_t rb = (r0 + r) * NB + b;
+                i32x16 t = isum[r * NCHAIN(nr)];
+                for (int a = 1; a < NCHAIN(nr); a++) t += isum[r * NCHAIN(nr) + a];
+                acc[r] += (dv * dx[rb]) * __builtin_convertvector(t, f32x16) + mv * sx[rb];
+            }
+        }
+        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+
+static void q4_1_q8_chunk(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const uint16_t *d,
+                          const uint16_t *m, float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, out, K, ldo, K / 32, L, c);
+}
+
+/* xu: the activation bytes + 128 (unsigned); the weights are the signed operand. sum (p+128) q - 128 sum q
+ * = sum p q, the correction computed once per block for all rows. */
+static inline __attribute__((always_inline)) void
+q8_0_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const uint16_t *d, float *out,
+             int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+{
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        f32x16 acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+        for (int64_t b = 0; b < NB; b++) {
+            i32x16 isum[RT * NCHAIN(nr)], corr[2] = {{0}, {0}};
+            for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+                if (i0 == 0) prefetch_group(grp, L);
+                u32x16 w = load_group(grp + i0 * 4);
+                corr[g & 1] = dpbusd(corr[g & 1], splat_u32(0x80808080u), w);
+                for (int r = 0; r < nr; r++) {
+                    i32x16 *s0 = &isum[r * NCHAIN(nr) + g % NCHAIN(nr)];
+                    *s0 = dpbusd(*s0, splat_u32(load_u32(xu + (r0 + r) * K + b * 32 + 4 * g)), w);
+                }
+            }
+            f32x16 dv = load16h(d + (c * NB + b) * L + i0);
+            i32x16 cs = corr[0] + corr[1];
+            for (int r = 0; r < nr; r++) {
+                i32x16 t = isum[r * NCHAIN(nr)];
+                for (int a = 1; a < NCHAIN(nr); a++) t += isum[r * NCHAIN(nr) + a];
+                acc[r] += (dv * dx[(r0 + r) * NB + b]) * __builtin_convertvector(t - cs, f32x16);
+            }
+        }
+        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+
+static void q8_0_q8_chunk(const uint8_t *xu, const float *dx, const int8_t *qs, const uint16_t *d, float *out,
+                          int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q8_0_q8_tile, M, xu, dx, qs, d, out, K, ldo, K / 32, L, c);
 }
 
 /* ---- float32 matrices, packed [n_chunk][K][16]: the 16 rows of a chunk interleaved ------------ */
@@ -230,17 +442,7 @@ f32_tile(const float *x, const float *w, float *out, int64_t K, int64_t ldo, int
 
 static void f32_chunk(const float *x, const float *w, float *out, int64_t M, int64_t K, int64_t ldo, int64_t c)
 {
-    int64_t r0 = 0;
-    for (; r0 + RT <= M; r0 += RT) f32_tile(x, w, out, K, ldo, c, r0, RT);
-    switch (M - r0) {
-    case 7: f32_tile(x, w, out, K, ldo, c, r0, 7); break;
-    case 6: f32_tile(x, w, out, K, ldo, c, r0, 6); break;
-    case 5: f32_tile(x, w, out, K, ldo, c, r0, 5); break;
-    case 4: f32_tile(x, w, out, K, ldo, c, r0, 4); break;
-    case 3: f32_tile(x, w, out, K, ldo, c, r0, 3); break;
-    case 2: f32_tile(x, w, out, K, ldo, c, r0, 2); break;
-    case 1: f32_tile(x, w, out, K, ldo, c, r0, 1); break;
-    }
+    ROW_TILES(f32_tile, M, x, w, out, K, ldo, c);
 }
 
 /* ---- dequantization into a transposed slab out_t [K][ldo] (columns c0*L .. c1*L) ---------- */
@@ -252,10 +454,16 @@ static void q4_1_dequant_chunk(const uint8_t *qs, const uint16_t *d, const uint1
     for (int64_t b = 0; b < NB; b++)
         for (int64_t i0 = 0; i0 < L; i0 += 16) {
             f32x16 dv = load16h(d + (c * NB + b) * L + i0), mv = load16h(m + (c * NB + b) * L + i0);
-            for (int j = 0; j < 16; j++) {
-                i32x16 qi = widen_u8(qs + ((c * NB + b) * 16 + j) * L + i0);
-                store16(out_t + (b * 32 + j) * ldo + col + i0, dv * __builtin_convertvector(qi & 15, f32x16) + mv);
-                store16(out_t + (b * 32 + 16 + j) * ldo + col + i0, dv * __builtin_convertvector(qi >> 4, f32x16) + mv);
+            for (int g = 0; g < 4; g++) {
+                u32x16 v = load_group(group_at(qs, NB, L, c, b, g, 4) + i0 * 4);
+                for (int jj = 0; jj < 4; jj++) {
+                    int64_t j = 4 * g + jj;
+                    u32x16 byte = v >> (8 * jj);
+                    store16(out_t + (b * 32 + j) * ldo + col + i0,
+                            dv * __builtin_convertvector((i32x16)(byte & 15), f32x16) + mv);
+                    store16(out_t + (b * 32 + 16 + j) * ldo + col + i0,
+                            dv * __builtin_convertvector((i32x16)((byte >> 4) & 15), f32x16) + mv);
+                }
             }
         }
 }
@@ -267,9 +475,11 @@ static void q8_0_dequant_chunk(const int8_t *qs, const uint16_t *d, float *out_t
     for (int64_t b = 0; b < NB; b++)
         for (int64_t i0 = 0; i0 < L; i0 += 16) {
             f32x16 dv = load16h(d + (c * NB + b) * L + i0);
-            for (int j = 0; j < 32; j++) {
-                store16(out_t + (b * 32 + j) * ldo + col + i0,
-                        dv * __builtin_convertvector(widen_s8(qs + ((c * NB + b) * 32 + j) * L + i0), f32x16));
+            for (int g = 0; g < 8; g++) {
+                i32x16 v = (i32x16)load_group(group_at(qs, NB, L, c, b, g, 8) + i0 * 4);
+                for (int jj = 0; jj < 4; jj++)
+                    store16(out_t + (b * 32 + 4 * g + jj) * ldo + col + i0,
+                            dv * __builtin_convertvector((v << (24 - 8 * jj)) >> 24, f32x16));
             }
         }
 }
@@ -284,8 +494,6 @@ static int check_size(Py_buffer *b, Py_ssize_t need, const char *what)
 }
 
 /* ---- decode attention: one query row per sequence, each sequence with its own KV cache ------ */
-
-#include <math.h>
 
 /* exp of 16 floats: x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative
  * error ~2e-7, about one float32 ulp), times 2^n built in the exponent bits. Inputs here are <= 0
@@ -588,6 +796,90 @@ done:
     return ret;
 }
 
+/* q4_1_matmul_q8(x, qs, d, m, out, M, K, n_chunk, L): as q4_1_matmul, with x quantized to 8 bits per
+ * 32-block first (ggml's Q8_1) and integer block dot products. */
+static PyObject *py_q4_1_matmul_q8(PyObject *self, PyObject *args)
+{
+    Py_buffer x, qs, d, m, out;
+    Py_ssize_t M, K, nc, L;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)) return NULL;
+    PyObject *ret = NULL;
+    uint8_t *xq = NULL;
+    float *dx = NULL, *sx = NULL;
+    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") ||
+        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * 2, "d") ||
+        check_size(&m, nc * (K / 32) * L * 2, "m") || check_size(&out, M * nc * L * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
+        goto done;
+    }
+    xq = PyMem_Malloc(M * K + 1);
+    dx = PyMem_Malloc(sizeof(float) * (M * (K / 32) + 1));
+    sx = PyMem_Malloc(sizeof(float) * (M * (K / 32) + 1));
+    if (!xq || !dx || !sx) { PyErr_NoMemory(); goto done; }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows_q8(x.buf, M, K, xq, dx, sx, 0);
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = 0; c < nc; c++)
+        q4_1_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyMem_Free(xq); PyMem_Free(dx); PyMem_Free(sx);
+    PyBuffer_Release(&x); PyBuffer_Release(&qs);
+    PyBuffer_Release(&d); PyBuffer_Release(&m); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* q8_0_matmul_q8(x, qs, d, out, M, K, n_chunk, L): x quantized as ggml's Q8_0 first. */
+static PyObject *py_q8_0_matmul_q8(PyObject *self, PyObject *args)
+{
+    Py_buffer x, qs, d, out;
+    Py_ssize_t M, K, nc, L;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L)) return NULL;
+    PyObject *ret = NULL;
+    uint8_t *xu = NULL;
+    float *dx = NULL;
+    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
+        check_size(&d, nc * (K / 32) * L * 2, "d") || check_size(&out, M * nc * L * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
+        goto done;
+    }
+    xu = PyMem_Malloc(M * K + 1);
+    dx = PyMem_Malloc(sizeof(float) * (M * (K / 32) + 1));
+    if (!xu || !dx) { PyErr_NoMemory(); goto done; }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows_q8(x.buf, M, K, xu, dx, NULL, 1);
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = 0; c < nc; c++)
+        q8_0_q8_chunk(xu, dx, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyMem_Free(xu); PyMem_Free(dx);
+    PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* quantize_q8(x, xq, dx, sx, M, K, offset): the activation quantization alone (for tests) */
+static PyObject *py_quantize_q8(PyObject *self, PyObject *args)
+{
+    Py_buffer x, xq, dx, sx;
+    Py_ssize_t M, K;
+    int offset;
+    if (!PyArg_ParseTuple(args, "y*w*w*w*nnp", &x, &xq, &dx, &sx, &M, &K, &offset)) return NULL;
+    PyObject *ret = NULL;
+    if (K % 32 || check_size(&x, M * K * 4, "x") || check_size(&xq, M * K, "xq") ||
+        check_size(&dx, M * (K / 32) * 4, "dx") || check_size(&sx, M * (K / 32) * 4, "sx")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32");
+        goto done;
+    }
+    quantize_rows_q8(x.buf, M, K, xq.buf, dx.buf, sx.buf, offset);
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x); PyBuffer_Release(&xq); PyBuffer_Release(&dx); PyBuffer_Release(&sx);
+    return ret;
+}
+
 /* q4_1_dequant_t(qs, d, m, out_t, K, n_chunk, L, c0, c1) ; out_t [K, (c1-c0)*L] */
 static PyObject *py_q4_1_dequant_t(PyObject *self, PyObject *args)
 {
@@ -661,6 +953,9 @@ static PyMethodDef methods[] = {
     {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
     {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
+    {"q4_1_matmul_q8", py_q4_1_matmul_q8, METH_VARARGS, "q4_1_matmul with x quantized to 8 bits per block (ggml Q8_1)"},
+    {"q8_0_matmul_q8", py_q8_0_matmul_q8, METH_VARARGS, "q8_0_matmul with x quantized to 8 bits per block (ggml Q8_0)"},
+    {"quantize_q8", py_quantize_q8, METH_VARARGS, "x -> 8-bit blocks, scales (float16-rounded), scaled sums"},
     {"q4_1_dequant_t", py_q4_1_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q4_1 matrix, float32, transposed"},
     {"q8_0_dequant_t", py_q8_0_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q8_0 matrix, float32, transposed"},
     {NULL, NULL, 0, NULL},

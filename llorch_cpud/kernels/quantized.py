@@ -19,9 +19,14 @@ rows are grouped in chunks of L (32 or 64), and for each chunk, block b and byte
 bytes are contiguous. The kernel's inner loop then runs over L rows with
 no reduction (one vector lane per output row); per-block scales are applied once per block.
 
-    Q4_1:  qs [n_chunk, n_block, 16, L] uint8 (low nibble = element j, high = element j+16)
+    Q4_1:  qs [n_chunk, n_block, 4, L, 4] uint8: group g, row, byte jj = the block's byte j = 4g+jj
+           (low nibble = element j, high = element j+16)
            d, m [n_chunk, n_block, L] float16 (as stored: 20 bytes per 32 weights, like ggml's)
-    Q8_0:  qs [n_chunk, n_block, 32, L] int8;  d [n_chunk, n_block, L] float16
+    Q8_0:  qs [n_chunk, n_block, 8, L, 4] int8 (element 4g+jj);  d [n_chunk, n_block, L] float16
+
+16 rows x 4 bytes of a group are one 64-byte vector: 4 consecutive elements per output row, the
+operand shape of an integer dot-product instruction (AVX-512 VNNI's vpdpbusd), and for float32
+activations each byte position of the vector is shifted out in turn.
 
 Many rows at once (a prefill) use the same kernel: it tiles 8 activation rows per converted weight
 vector, which reaches ~350 GFLOP/s on this machine's 2 cores - more than numpy's float32 sgemm, and
@@ -41,6 +46,12 @@ except ImportError:  # pragma: no cover - built at install; without a C compiler
 
 #: ggml types held quantized (others are dequantized to float32 at load).
 QUANT_TYPES = ("Q4_1", "Q8_0")
+
+#: How products on quantized weights treat their float32 activations:
+#:   float32  as they are: the product of the float32 dequantized matrix (to float32 rounding)
+#:   q8       quantized to 8 bits per 32-element block first, as llama.cpp does (Q8_1 blocks for Q4_1
+#:            weights, Q8_0 for Q8_0), then exact integer dot products: llama.cpp's numerics and speed
+NUMERICS = ("float32", "q8")
 
 
 def available() -> bool:
@@ -71,6 +82,7 @@ class QuantMatrix:
         self.dtype = np.dtype(np.float32)  # the dtype it computes in
         self.ndim = 2
         self.parent = parent  # (fused matrix, first row in it) when this matrix is a view of a fused one
+        self.numerics = "float32"  # or "q8": activations quantized to 8 bits per block (NUMERICS)
 
     @classmethod
     def fuse(cls, mats: "list[QuantMatrix]") -> "list[QuantMatrix] | None":
@@ -121,10 +133,11 @@ class QuantMatrix:
         d = np.ascontiguousarray(_f16(grouped[..., 0:2]).transpose(0, 2, 1))  # [C, L, NB] -> [C, NB, L]
         if kind == "Q4_1":
             m = np.ascontiguousarray(_f16(grouped[..., 2:4]).transpose(0, 2, 1))  # [C, NB, L]
-            qs = np.ascontiguousarray(grouped[..., 4:20].transpose(0, 2, 3, 1))  # [C, L, NB, 16] -> [C, NB, 16, L]
+            q = grouped[..., 4:20].reshape(n_chunk, chunk, nb, 4, 4)  # [C, L, NB, 16] -> [C, L, NB, G=4, 4]
         else:
             m = None
-            qs = np.ascontiguousarray(grouped[..., 2:34].view(np.int8).transpose(0, 2, 3, 1))  # [C, NB, 32, L]
+            q = grouped[..., 2:34].view(np.int8).reshape(n_chunk, chunk, nb, 8, 4)  # [C, L, NB, 32] -> [C, L, NB, G=8, 4]
+        qs = np.ascontiguousarray(q.transpose(0, 2, 3, 1, 4))  # [C, NB, G, L, 4]
         return cls(kind, (n_out, n_in), qs, d, m)
 
     # -------------------------------------------------------------- products
@@ -143,10 +156,13 @@ class QuantMatrix:
         rows = x.shape[0]
         n_chunk, L = self.d.shape[0], self.d.shape[2]
         out = np.empty((rows, self._padded), np.float32)  # [rows, N padded to the chunk]
+        q8 = self.numerics == "q8"
         if self.kind == "Q4_1":
-            _qkernels.q4_1_matmul(x, self.qs, self.d, self.m, out, rows, self.shape[1], n_chunk, L)
+            kernel = _qkernels.q4_1_matmul_q8 if q8 else _qkernels.q4_1_matmul
+            kernel(x, self.qs, self.d, self.m, out, rows, self.shape[1], n_chunk, L)
         else:
-            _qkernels.q8_0_matmul(x, self.qs, self.d, out, rows, self.shape[1], n_chunk, L)
+            kernel = _qkernels.q8_0_matmul_q8 if q8 else _qkernels.q8_0_matmul
+            kernel(x, self.qs, self.d, out, rows, self.shape[1], n_chunk, L)
         return out[:, : self.shape[0]] if self._padded != self.shape[0] else out
 
     def _dequant_t(self, c0: int, c1: int) -> np.ndarray:
@@ -169,13 +185,31 @@ class QuantMatrix:
         L = self.d.shape[2]
         c, lane = ids // L, ids % L  # [rows]
         d = self.d[c, :, lane].astype(np.float32)  # [rows, NB]
+        q = self.qs[c, :, :, lane, :]  # [rows, NB, G, 4]
+        q = q.reshape(len(ids), q.shape[1], -1)  # [rows, NB, 4·G]: byte j of each block
         if self.kind == "Q4_1":
-            q = self.qs[c, :, :, lane]  # [rows, NB, 16]
             vals = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float32)  # [rows, NB, 32]
             w = d[..., None] * vals + self.m[c, :, lane][..., None].astype(np.float32)  # [rows, NB, 32]
         else:
-            w = d[..., None] * self.qs[c, :, :, lane].astype(np.float32)  # [rows, NB, 32]
+            w = d[..., None] * q.astype(np.float32)  # [rows, NB, 32]
         return w.reshape(len(ids), self.shape[1])  # [rows, n_in]
 
     def __repr__(self) -> str:
         return f"QuantMatrix({self.kind}, shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+
+
+def set_numerics(weights, numerics: str) -> int:
+    """Every QuantMatrix among `weights` (a dict's values or any iterable), and the fused matrices they
+    are views of, computes in `numerics` (one of NUMERICS). Returns how many matrices were set."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, not {numerics!r}")
+    seen = {}
+    for w in (weights.values() if isinstance(weights, dict) else weights):
+        if isinstance(w, QuantMatrix):
+            seen[id(w)] = w
+            if w.parent is not None:
+                seen[id(w.parent[0])] = w.parent[0]
+    for w in seen.values():
+        w.numerics = numerics
+    return len(seen)
+

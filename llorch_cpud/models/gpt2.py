@@ -194,6 +194,7 @@ def lm_head(x: np.ndarray, w: dict, cfg: GPT2Config) -> np.ndarray:
 
 class GPT2:
     family = "gpt2"
+    numerics = "float32"  # how quantized products treat activations (formats.apply_numerics); GPT-2 has none
 
     def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray]):
         self.config = config

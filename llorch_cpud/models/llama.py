@@ -314,6 +314,7 @@ def lm_head(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
 
 class Llama:
     family = "llama"
+    numerics = "float32"  # how quantized products treat activations (formats.apply_numerics)
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], rope: RopeTables | None = None,
                  gguf=None, qk_row_order: dict[str, np.ndarray] | None = None):

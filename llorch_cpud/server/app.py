@@ -51,6 +51,7 @@ class ServeConfig:
     max_batch: int = 16
     max_queue: int = 256
     prefill_tokens: int = 256
+    numerics: str = "float32"
     callback_attempts: int = 6
     callback_timeout: float = 5.0
 

@@ -24,6 +24,8 @@ def _ranged_int(lo, hi, name):
 
 
 def register(subparsers) -> None:
+    from llorch_cpud.cli import add_numerics_argument
+
     s = subparsers.add_parser("serve", help="run the worker daemon (HTTP: /health, /execute, /v1/completions, ...)")
     s.add_argument("--model", default=None,
                    help="Hugging Face folder, .gguf file or hub name (default: embedded SmolLM2-135M-Instruct)")
@@ -39,6 +41,7 @@ def register(subparsers) -> None:
     s.add_argument("--prefill-tokens", type=_ranged_int(1, 1 << 20, "--prefill-tokens"), default=256,
                    help="prompt tokens prefilled together in one step (default 256; the oldest waiting prompt "
                         "always goes, alone if longer; 1 = one prompt per step)")
+    add_numerics_argument(s)
     s.add_argument("--max-queue", type=_ranged_int(1, 100000, "--max-queue"), default=256,
                    help="most jobs waiting for a batch slot before new ones get 503")
     s.add_argument("--callback-attempts", type=_ranged_int(1, 100, "--callback-attempts"), default=6,
@@ -57,4 +60,5 @@ def cmd_serve(a) -> int:
         raise LlorchError("--api-key must not be empty")
     return serve(ServeConfig(model=a.model, host=a.host, port=a.port, worker_id=a.worker_id, callback_url=a.callback_url,
                              api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, prefill_tokens=a.prefill_tokens,
+                             numerics=a.numerics,
                              callback_attempts=a.callback_attempts))

@@ -166,7 +166,7 @@ def load_in_background(state: WorkerState, server) -> None:
     def run():
         try:
             log("loading model", model=cfg.model, elapsed_s=0.0)
-            engine, path = load_engine(cfg.model)
+            engine, path = load_engine(cfg.model, numerics=cfg.numerics)
             t_load = time.perf_counter() - t0
             warm = Request(prompt_ids=[engine.eos_token_id or 0], max_tokens=1,
                            sampling=SamplingParams(temperature=0.0), seed=0)

@@ -43,6 +43,16 @@ CHECKPOINTS = {
     12: ("end to end", 0.0),
 }
 NORM_NAME = {"gpt2": "LayerNorm", "llama": "RMSNorm"}
+
+# Our own numerics modes (formats.apply_numerics): "float32" (the default) is held to SPEC's tolerances;
+# "q8" quantizes the activations of every quantized product to 8 bits per 32-block (llama.cpp's scheme),
+# which moves the projections, FFN, block and logits by design. Its profile replaces SPEC's tolerance at
+# those checkpoints against every reference (a reference's own larger declared tolerance still wins).
+# Measured on SmolLM2-135M Q4_1 over 20 prompts (scripts/numerics_tolerances.py, the figures in
+# tests/data/numerics_tolerances.json): max 0.047 (2, 3), 0.0062 (5), 0.50 (6), 0.47 (7), 1.82 (8).
+# Checkpoints 1, 4 (no quantized product), 9-12 (our own rows, the tie rules at 8's tolerance) keep SPEC's.
+NUMERICS_TOLERANCES = {"q8": {2: 0.1, 3: 0.1, 5: 0.02, 6: 1.0, 7: 1.0, 8: 4.0}}
+NUMERICS_REASON = {"q8": "q8 numerics tolerance (8-bit activations)"}
 SOFTMAX_TEMPERATURES = (0.5, 1.0, 1.5)
 MASKED = -1e30  # a reference's masked score is at most this (transformers uses finfo.min)
 
@@ -160,19 +170,30 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
     """All twelve checkpoints of our side against one loaded reference."""
     results: list[Result] = []
     name = ref.name
-    declared = dict(getattr(ref, "tolerances", None) or {})
+    numerics = getattr(engine.model, "numerics", "float32")
+    own = NUMERICS_TOLERANCES.get(numerics, {})
+    theirs = dict(getattr(ref, "tolerances", None) or {})
+    declared, reason = {}, {}  # per checkpoint: the larger of our mode's and the reference's declared tolerance
+    for c in set(own) | set(theirs):
+        if theirs.get(c, -1.0) >= own.get(c, -1.0):
+            declared[c], reason[c] = theirs[c], getattr(ref, "tolerance_reason", "") or name + " reference tolerance"
+        else:
+            declared[c], reason[c] = own[c], NUMERICS_REASON[numerics]
     spec8 = CHECKPOINTS[8][1]
     tol8 = declared.get(8, spec8)  # checkpoint 8, the vs-reference part of 9, the tie rules of 10 and 12
-    tol8_note = (f"{getattr(ref, 'tolerance_reason', '') or name + ' reference tolerance'}, SPEC {tol_text(spec8)}"
-                 if 8 in declared else "")
+    tol8_note = f"{reason[8]}, SPEC {tol_text(spec8)}" if 8 in declared else ""
 
     def record(cid, fn):
         title, tol = CHECKPOINTS[cid]
         title = title.format(norm=NORM_NAME.get(family, "norm"))
+        spec = tol
         if cid in declared:
             tol = declared[cid]
         try:
-            results.append(fn(cid, title, tol))
+            res = fn(cid, title, tol)
+            if cid in declared and cid != 8 and res.status != "n/a":  # 8's note says it already
+                res.note = "; ".join(x for x in (res.note, f"{reason[cid]}, SPEC {tol_text(spec)}") if x)
+            results.append(res)
         except NotAvailable as e:  # the reference cannot expose it: shown as N/A, not a failure
             results.append(Result(cid, title, name, [], None, tol, True, "n/a", {}, f"n/a: not compared: {e}"))
         except Exception as e:  # a stage that crashes fails its checkpoint, with the reason
@@ -280,6 +301,13 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
         top2 = np.sort(ref_logits)[-2:]
         gap = float(top2[1] - top2[0])
         s = {"ours": {"token": ours_tok}, "reference": {"token": theirs, "top2_gap": gap}}
+        # our greedy step in isolation: the reference's argmax of the very logits our sampler saw must be our
+        # token, exactly (no tolerance: it does not depend on how the logits were computed)
+        own = int(ref.argmax(ours.selected))
+        if own != ours_tok:
+            return Result(c, t, name, [1], math.inf, tol, False, "fail", s,
+                          f"our sampler picked {ours_tok} from our own logits; the reference's argmax of those same "
+                          f"logits is {own}")
         if ours_tok == theirs:
             return Result(c, t, name, [1], 0.0, tol, True, "pass", s, f"token {ours_tok}; top-2 gap {gap:.3g}")
         ours_gap = float(ref_logits[theirs] - ref_logits[ours_tok])  # how far below the reference's pick ours is

@@ -43,6 +43,10 @@ def footnotes(report: dict) -> list[str]:
     """Per reference: checkpoints not compared (N/A) and why, a declared tolerance that replaces SPEC's, and how
     its own tokenizer encodes the prompt. Empty for references that compare everything at SPEC tolerances."""
     out = []
+    if report.get("numerics", "float32") != "float32":
+        tols = ", ".join(f"{k}: {v:g}" for k, v in report.get("numerics_tolerances", {}).items())
+        out.append(f"numerics {report['numerics']}: activations quantized to 8 bits per block in the quantized products; "
+                   f"tolerances replaced at checkpoints {tols} against every reference (SPEC's elsewhere)")
     notes = report.get("reference_notes", {})
     for ref in report["references"]:
         n = notes.get(ref, {})
@@ -156,6 +160,7 @@ def markdown(report: dict) -> str:
     out = [f"# llorch-cpud validation report", ""]
     out.append(f"- model: `{report['model']}` ({report['family']})")
     out.append(f"- weights: {report['weights']}")
+    out.append(f"- numerics: {report.get('numerics', 'float32')}")
     out.append(f"- prompt: {report['prompt']!r} -> ids {report['prompt_ids']}")
     out.append(f"- greedy tokens compared: {report['n_tokens']}")
     out.append(f"- references: {', '.join(report['references'])}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from llorch_cpud.engine import Engine
 from llorch_cpud.errors import LlorchError
 from llorch_cpud.validate import references
-from llorch_cpud.validate.checkpoints import CHECKPOINTS, OurSide, run_checkpoints
+from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES, OurSide, run_checkpoints
 from llorch_cpud.validate.references.base import ReferenceUnavailable
 
 
@@ -97,6 +97,8 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
     return {
         "model": str(model_path),
         "family": family,
+        "numerics": getattr(engine.model, "numerics", "float32"),
+        "numerics_tolerances": {str(k): v for k, v in NUMERICS_TOLERANCES.get(getattr(engine.model, "numerics", ""), {}).items()},
         "weights": weights_note(model_path),
         "prompt": prompt,
         "prompt_ids": prompt_ids,
