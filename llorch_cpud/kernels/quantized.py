@@ -11,7 +11,9 @@ each weight is `d·q + m` (Q4_1, formed in a register) or `d·q` (Q8_0, the scal
 exactly as ggml dequantizes it - only the order of the float32 additions differs, so results
 agree with `x @ dequantize(W).T` to float32 rounding (tests/test_kernels.py checks that against
 a float64 product, with a negative control). The result of a row never depends on
-which thread computed it, nor on the other rows in the batch.
+which thread computed it, nor on the other rows in the batch. With `numerics = "q8"` (a named mode,
+see NUMERICS) the activations are first quantized to 8 bits per block as llama.cpp does and the block
+dot products are exact integer sums (tests/test_kernels_q8.py: ggml's formulas evaluated in int64).
 
 Layout. ggml stores a row as consecutive 32-element blocks; a kernel that walks one row at a time
 needs a horizontal reduction per block. So at load the blocks are repacked *row-interleaved*:
