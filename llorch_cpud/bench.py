@@ -200,6 +200,18 @@ def summarize(samples: list[dict]) -> dict:
     return out
 
 
+def ratio(result: dict, peer: str, key: str) -> float | None:
+    """ours/peer for one metric: the median of the per-round ratios (the runners of a round ran back to
+    back, so a change of the machine's memory bandwidth between rounds cancels out), falling back to the
+    ratio of medians when per-round samples are missing."""
+    ours, theirs = result.get("samples", {}).get("ours", []), result.get("samples", {}).get(peer, [])
+    pairs = [a[key] / b[key] for a, b in zip(ours, theirs) if a.get(key) and b.get(key)]
+    if pairs:
+        return statistics.median(pairs)
+    a, b = result["runners"]["ours"].get(key), result["runners"][peer].get(key)
+    return a["median"] / b["median"] if a and b and b["median"] else None
+
+
 def table(result: dict) -> str:
     names = list(result["runners"])
     rows = [["metric"] + names + [f"ours/{n}" for n in names if n != "ours"]]
@@ -212,8 +224,8 @@ def table(result: dict) -> str:
         for n in names:
             if n == "ours":
                 continue
-            a, b = result["runners"]["ours"].get(key), result["runners"][n].get(key)
-            row.append(f"{a['median'] / b['median']:.2f}x" if a and b else "-")
+            r = ratio(result, n, key)
+            row.append(f"{r:.2f}x" if r else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

@@ -35,8 +35,9 @@ def test_bench_runs_ours_and_transformers_and_concurrency(gpt2_small, tmp_path):
         for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb"):
             s = result["runners"][name][key]
             assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"]
-    # the table shows the ratio ours/transformers of the medians
-    ratio = result["runners"]["ours"]["decode_tok_s"]["median"] / result["runners"]["transformers"]["decode_tok_s"]["median"]
+    # the table shows ours/transformers as the median of the per-round ratios
+    rounds = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(result["samples"]["ours"], result["samples"]["transformers"])]
+    ratio = statistics.median(rounds)
     assert f"{ratio:.2f}x" in table(result) and f"{ratio:.2f}x" in r.stdout
     assert "[####################] 4/4" in r.stderr  # the progress bar reached the end
     conc = result["concurrency"]["servers"]["ours"]
@@ -73,3 +74,14 @@ def test_bench_rejects_unknown_peer(gpt2_small):
     r = subprocess.run([sys.executable, "-m", "llorch_cpud.cli", "bench", "--model", str(gpt2_small), "--peers", "vllm"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--peers: unknown peer 'vllm'" in r.stderr
+
+
+def test_runner_ratio_is_the_median_of_per_round_ratios():
+    from llorch_cpud.bench import ratio
+
+    samples = {"ours": [{"decode_tok_s": v} for v in (100.0, 60.0, 90.0)],
+               "peer": [{"decode_tok_s": v} for v in (40.0, 40.0, 30.0)]}  # rounds: 2.5, 1.5, 3.0
+    runners = {n: {"decode_tok_s": {"median": statistics.median(s["decode_tok_s"] for s in v)}} for n, v in samples.items()}
+    result = {"samples": samples, "runners": runners}
+    assert ratio(result, "peer", "decode_tok_s") == 2.5  # not 90 / 40 = 2.25, the ratio of the medians
+    assert ratio({"runners": runners}, "peer", "decode_tok_s") == 90.0 / 40.0  # no samples: medians
