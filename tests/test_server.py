@@ -271,6 +271,7 @@ def test_health_loading_then_ready_and_callback(full, receiver):
     assert body["status"] == "healthy" and body["model_loaded"] is True
     assert body["vram_bytes"] == 0 and body["memory_type"] == "cpu"
     assert body["worker_id"] == "w-test" and body["memory_bytes"] > 100_000_000
+    assert body["numerics"] == "float32"  # the default; `serve --numerics q8` reports q8
 
     deadline = time.time() + 10
     while not receiver.payloads and time.time() < deadline:
@@ -637,3 +638,22 @@ def test_sigterm_ends_inflight_stream_and_exits_zero(full):
     assert kinds[-1] == "end" and evs[-1][1]["stop_reason"] == "cancelled"
     assert sum(k in ("end", "error") for k in kinds) == 1
     assert evs[-1][2] - got["sent"] < 2.0
+
+
+def test_serve_numerics_q8_reports_and_streams_what_generate_does(smollm2_gguf, tmp_path):
+    """`serve --numerics q8` runs the q8 products: /health says so and a greedy stream equals
+    `generate --numerics q8` (that the mode changes the numbers is tests/test_numerics_q8.py's)."""
+    from llorch_cpud import kernels
+
+    if not kernels.available():
+        pytest.skip("C kernels not built")
+    prompt = "Write one sentence about the sea."
+    w = Worker(smollm2_gguf, tmp_path, "--numerics", "q8").start()
+    try:
+        health = httpx.get(f"{w.base}/health").json()
+        events = stream_execute(w.base, {"job_id": "q8", "prompt": prompt, "max_tokens": 24, "temperature": 0.0})
+    finally:
+        w.stop()
+    assert health["numerics"] == "q8"
+    cli = generate_cli(smollm2_gguf, prompt, "--numerics", "q8", "--temperature", "0", "--max-tokens", "24")
+    assert text_of(events) == cli["text"] and events[-1][0] == "end"

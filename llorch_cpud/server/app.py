@@ -345,7 +345,8 @@ def create_app(state: WorkerState, lifespan=None):
         }
         if state.engine is not None:
             body.update(model_bytes=state.model_bytes, context_length=state.engine.model.n_ctx,
-                        load_seconds=round(state.load_seconds, 3))
+                        load_seconds=round(state.load_seconds, 3),
+                        numerics=getattr(state.engine.model, "numerics", "float32"))
         if state.scheduler is not None:
             body.update(active_jobs=state.scheduler.running, queued_jobs=state.scheduler.queued,
                         max_batch=state.scheduler.max_batch)
