@@ -33,44 +33,6 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 #include <immintrin.h>
 #endif
 
-/* 16 bytes -> 16 x int32. (GCC lowers __builtin_convertvector between vectors of different byte
- * sizes one element at a time, 5x slower; the x86 widening instructions do it in one.) */
-static inline i32x16 widen_u8(const uint8_t *p)
-{
-#if defined(__AVX512F__)
-    return (i32x16)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-#elif defined(__AVX2__)
-    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-    i32x16 r;
-    memcpy(&r, &a, 32);
-    memcpy((char *)&r + 32, &b, 32);
-    return r;
-#else
-    i32x16 r;
-    for (int i = 0; i < 16; i++) r[i] = p[i];
-    return r;
-#endif
-}
-
-static inline i32x16 widen_s8(const int8_t *p)
-{
-#if defined(__AVX512F__)
-    return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
-#elif defined(__AVX2__)
-    __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-    i32x16 r;
-    memcpy(&r, &a, 32);
-    memcpy((char *)&r + 32, &b, 32);
-    return r;
-#else
-    i32x16 r;
-    for (int i = 0; i < 16; i++) r[i] = p[i];
-    return r;
-#endif
-}
-
 /* 16 half floats -> 16 x float32 (the per-block scales stay float16, as ggml stores them). */
 static inline float half_to_float(uint16_t h)
 {

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from llorch_cpud.cache import KVCache
+from llorch_cpud.kernels.ops import decode_attention
 
 
 @dataclass
@@ -41,6 +42,37 @@ class Model(Protocol):
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """[rows, n_embd] -> [rows, vocab]: final norm and LM head."""
         ...
+
+
+def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, fast: bool, trace,
+                    cache_write, cache_read, attention_scores, attention_heads) -> np.ndarray:
+    """Attention of every segment over its own KV cache, heads merged into `merged` [rows, H·hd].
+
+    q [rows, H, hd], k, v [rows, Hkv, hd]: the batched projections of all segments' rows. A segment of
+    several rows (a prefill) writes its K/V, reads its cache and runs the model's stage functions; when
+    `fast` (kernel weights, no trace), the one-row (decode) segments of every sequence go through one
+    C call instead, which also writes their K/V. The stage functions are passed by the model module at
+    each call, so the validator's injected bugs (which replace them there) take effect."""
+    one_row: list[tuple[int, Segment]] = []
+    row = 0
+    for seg in segments:  # attention is per sequence (its own cache); the projections are batched
+        rows = slice(row, row + seg.length)
+        if fast and seg.length == 1:
+            one_row.append((row, seg))  # its cache write happens in decode_attention
+        else:
+            cache_write(seg.cache, layer, seg.start, k[rows], v[rows])
+            k_all, v_all = cache_read(seg.cache, layer, seg.start + seg.length)  # 2 × [Hkv, T, hd]
+            scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
+            if row == 0:
+                trace_put(trace, layer, "scores", scores)
+            merged[rows] = attention_heads(scores, v_all)  # [n, H·hd]
+        row += seg.length
+    if one_row:
+        idx = [r for r, _ in one_row]
+        merged[idx] = decode_attention(q[idx], k[idx], v[idx], [s.cache.k[layer] for _, s in one_row],
+                                       [s.cache.v[layer] for _, s in one_row],
+                                       [s.start + 1 for _, s in one_row])  # [B, H, hd] -> [B, H·hd]
+    return merged
 
 
 def trace_put(trace: dict | None, layer: int, name: str, value) -> None:

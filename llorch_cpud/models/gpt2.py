@@ -17,8 +17,8 @@ import numpy as np
 
 from llorch_cpud import kernels
 from llorch_cpud.cache import KVCache, cache_read, cache_write
-from llorch_cpud.kernels import PackedMatrix, decode_attention, linear, take_rows
-from llorch_cpud.models.base import Segment, trace_put
+from llorch_cpud.kernels import PackedMatrix, linear, take_rows
+from llorch_cpud.models.base import Segment, attend_segments, trace_put
 
 
 @dataclass(frozen=True)
@@ -138,27 +138,9 @@ def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trac
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
     merged = np.empty_like(x)  # [rows, n_embd]
-    # one-row (decode) segments of a packed model go through one C call for all of them
-    fused = trace is None and isinstance(w[p + "c_proj.weight"], PackedMatrix)
-    one_row: list[tuple[int, Segment]] = []
-    row = 0
-    for seg in segments:  # attention is per sequence (its own cache); the projections are batched
-        rows = slice(row, row + seg.length)
-        if fused and seg.length == 1:
-            one_row.append((row, seg))  # its cache write happens in decode_attention
-        else:
-            cache_write(seg.cache, i, seg.start, k[rows], v[rows])
-            k_all, v_all = cache_read(seg.cache, i, seg.start + seg.length)  # 2 × [H, T, hd]
-            scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
-            if row == 0:
-                trace_put(trace, i, "scores", scores)
-            merged[rows] = attention_heads(scores, v_all)  # [n, n_embd]
-        row += seg.length
-    if one_row:
-        idx = [r for r, _ in one_row]
-        merged[idx] = decode_attention(q[idx], k[idx], v[idx], [s.cache.k[i] for _, s in one_row],
-                                       [s.cache.v[i] for _, s in one_row],
-                                       [s.start + 1 for _, s in one_row])  # [B, H, hd] -> [B, n_embd]
+    fast = trace is None and isinstance(w[p + "c_proj.weight"], PackedMatrix)  # decode rows: one C call for all
+    attend_segments(q, k, v, segments, i, merged, fast, trace, cache_write, cache_read, attention_scores,
+                    attention_heads)  # [rows, H·hd]
     out = conv1d(merged, w[p + "c_proj.weight"], w[p + "c_proj.bias"])  # checkpoint 5, every row: [rows, n_embd]
     trace_put(trace, i, "attn_out", out)
     return out
