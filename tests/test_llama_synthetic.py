@@ -15,7 +15,9 @@ import pytest
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
+from llorch_cpud import kernels  # noqa: E402
 from llorch_cpud.engine import Engine  # noqa: E402
+from llorch_cpud.kernels import PackedMatrix, QuantMatrix  # noqa: E402
 from llorch_cpud.errors import ModelLoadError  # noqa: E402
 from llorch_cpud.formats import load_model  # noqa: E402
 from llorch_cpud.formats.gguf import GGUFFile  # noqa: E402
@@ -163,6 +165,13 @@ def test_loads_hf_layout_weights(synthetic, variant):
     for name in ("blk.0.attn_q.weight", "blk.1.attn_q.weight"):  # Q8_0, un-permuted: within quantization error
         assert np.abs(model.dense(name) - hf[name]).max() <= 0.02 * np.abs(hf[name]).max()
     assert tok.encode("Hello.") == [19556, 30]
+    if kernels.enabled():  # every matrix is held for a C kernel: F16 as float16, other types as float32
+        w = model.weights
+        assert isinstance(w["blk.0.attn_q.weight"], QuantMatrix) and w["blk.0.attn_q.weight"].kind == "Q8_0"
+        assert isinstance(w["blk.0.attn_k.weight"], PackedMatrix) and w["blk.0.attn_k.weight"].w.dtype == np.float16
+        for name in ("blk.0.attn_v.weight", "blk.0.attn_output.weight", "blk.0.ffn_up.weight"):  # F32, Q4_0, Q5_0
+            assert isinstance(w[name], PackedMatrix) and w[name].w.dtype == np.float32, name
+        assert all(isinstance(w[n], np.ndarray) for n in ("output_norm.weight", "blk.0.attn_norm.weight"))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -1,4 +1,5 @@
-"""Float32 weight matrices packed for the C kernel (GPT-2's projections and head).
+"""Float weight matrices packed for the C kernel: GPT-2's projections and head, and every GGUF
+matrix of a type without a quantized kernel (F16 kept as float16, the rest dequantized to float32).
 
 Why: numpy's BLAS is at the memory-bandwidth limit for one row (a matrix-vector product), but for
 the 2-16 rows of a batched decode step its matrix products stream the weights at only 15-21 GB/s
@@ -10,6 +11,10 @@ Layout: W `[n_out, n_in]` (nn.Linear orientation; a GPT-2 Conv1D weight is store
 `[n_chunk, n_in, 16]`: for each chunk of 16 output rows, element k of the 16 rows side by side. The
 kernel streams one chunk contiguously, one SIMD lane per output row, summing in a fixed order
 (32-term partial sums, then added), so a row's result never depends on the other rows of the batch.
+
+Storage is float32, or float16 for a matrix whose values are float16 (a GGUF F16 tensor): half the
+bytes a decode step reads, and the same products, since every float16 widens exactly to float32
+before the same float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -26,17 +31,24 @@ class PackedMatrix:
 
     def __init__(self, shape: tuple[int, int], w: np.ndarray, parent: "tuple[PackedMatrix, int] | None" = None):
         self.shape = (int(shape[0]), int(shape[1]))
-        self.w = w  # [n_chunk, n_in, 16] float32
+        self.w = w  # [n_chunk, n_in, 16] float32 or float16 (the storage)
         self.dtype = np.dtype(np.float32)
         self.ndim = 2
         self.parent = parent  # (fused matrix, first row in it) when a view of a fused one
 
     @classmethod
-    def from_dense(cls, w: np.ndarray) -> "PackedMatrix":
-        """From W [n_out, n_in] (any memory order); rows padded with zeros to a multiple of 16."""
+    def from_dense(cls, w: np.ndarray, storage=np.float32) -> "PackedMatrix":
+        """From W [n_out, n_in] (any memory order); rows padded with zeros to a multiple of 16.
+
+        storage float16 keeps W's values only if they are float16 values (ValueError otherwise)."""
+        storage = np.dtype(storage)
+        if storage not in (np.float32, np.float16):
+            raise ValueError(f"PackedMatrix stores float32 or float16, not {storage}")
+        if storage == np.float16 and w.dtype != np.float16:
+            raise ValueError("float16 storage needs a float16 matrix (its values must be kept exactly)")
         n_out, n_in = w.shape
         n_chunk = -(-n_out // LANES)
-        packed = np.zeros((n_chunk, n_in, LANES), np.float32)  # [C, n_in, 16]
+        packed = np.zeros((n_chunk, n_in, LANES), storage)  # [C, n_in, 16]
         full = n_out // LANES
         step = max(1, (8 << 20) // (LANES * n_in * 4))  # chunks per copy: an ~8 MB temporary, not a whole matrix
         for c0 in range(0, full, step):
@@ -52,7 +64,8 @@ class PackedMatrix:
     def fuse(cls, mats: "list[PackedMatrix]") -> "list[PackedMatrix] | None":
         """Matrices sharing their input stacked into one (see QuantMatrix.fuse); None if a row count is
         not a whole number of chunks or the inputs differ."""
-        if any(m.shape[1] != mats[0].shape[1] or m.shape[0] % LANES or m.parent is not None for m in mats):
+        if any(m.shape[1] != mats[0].shape[1] or m.shape[0] % LANES or m.parent is not None
+               or m.w.dtype != mats[0].w.dtype for m in mats):
             return None
         w = np.concatenate([m.w for m in mats])
         fused = cls((sum(m.shape[0] for m in mats), mats[0].shape[1]), w)
@@ -72,17 +85,19 @@ class PackedMatrix:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_chunk = self.w.shape[0]
         out = np.empty((x.shape[0], n_chunk * LANES), np.float32)  # [rows, n_out padded to 16]
-        _qkernels.f32_matmul(x, self.w, out, x.shape[0], self.shape[1], n_chunk)
+        kernel = _qkernels.f16_matmul if self.w.dtype == np.float16 else _qkernels.f32_matmul
+        kernel(x, self.w, out, x.shape[0], self.shape[1], n_chunk)
         return out[:, : self.shape[0]] if n_chunk * LANES != self.shape[0] else out
 
     def dequantize(self) -> np.ndarray:
         """W as a C-contiguous float32 [n_out, n_in] array (exactly the values packed)."""
-        return np.ascontiguousarray(self.w.transpose(0, 2, 1).reshape(-1, self.shape[1])[: self.shape[0]])
+        w = self.w.transpose(0, 2, 1).reshape(-1, self.shape[1])[: self.shape[0]]  # [n_out, n_in]
+        return np.ascontiguousarray(w, dtype=np.float32)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of W: [len(ids)] -> [len(ids), n_in] (an embedding lookup)."""
         ids = np.asarray(ids, dtype=np.int64)
-        return self.w[ids // LANES, :, ids % LANES]  # [rows, n_in]
+        return self.w[ids // LANES, :, ids % LANES].astype(np.float32, copy=False)  # [rows, n_in]
 
     def __repr__(self) -> str:
-        return f"PackedMatrix(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+        return f"PackedMatrix(shape={self.shape}, {self.w.dtype}, {self.nbytes / 1e6:.1f} MB)"

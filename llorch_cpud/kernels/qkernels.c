@@ -407,6 +407,33 @@ static void f32_chunk(const float *x, const float *w, float *out, int64_t M, int
     ROW_TILES(f32_tile, M, x, w, out, K, ldo, c);
 }
 
+/* The same kernel on float16 storage (a GGUF F16 matrix kept as stored: half the bytes). Each weight
+ * is widened exactly to float32 before the same float32 arithmetic as f32_tile. */
+static inline __attribute__((always_inline)) void
+f16_tile(const float *x, const uint16_t *w, float *out, int64_t K, int64_t ldo, int64_t c, int64_t r0, const int nr)
+{
+    const uint16_t *wc = w + c * K * 16;
+    f32x16 acc[RT];
+    for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        f32x16 t[RT];
+        for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+        int64_t k1 = k0 + 32 < K ? k0 + 32 : K;
+        for (int64_t k = k0; k < k1; k++) {
+            __builtin_prefetch(wc + (k + 2 * PF_LINES) * 16, 0, 3); /* PF_LINES lines ahead: 32 bytes a position */
+            f32x16 wv = load16h(wc + k * 16);
+            for (int r = 0; r < nr; r++) t[r] += wv * x[(r0 + r) * K + k];
+        }
+        for (int r = 0; r < nr; r++) acc[r] += t[r];
+    }
+    for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * 16, acc[r]);
+}
+
+static void f16_chunk(const float *x, const uint16_t *w, float *out, int64_t M, int64_t K, int64_t ldo, int64_t c)
+{
+    ROW_TILES(f16_tile, M, x, w, out, K, ldo, c);
+}
+
 /* ---- dequantization into a transposed slab out_t [K][ldo] (columns c0*L .. c1*L) ---------- */
 
 static void q4_1_dequant_chunk(const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out_t,
@@ -910,9 +937,31 @@ done:
     return ret;
 }
 
+/* f16_matmul(x, w, out, M, K, n_chunk): as f32_matmul, w [n_chunk][K][16] float16 */
+static PyObject *py_f16_matmul(PyObject *self, PyObject *args)
+{
+    Py_buffer x, w, out;
+    Py_ssize_t M, K, nc;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnn", &x, &w, &out, &M, &K, &nc)) return NULL;
+    PyObject *ret = NULL;
+    if (check_size(&x, M * K * 4, "x") || check_size(&w, nc * K * 16 * 2, "w") ||
+        check_size(&out, M * nc * 16 * 4, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = 0; c < nc; c++)
+        f16_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x); PyBuffer_Release(&w); PyBuffer_Release(&out);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
     {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
+    {"f16_matmul", py_f16_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float16 matrix"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
     {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
     {"q4_1_matmul_q8", py_q4_1_matmul_q8, METH_VARARGS, "q4_1_matmul with x quantized to 8 bits per block (ggml Q8_1)"},

@@ -3,9 +3,11 @@ checkpoint stage, composed into a forward pass — the same shape of code as mod
 
 Weights are keyed by the GGUF tensor names (`token_embd.weight`, `blk.0.attn_q.weight`, ...), each
 `[out, in]` (nn.Linear orientation), so a projection is `x @ W.T` — written `linear(x, W)`, because
-Q4_1/Q8_0 matrices stay quantized (`kernels.QuantMatrix`: the product is computed on the stored
-blocks, 4-5x fewer bytes per decode step than float32; see kernels/quantized.py for its numerics).
-Every other tensor is dequantized to float32 at load. `Llama.dense(name)` is any weight as float32.
+with the C kernels built, Q4_1/Q8_0 matrices stay quantized (`kernels.QuantMatrix`: the product is
+computed on the stored blocks, 4-5x fewer bytes per decode step than float32; see kernels/quantized.py
+for its numerics) and every other matrix is packed for the float kernel (`kernels.PackedMatrix`: F16
+kept as float16, other types dequantized to float32). Vectors (norms) are float32 arrays.
+`Llama.dense(name)` is any weight as float32.
 
 Rotary layout. llama.cpp's converter permutes the rows of `attn_q`/`attn_k` within each head so
 that its "NORM" rope can rotate adjacent pairs (2i, 2i+1). At load we undo that permutation (the
@@ -28,7 +30,7 @@ import numpy as np
 from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.errors import ModelLoadError
 from llorch_cpud import kernels
-from llorch_cpud.kernels import QuantMatrix, as_dense, linear, linear_many, take_rows
+from llorch_cpud.kernels import KernelMatrix, PackedMatrix, QuantMatrix, as_dense, linear, linear_many, take_rows
 from llorch_cpud.models.base import Segment, attend_segments, trace_put
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
@@ -255,7 +257,7 @@ def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
     merged = np.empty((x.shape[0], cfg.n_head * cfg.head_dim), np.float32)  # [rows, H·hd]
-    fast = trace is None and isinstance(w[p + "attn_output.weight"], QuantMatrix)  # decode rows: one C call for all
+    fast = trace is None and isinstance(w[p + "attn_output.weight"], KernelMatrix)  # decode rows: one C call for all
     attend_segments(q, k, v, segments, i, merged, fast, trace, cache_write, cache_read, attention_scores,
                     attention_heads)  # [rows, H·hd]
     out = linear(merged, w[p + "attn_output.weight"])  # checkpoint 5 for every row: [rows, H·hd] -> [rows, n_embd]
@@ -334,8 +336,8 @@ class Llama:
 
     @property
     def quantized(self) -> bool:
-        """Whether any matrix is held quantized (then `forward` runs the C kernels)."""
-        return any(isinstance(w, QuantMatrix) for w in self.weights.values())
+        """Whether the matrices are held for the C kernels (then `forward` runs them)."""
+        return any(isinstance(w, KernelMatrix) for w in self.weights.values())
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
@@ -409,9 +411,10 @@ def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def load_llama(f, quantized: bool | None = None) -> Llama:
-    """A Llama from an open GGUFFile: config from metadata; Q4_1/Q8_0 matrices kept quantized
-    (`QuantMatrix`, products computed on the stored blocks) unless `quantized=False` (or
-    LLORCH_KERNELS=numpy), every other tensor dequantized to float32."""
+    """A Llama from an open GGUFFile: config from metadata. With the C kernels (unless `quantized=False`
+    or LLORCH_KERNELS=numpy), Q4_1/Q8_0 matrices are kept quantized (`QuantMatrix`, products computed
+    on the stored blocks) and other matrices packed (`PackedMatrix`: F16 as float16, others dequantized
+    to float32); without them every tensor is a float32 array."""
     cfg = LlamaConfig.from_gguf(f)
     if quantized is None:
         quantized = kernels.enabled()
@@ -431,8 +434,12 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
             raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected {shape} from the metadata")
         if quantized and len(shape) == 2 and info.type_name in kernels.QUANT_TYPES:
             return QuantMatrix.from_blocks(info.type_name, f.raw(name), shape, row_order=rows)
-        w = f.tensor(name)  # ModelLoadError names an undecodable type
-        return w if rows is None else np.ascontiguousarray(w[rows])
+        keep16 = quantized and len(shape) == 2 and info.type_name == "F16"
+        w = f.tensor(name, np.float16 if keep16 else np.float32)  # ModelLoadError names an undecodable type
+        w = w if rows is None else w[rows]
+        if quantized and len(shape) == 2:
+            return PackedMatrix.from_dense(w, storage=w.dtype)  # [out, in] -> [C, in, 16]
+        return np.ascontiguousarray(w)
 
     weights["token_embd.weight"] = load("token_embd.weight", (cfg.vocab_size, cfg.n_embd))
     weights["output_norm.weight"] = load("output_norm.weight", (cfg.n_embd,))
@@ -450,8 +457,9 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
                 order[name] = rows
         for group in (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")):  # same input: one kernel call
             names = [f"blk.{i}.{t}.weight" for t in group]
-            if all(isinstance(weights[n], QuantMatrix) for n in names):
-                views = QuantMatrix.fuse([weights[n] for n in names])
+            kind = type(weights[names[0]])
+            if kind in (QuantMatrix, PackedMatrix) and all(type(weights[n]) is kind for n in names):
+                views = kind.fuse([weights[n] for n in names])
                 if views is not None:
                     weights.update(zip(names, views))
         f.release_pages()  # this layer's file pages are copied: don't let them pile up in RSS
