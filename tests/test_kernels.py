@@ -30,9 +30,11 @@ def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_0", "Q5_0"])
 @pytest.mark.parametrize("shape", [(192, 576), (1536, 576), (576, 1536), (100, 64), (4100, 96)])
 def test_matmul_matches_dequantized_product(kind, shape):
+    """Q4_0 and Q5_0 are rewritten at load (as Q4_1, Q8_0): their dequantized values must still be
+    gguf-py's, bit for bit, and the products the float64 product of those."""
     raw, w = make_blocks(kind, *shape)
     m = QuantMatrix.from_blocks(kind, raw, shape)
     assert np.array_equal(m.dequantize(), w)  # the stored values are exactly ggml's
@@ -246,3 +248,30 @@ def test_packed_float16_storage_computes_the_float32_product_of_its_values(shape
     assert np.abs(bad.matmul(x) - p16.matmul(x)).max() > 0.5
     with pytest.raises(ValueError, match="float16 matrix"):
         PackedMatrix.from_dense(w16.astype(np.float32), storage=np.float16)  # values would be rounded
+
+
+def test_q4_0_and_q5_0_rewrites_keep_every_weight_including_extremes():
+    """Every nibble / fifth-bit pattern and extreme scales survive the Q4_0 -> Q4_1, Q5_0 -> Q8_0 rewrite
+    exactly; a corrupted high bit (negative control) changes the weights; an overflowing scale is refused."""
+    from llorch_cpud.kernels.quantized import convert_blocks
+
+    rng = np.random.default_rng(7)
+    for kind, bsize in (("Q4_0", 18), ("Q5_0", 22)):
+        raw = rng.integers(0, 256, (64, 4 * bsize), dtype=np.uint8)  # 64 rows of 4 random blocks
+        scales = np.array([1e-4, -3.5, 6.0e-8, 0.02, 1000.0, -0.0, 7.0, 2.0 ** -14], np.float16)
+        blocks = raw.reshape(64, 4, bsize)
+        blocks[..., 0:2] = scales[rng.integers(0, len(scales), (64, 4))].view(np.uint8).reshape(64, 4, 2)
+        raw = blocks.reshape(64, 4 * bsize)
+        ref = dequantize(raw, GGMLQuantizationType[kind]).reshape(64, 128)
+        m = QuantMatrix.from_blocks(kind, raw, (64, 128))
+        assert m.source == kind and m.kind == {"Q4_0": "Q4_1", "Q5_0": "Q8_0"}[kind]
+        assert np.array_equal(m.dequantize(), ref)
+        assert np.array_equal(m.rows(np.array([5, 63])), ref[[5, 63]])
+        if kind == "Q5_0":
+            bad = blocks.copy()
+            bad[..., 2] ^= 1  # the high bit of element 0 of every block
+            assert not np.array_equal(QuantMatrix.from_blocks(kind, bad.reshape(64, -1), (64, 128)).dequantize(), ref)
+    huge = np.zeros((1, 18), np.uint8)
+    huge[0, 0:2] = np.array([10000.0], np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match="overflow"):
+        convert_blocks("Q4_0", huge)

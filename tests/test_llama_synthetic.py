@@ -169,8 +169,9 @@ def test_loads_hf_layout_weights(synthetic, variant):
         w = model.weights
         assert isinstance(w["blk.0.attn_q.weight"], QuantMatrix) and w["blk.0.attn_q.weight"].kind == "Q8_0"
         assert isinstance(w["blk.0.attn_k.weight"], PackedMatrix) and w["blk.0.attn_k.weight"].w.dtype == np.float16
-        for name in ("blk.0.attn_v.weight", "blk.0.attn_output.weight", "blk.0.ffn_up.weight"):  # F32, Q4_0, Q5_0
-            assert isinstance(w[name], PackedMatrix) and w[name].w.dtype == np.float32, name
+        assert isinstance(w["blk.0.attn_v.weight"], PackedMatrix) and w["blk.0.attn_v.weight"].w.dtype == np.float32
+        for name, source, kind in (("blk.0.attn_output.weight", "Q4_0", "Q4_1"), ("blk.0.ffn_up.weight", "Q5_0", "Q8_0")):
+            assert isinstance(w[name], QuantMatrix) and (w[name].source, w[name].kind) == (source, kind), name
         assert all(isinstance(w[n], np.ndarray) for n in ("output_norm.weight", "blk.0.attn_norm.weight"))
 
 

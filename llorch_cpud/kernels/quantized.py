@@ -1,4 +1,5 @@
-"""Matrix products on GGUF-quantized weights without a float32 copy of the matrix (Q4_1, Q8_0).
+"""Matrix products on GGUF-quantized weights without a float32 copy of the matrix (Q4_1, Q8_0; and
+Q4_0, Q5_0, rewritten at load into those two with exactly the same weights: `convert_blocks`).
 
 Why: a decode step reads every weight once per token, so its speed is the speed of reading the
 weights. Dequantized to float32, SmolLM2's Q4_1 weights are 4-5x more bytes than as stored.
@@ -14,6 +15,10 @@ a float64 product, with a negative control). The result of a row never depends o
 which thread computed it, nor on the other rows in the batch. With `numerics = "q8"` (a named mode,
 see NUMERICS) the activations are first quantized to 8 bits per block as llama.cpp does and the block
 dot products are exact integer sums (tests/test_kernels_q8.py: ggml's formulas evaluated in int64).
+For Q5_0 weights (held as Q8_0) that is exactly llama.cpp's Q5_0 x Q8_0 dot product; for Q4_0 (held as
+Q4_1) the -8·d offset meets the activation block's float16 sum (Q8_1's s) where llama.cpp subtracts 8
+from each integer - the same up to float16 rounding of that sum. Other types (K-quants, F16, ...) are
+PackedMatrix and always compute with float32 activations, in either mode.
 
 Layout. ggml stores a row as consecutive 32-element blocks; a kernel that walks one row at a time
 needs a horizontal reduction per block. So at load the blocks are repacked *row-interleaved*:
@@ -46,13 +51,47 @@ try:
 except ImportError:  # pragma: no cover - built at install; without a C compiler models load dense
     _qkernels = None
 
-#: ggml types held quantized (others are dequantized to float32 at load).
-QUANT_TYPES = ("Q4_1", "Q8_0")
+#: The kernels' own block formats.
+KERNEL_KINDS = ("Q4_1", "Q8_0")
+
+#: ggml types held quantized: the kernel kinds, and types rewritten at load into one of them with the
+#: very same weight values (`convert_blocks`). Other types are packed as float (kernels/packed.py).
+QUANT_TYPES = KERNEL_KINDS + ("Q4_0", "Q5_0")
+
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34}
+
+
+def convert_blocks(kind: str, blocks: np.ndarray) -> tuple[str, np.ndarray]:
+    """ggml blocks [..., block bytes] of `kind` -> (kernel kind, its blocks) holding exactly the same
+    weights (dequantized bit for bit as ggml/gguf-py dequantize the original; tests/test_kernels.py).
+
+    Q4_0 (d, 16 bytes of nibbles; w = d·(q-8)) becomes Q4_1 with m = -8·d: d·q + m is d·(q-8) exactly,
+    since d·q, -8·d and their sum are float16 scale times small integers, representable in float32.
+    Q5_0 (d, 32 high bits, nibbles; w = d·(q-16), q of 5 bits) becomes Q8_0 with int8 q-16: 34 bytes
+    per block instead of 22, still ~4x fewer than float32. ValueError if -8·d overflows float16."""
+    if kind in KERNEL_KINDS:
+        return kind, blocks
+    if kind == "Q4_0":
+        d = blocks[..., 0:2]
+        with np.errstate(over="ignore"):
+            m = (_f16(d).astype(np.float32) * np.float32(-8.0)).astype("<f2")  # exact: a power-of-two multiple
+        if not np.isfinite(m).all():
+            raise ValueError("Q4_0 block scale too large to rewrite as Q4_1 (float16 overflow)")
+        return "Q4_1", np.concatenate([d, m[..., None].view(np.uint8), blocks[..., 2:18]], axis=-1)
+    if kind == "Q5_0":
+        qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # [..., 1]: bit j = high bit of element j
+        nib = blocks[..., 6:22]  # [..., 16]
+        low = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.int16)  # [..., 32]: elements 0..15, 16..31
+        high = (qh >> np.arange(32, dtype=np.uint32)) & 1  # [..., 32]
+        q = (low | (high.astype(np.int16) << 4)) - 16  # [..., 32] in [-16, 15]
+        return "Q8_0", np.concatenate([blocks[..., 0:2], q.astype(np.int8).view(np.uint8)], axis=-1)
+    raise ValueError(f"QuantMatrix holds {', '.join(QUANT_TYPES)}, not {kind}")
 
 #: How products on quantized weights treat their float32 activations:
 #:   float32  as they are: the product of the float32 dequantized matrix (to float32 rounding)
 #:   q8       quantized to 8 bits per 32-element block first, as llama.cpp does (Q8_1 blocks for Q4_1
 #:            weights, Q8_0 for Q8_0), then exact integer dot products: llama.cpp's numerics and speed
+#:            (held quantized matrices only; packed float matrices keep float32 activations)
 NUMERICS = ("float32", "q8")
 
 
@@ -85,6 +124,7 @@ class QuantMatrix:
         self.ndim = 2
         self.parent = parent  # (fused matrix, first row in it) when this matrix is a view of a fused one
         self.numerics = "float32"  # or "q8": activations quantized to 8 bits per block (NUMERICS)
+        self.source = kind  # the ggml type the file stored (Q4_0 / Q5_0 are held as Q4_1 / Q8_0)
 
     @classmethod
     def fuse(cls, mats: "list[QuantMatrix]") -> "list[QuantMatrix] | None":
@@ -123,10 +163,11 @@ class QuantMatrix:
             raise ValueError(f"row length {n_in} is not a multiple of 32")
         nb = n_in // 32
         chunk = chunk or chunk_rows(n_out)
-        bsize = 20 if kind == "Q4_1" else 34
-        blocks = np.asarray(raw).reshape(n_out, nb, bsize)  # [N, NB, block bytes]
+        blocks = np.asarray(raw).reshape(n_out, nb, _BLOCK_BYTES[kind])  # [N, NB, block bytes]
         if row_order is not None:
             blocks = blocks[row_order]
+        source, (kind, blocks) = kind, convert_blocks(kind, blocks)  # Q4_0 -> Q4_1, Q5_0 -> Q8_0
+        bsize = _BLOCK_BYTES[kind]
         n_chunk = -(-n_out // chunk)
         pad = n_chunk * chunk - n_out
         if pad:  # zero rows (scale 0) complete the last chunk; their outputs are dropped
@@ -140,7 +181,9 @@ class QuantMatrix:
             m = None
             q = grouped[..., 2:34].view(np.int8).reshape(n_chunk, chunk, nb, 8, 4)  # [C, L, NB, 32] -> [C, L, NB, G=8, 4]
         qs = np.ascontiguousarray(q.transpose(0, 2, 3, 1, 4))  # [C, NB, G, L, 4]
-        return cls(kind, (n_out, n_in), qs, d, m)
+        out = cls(kind, (n_out, n_in), qs, d, m)
+        out.source = source
+        return out
 
     # -------------------------------------------------------------- products
 
@@ -197,7 +240,8 @@ class QuantMatrix:
         return w.reshape(len(ids), self.shape[1])  # [rows, n_in]
 
     def __repr__(self) -> str:
-        return f"QuantMatrix({self.kind}, shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+        held = self.kind if self.source == self.kind else f"{self.source} held as {self.kind}"
+        return f"QuantMatrix({held}, shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
 
 
 def set_numerics(weights, numerics: str) -> int:

@@ -433,7 +433,10 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
         if info.shape != shape:
             raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected {shape} from the metadata")
         if quantized and len(shape) == 2 and info.type_name in kernels.QUANT_TYPES:
-            return QuantMatrix.from_blocks(info.type_name, f.raw(name), shape, row_order=rows)
+            try:
+                return QuantMatrix.from_blocks(info.type_name, f.raw(name), shape, row_order=rows)
+            except ValueError:  # a Q4_0 scale that cannot be rewritten: packed as float32 below
+                pass
         keep16 = quantized and len(shape) == 2 and info.type_name == "F16"
         w = f.tensor(name, np.float16 if keep16 else np.float32)  # ModelLoadError names an undecodable type
         w = w if rows is None else w[rows]
