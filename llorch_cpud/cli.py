@@ -42,7 +42,7 @@ def ranged(kind, lo=None, hi=None, name=""):
     return parse
 
 
-NUMERICS_HELP = ("products on quantized (GGUF Q4_1/Q8_0) weights: float32 = float32 activations, the dequantized "
+NUMERICS_HELP = ("products on quantized (GGUF Q4_0/Q4_1/Q5_0/Q8_0) weights: float32 = float32 activations, the dequantized "
                  "model's numbers (default); q8 = activations quantized to 8 bits per 32-block and integer dot "
                  "products, as llama.cpp computes (faster; its own tolerances in validate)")
 

@@ -57,7 +57,7 @@ def apply_numerics(model, numerics: str, name: str = "model") -> None:
     n = set_numerics(model.weights, numerics)
     if numerics != "float32" and n == 0:
         raise ModelLoadError(f"{name}: --numerics {numerics} needs weights held quantized by the C kernels "
-                             "(GGUF Q4_1/Q8_0); this model has none")
+                             "(GGUF Q4_0/Q4_1/Q5_0/Q8_0); this model has none")
     model.numerics = numerics
 
 

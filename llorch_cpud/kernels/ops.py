@@ -1,5 +1,5 @@
 """The operations model code calls, for any kind of weight: a float32 numpy array `[out, in]`, a
-`QuantMatrix` (ggml Q4_1/Q8_0 blocks) or a `PackedMatrix` (float32, row-interleaved) - plus the
+`QuantMatrix` (ggml Q4_1/Q8_0 blocks) or a `PackedMatrix` (float32/float16, row-interleaved) - plus the
 batched decode attention and the BLAS thread limit that goes with the C kernels."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ checkpoint stage, composed into a forward pass — the same shape of code as mod
 
 Weights are keyed by the GGUF tensor names (`token_embd.weight`, `blk.0.attn_q.weight`, ...), each
 `[out, in]` (nn.Linear orientation), so a projection is `x @ W.T` — written `linear(x, W)`, because
-with the C kernels built, Q4_1/Q8_0 matrices stay quantized (`kernels.QuantMatrix`: the product is
+with the C kernels built, Q4_1/Q8_0 (and Q4_0/Q5_0) matrices stay quantized (`kernels.QuantMatrix`: the product is
 computed on the stored blocks, 4-5x fewer bytes per decode step than float32; see kernels/quantized.py
 for its numerics) and every other matrix is packed for the float kernel (`kernels.PackedMatrix`: F16
 kept as float16, other types dequantized to float32). Vectors (norms) are float32 arrays.
@@ -412,7 +412,7 @@ def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def load_llama(f, quantized: bool | None = None) -> Llama:
     """A Llama from an open GGUFFile: config from metadata. With the C kernels (unless `quantized=False`
-    or LLORCH_KERNELS=numpy), Q4_1/Q8_0 matrices are kept quantized (`QuantMatrix`, products computed
+    or LLORCH_KERNELS=numpy), Q4_1/Q8_0/Q4_0/Q5_0 matrices are kept quantized (`QuantMatrix`, products computed
     on the stored blocks) and other matrices packed (`PackedMatrix`: F16 as float16, others dequantized
     to float32); without them every tensor is a float32 array."""
     cfg = LlamaConfig.from_gguf(f)
