@@ -22,6 +22,10 @@ def make_blocks(kind: str, n_out: int, n_in: int, seed: int = 0) -> tuple[np.nda
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n_out, n_in)) * 0.05 + rng.standard_normal((n_out, 1)) * 0.02).astype(np.float32)
     qtype = GGMLQuantizationType[kind]
+    if kind.endswith("_K"):  # gguf-py cannot quantize K-quants: random fields, weight-sized scales
+        scales = (np.abs(rng.standard_normal(16)) * 0.003).astype(np.float16)
+        raw = random_blocks(kind, n_out, n_in, seed, scales)
+        return raw, dequantize(raw, qtype).reshape(n_out, n_in).astype(np.float32)
     raw = quantize(w, qtype)  # gguf-py: [n_out, row_bytes] uint8
     return raw, dequantize(raw, qtype).reshape(n_out, n_in).astype(np.float32)
 
@@ -30,11 +34,13 @@ def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_0", "Q5_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("shape", [(192, 576), (1536, 576), (576, 1536), (100, 64), (4100, 96)])
 def test_matmul_matches_dequantized_product(kind, shape):
-    """Q4_0 and Q5_0 are rewritten at load (as Q4_1, Q8_0): their dequantized values must still be
-    gguf-py's, bit for bit, and the products the float64 product of those."""
+    """Q4_0, Q5_0, Q4_K and Q6_K are rewritten at load (as Q4_1, Q8_0, Q4_1F, Q8_S16): their dequantized
+    values must still be gguf-py's, bit for bit, and the products the float64 product of those."""
+    if kind.endswith("_K"):
+        shape = (shape[0], -(-shape[1] // 256) * 256)  # K-quant rows are whole 256-weight super-blocks
     raw, w = make_blocks(kind, *shape)
     m = QuantMatrix.from_blocks(kind, raw, shape)
     assert np.array_equal(m.dequantize(), w)  # the stored values are exactly ggml's
@@ -48,7 +54,7 @@ def test_matmul_matches_dequantized_product(kind, shape):
         assert np.abs(y - ref).max() <= 4 * np.abs(fp32 - ref).max() + 1e-6, (rows, np.abs(y - ref).max())
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
 def test_row_results_do_not_depend_on_the_batch(kind):
     """A row's result is bit-identical alone or with other rows (so batching streams changes nothing)."""
     raw, _ = make_blocks(kind, 320, 256)
@@ -100,7 +106,7 @@ def test_bad_buffers_raise_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError):
         QuantMatrix.from_blocks("Q4_1", np.zeros((4, 10), np.uint8), (4, 16))
     with pytest.raises(ValueError, match="holds"):
-        QuantMatrix.from_blocks("Q6_K", np.zeros((4, 210), np.uint8), (4, 256))
+        QuantMatrix.from_blocks("Q5_K", np.zeros((4, 176), np.uint8), (4, 256))
 
 
 def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
@@ -250,28 +256,45 @@ def test_packed_float16_storage_computes_the_float32_product_of_its_values(shape
         PackedMatrix.from_dense(w16.astype(np.float32), storage=np.float16)  # values would be rounded
 
 
-def test_q4_0_and_q5_0_rewrites_keep_every_weight_including_extremes():
-    """Every nibble / fifth-bit pattern and extreme scales survive the Q4_0 -> Q4_1, Q5_0 -> Q8_0 rewrite
-    exactly; a corrupted high bit (negative control) changes the weights; an overflowing scale is refused."""
-    from llorch_cpud.kernels.quantized import convert_blocks
+def random_blocks(kind: str, n_out: int, n_in: int, seed: int, scales=None) -> np.ndarray:
+    """Random bytes for every field of `kind`'s blocks, with float16 scales drawn from `scales` (default:
+    very different sizes, subnormal to large, zero and negative included): raw [n_out, row bytes]."""
+    from llorch_cpud.kernels.quantized import _BLOCKS
 
-    rng = np.random.default_rng(7)
-    for kind, bsize in (("Q4_0", 18), ("Q5_0", 22)):
-        raw = rng.integers(0, 256, (64, 4 * bsize), dtype=np.uint8)  # 64 rows of 4 random blocks
+    per, size = _BLOCKS[kind]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n_out, n_in // per, size), dtype=np.uint8)
+    if scales is None:
         scales = np.array([1e-4, -3.5, 6.0e-8, 0.02, 1000.0, -0.0, 7.0, 2.0 ** -14], np.float16)
-        blocks = raw.reshape(64, 4, bsize)
-        blocks[..., 0:2] = scales[rng.integers(0, len(scales), (64, 4))].view(np.uint8).reshape(64, 4, 2)
-        raw = blocks.reshape(64, 4 * bsize)
-        ref = dequantize(raw, GGMLQuantizationType[kind]).reshape(64, 128)
-        m = QuantMatrix.from_blocks(kind, raw, (64, 128))
-        assert m.source == kind and m.kind == {"Q4_0": "Q4_1", "Q5_0": "Q8_0"}[kind]
-        assert np.array_equal(m.dequantize(), ref)
-        assert np.array_equal(m.rows(np.array([5, 63])), ref[[5, 63]])
-        if kind == "Q5_0":
-            bad = blocks.copy()
-            bad[..., 2] ^= 1  # the high bit of element 0 of every block
-            assert not np.array_equal(QuantMatrix.from_blocks(kind, bad.reshape(64, -1), (64, 128)).dequantize(), ref)
-    huge = np.zeros((1, 18), np.uint8)
-    huge[0, 0:2] = np.array([10000.0], np.float16).view(np.uint8)
+    at = {"Q4_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]  # byte offsets of the float16 scales
+    for o in at:
+        pick = scales[rng.integers(0, len(scales), blocks.shape[:2])]
+        blocks[..., o : o + 2] = pick[..., None].view(np.uint8).reshape(blocks.shape[:2] + (2,))
+    return blocks.reshape(n_out, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q4_K", "Q6_K"])
+def test_rewritten_blocks_keep_every_weight_including_extremes(kind):
+    """Every bit pattern of every field and extreme scales survive the rewrite into a kernel kind
+    exactly (against gguf-py's dequantizer); a flipped bit (negative control) changes the weights."""
+    raw = random_blocks(kind, 64, 512, seed=7)
+    ref = dequantize(raw, GGMLQuantizationType[kind]).reshape(64, 512)
+    m = QuantMatrix.from_blocks(kind, raw, (64, 512))
+    assert m.source == kind and m.kind == {"Q4_0": "Q4_1", "Q5_0": "Q8_0", "Q4_K": "Q4_1F", "Q6_K": "Q8_S16"}[kind]
+    assert np.array_equal(m.dequantize(), ref)
+    assert np.array_equal(m.rows(np.array([5, 63])), ref[[5, 63]])
+    x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+    assert rel_err(m.matmul(x), x.astype(np.float64) @ ref.astype(np.float64).T) < 1e-5
+    for byte in {"Q4_0": (5,), "Q5_0": (2, 10), "Q4_K": (4, 12, 20), "Q6_K": (3, 130, 195)}[kind]:
+        bad = raw.copy()
+        bad[:, byte] ^= 16 if byte != 195 else 1  # a quant's bit, a high bit, a packed scale/min bit
+        assert not np.array_equal(QuantMatrix.from_blocks(kind, bad, (64, 512)).dequantize(), ref), byte
+
+
+def test_q4_0_scale_that_overflows_is_refused():
+    from llorch_cpud.kernels.quantized import split_blocks
+
+    huge = np.zeros((1, 1, 18), np.uint8)
+    huge[0, 0, 0:2] = np.array([10000.0], np.float16).view(np.uint8)
     with pytest.raises(ValueError, match="overflow"):
-        convert_blocks("Q4_0", huge)
+        split_blocks("Q4_0", huge)

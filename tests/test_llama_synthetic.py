@@ -36,11 +36,24 @@ def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.nd
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+#: K-quant fields drawn at random (gguf-py cannot quantize them): float16 super-block scales that give
+#: weights of ~0.05, every other byte uniform. The file then holds *these* weights, not x.
+K_SCALES = {QT.Q4_K: ((0, 1.5e-4), (2, 1.5e-3)), QT.Q6_K: ((208, 4e-5),)}
+
+
 def encode(x: np.ndarray, qt: QT) -> np.ndarray:
     if qt == QT.F32:
         return x.astype(np.float32)
     if qt == QT.F16:
         return x.astype(np.float16)
+    if qt in K_SCALES:
+        size = {QT.Q4_K: 144, QT.Q6_K: 210}[qt]
+        rng = np.random.default_rng(int(np.abs(x).sum() * 1e3) % 2**32)
+        blocks = rng.integers(0, 256, (x.shape[0], x.shape[1] // 256, size), dtype=np.uint8)
+        for offset, scale in K_SCALES[qt]:
+            d = (rng.uniform(0.5, 1.0, blocks.shape[:2]) * scale).astype(np.float16)
+            blocks[..., offset : offset + 2] = d[..., None].view(np.uint8).reshape(blocks.shape[:2] + (2,))
+        return blocks.reshape(x.shape[0], -1)
     return gguf.quants.quantize(x.astype(np.float32), qt)
 
 
@@ -195,6 +208,44 @@ def test_all_checkpoints_pass_against_transformers(synthetic, variant):
         ref.load(path, "llama", engine)
         assert np.array_equal(ref.model.model.layers[1].self_attn.q_proj.weight.detach().numpy(),
                               model.dense("blk.1.attn_q.weight"))
+        ours = OurSide(engine, tok.encode("Hello. Ünïcode → 東京, code: x = [1, 2]"), 12)
+        results = run_checkpoints(engine, ours, ref, "llama")
+    finally:
+        torch.set_num_threads(n_threads)
+    bad = [(r.id, r.name, r.max_abs_diff, r.note) for r in results if not r.passed]
+    assert bad == []
+    assert results[7].max_abs_diff <= 1e-4  # full logits
+
+
+def test_k_quant_model_is_held_quantized_and_passes_against_transformers(tmp_path, tok_meta):
+    """Q4_K and Q6_K matrices (every matrix of this file, embedding and untied head included) run on
+    their rewritten blocks (Q4_1F, Q8_S16) and every checkpoint passes against transformers, which
+    dequantizes the same file with gguf-py."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import torch
+
+    from llorch_cpud.validate import references
+    from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
+
+    k4, k6 = QT.Q4_K, QT.Q6_K
+    types = {"attn_q": k4, "attn_k": k6, "attn_v": k4, "attn_output": k6, "ffn_gate": k4, "ffn_up": k6,
+             "ffn_down": k4, "token_embd": k6, "output": k4}
+    path = tmp_path / "tiny-kquant.gguf"
+    write_llama_gguf(path, tok_meta, n_layer=2, n_embd=256, n_head=4, n_kv_head=2, n_ff=512, tied=False, types=types)
+    model, tok = load_gguf_model(path)
+    if kernels.enabled():
+        for name, kind in (("blk.0.attn_q.weight", "Q4_1F"), ("blk.0.attn_k.weight", "Q8_S16"),
+                           ("token_embd.weight", "Q8_S16"), ("output.weight", "Q4_1F")):
+            assert isinstance(model.weights[name], QuantMatrix) and model.weights[name].kind == kind, name
+    engine = Engine(model, tok)
+    ref = references.make("transformers")
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref.load(path, "llama", engine)
+        assert np.array_equal(ref.model.model.layers[1].mlp.down_proj.weight.detach().numpy(),
+                              model.dense("blk.1.ffn_down.weight"))
         ours = OurSide(engine, tok.encode("Hello. Ünïcode → 東京, code: x = [1, 2]"), 12)
         results = run_checkpoints(engine, ours, ref, "llama")
     finally:

@@ -129,16 +129,24 @@ static inline void prefetch_group(const uint8_t *grp, int64_t L)
 
 /* ---- Q4_1, float32 activations ------------------------------------------------------------ */
 
+/* 16 per-row scales: float16 as ggml stores them, or float32 (a K-quant's sub-block scale d·sc). */
+static inline f32x16 load_scales(const void *p, int64_t i, const int f32s)
+{
+    return f32s ? load16((const float *)p + i) : load16h((const uint16_t *)p + i);
+}
+
+/* f32s: the scales d, m are float32 (Q4_K rewritten: d = d·sc, m = -dmin·m per 32-element sub-block),
+ * else float16 (Q4_1). Either way the weight d·q + m is formed exactly as ggml dequantizes it. */
 static inline __attribute__((always_inline)) void
-q4_1_tile(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out,
+q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const int f32s, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
         for (int64_t b = 0; b < NB; b++) {
-            f32x16 dv = load16h(d + (c * NB + b) * L + i0);
-            f32x16 mv = load16h(m + (c * NB + b) * L + i0);
+            f32x16 dv = load_scales(d, (c * NB + b) * L + i0, f32s);
+            f32x16 mv = load_scales(m, (c * NB + b) * L + i0, f32s);
             f32x16 t[RT]; /* per-block partial sums, then added to acc: shorter float32 sums, smaller error */
             for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
             for (int g = 0; g < 4; g++) {
@@ -166,7 +174,13 @@ q4_1_tile(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *
 static void q4_1_chunk(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
                        float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q4_1_tile, M, x, qs, d, m, out, K, ldo, K / 32, L, c);
+    ROW_TILES(q4_1_tile, M, x, qs, d, m, 0, out, K, ldo, K / 32, L, c);
+}
+
+static void q4_1f_chunk(const float *x, const uint8_t *qs, const float *d, const float *m,
+                        float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q4_1_tile, M, x, qs, d, m, 1, out, K, ldo, K / 32, L, c);
 }
 
 /* ---- Q8_0, float32 activations ------------------------------------------------------------ */
@@ -201,6 +215,42 @@ static void q8_0_chunk(const float *x, const int8_t *qs, const uint16_t *d, floa
                        int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
     ROW_TILES(q8_0_tile, M, x, qs, d, out, K, ldo, K / 32, L, c);
+}
+
+/* ---- int8 weights, float32 scale per 16 elements (Q6_K rewritten: q-32, d·sc) ----------------
+ * The Q8_0 layout (8 groups of 4 elements per 32-block); d [n_chunk][NB][2][L]: the scale of elements
+ * 0-15 (groups 0-3) and 16-31 (groups 4-7). Each weight d·q is formed in a register and rounded as
+ * ggml's dequantization rounds it, then multiplied with the float32 activations. */
+static inline __attribute__((always_inline)) void
+q8_s16_tile(const float *x, const int8_t *qs, const float *d, float *out,
+            int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+{
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        f32x16 acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+        for (int64_t b = 0; b < NB; b++) {
+            f32x16 t[RT];
+            for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+                if (i0 == 0) prefetch_group(grp, L);
+                f32x16 dv = load16(d + ((c * NB + b) * 2 + g / 4) * L + i0);
+                i32x16 v = (i32x16)load_group(grp + i0 * 4);
+                for (int jj = 0; jj < 4; jj++) {
+                    f32x16 w = dv * __builtin_convertvector((v << (24 - 8 * jj)) >> 24, f32x16);
+                    for (int r = 0; r < nr; r++) t[r] += w * x[(r0 + r) * K + b * 32 + 4 * g + jj];
+                }
+            }
+            for (int r = 0; r < nr; r++) acc[r] += t[r];
+        }
+        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+
+static void q8_s16_chunk(const float *x, const int8_t *qs, const float *d, float *out,
+                         int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q8_s16_tile, M, x, qs, d, out, K, ldo, K / 32, L, c);
 }
 
 /* ---- 8-bit activations (the `q8` numerics: llama.cpp's) ----------------------------------
@@ -737,28 +787,59 @@ done:
 
 /* ---- Python bindings -------------------------------------------------------------------- */
 
-/* q4_1_matmul(x, qs, d, m, out, M, K, n_chunk, L) ; out [M, n_chunk*L] */
-static PyObject *py_q4_1_matmul(PyObject *self, PyObject *args)
+static PyObject *q4_1_matmul_impl(PyObject *args, const int f32s)
 {
     Py_buffer x, qs, d, m, out;
     Py_ssize_t M, K, nc, L;
     if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)) return NULL;
     PyObject *ret = NULL;
+    const Py_ssize_t sw = f32s ? 4 : 2; /* bytes per scale */
     if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") ||
-        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * 2, "d") ||
-        check_size(&m, nc * (K / 32) * L * 2, "m") || check_size(&out, M * nc * L * 4, "out")) {
+        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * sw, "d") ||
+        check_size(&m, nc * (K / 32) * L * sw, "m") || check_size(&out, M * nc * L * 4, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        if (f32s) q4_1f_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+        else q4_1_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+    }
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x); PyBuffer_Release(&qs);
+    PyBuffer_Release(&d); PyBuffer_Release(&m); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* q4_1_matmul(x, qs, d, m, out, M, K, n_chunk, L) ; out [M, n_chunk*L]; d, m float16 */
+static PyObject *py_q4_1_matmul(PyObject *self, PyObject *args) { return q4_1_matmul_impl(args, 0); }
+
+/* q4_1f_matmul: the same with float32 d, m (a rewritten Q4_K matrix) */
+static PyObject *py_q4_1f_matmul(PyObject *self, PyObject *args) { return q4_1_matmul_impl(args, 1); }
+
+/* q8_s16_matmul(x, qs, d, out, M, K, n_chunk, L): int8 Q8_0-layout weights, d [n_chunk][K/32][2][L] float32 */
+static PyObject *py_q8_s16_matmul(PyObject *self, PyObject *args)
+{
+    Py_buffer x, qs, d, out;
+    Py_ssize_t M, K, nc, L;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L)) return NULL;
+    PyObject *ret = NULL;
+    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
+        check_size(&d, nc * (K / 32) * 2 * L * 4, "d") || check_size(&out, M * nc * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static)
     for (Py_ssize_t c = 0; c < nc; c++)
-        q4_1_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+        q8_s16_chunk(x.buf, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
-    PyBuffer_Release(&x); PyBuffer_Release(&qs);
-    PyBuffer_Release(&d); PyBuffer_Release(&m); PyBuffer_Release(&out);
+    PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
     return ret;
 }
 
@@ -963,6 +1044,8 @@ static PyMethodDef methods[] = {
     {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
     {"f16_matmul", py_f16_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float16 matrix"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
+    {"q4_1f_matmul", py_q4_1f_matmul, METH_VARARGS, "q4_1_matmul with float32 scales (a rewritten Q4_K matrix)"},
+    {"q8_s16_matmul", py_q8_s16_matmul, METH_VARARGS, "int8 weights with a float32 scale per 16 (a rewritten Q6_K matrix)"},
     {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
     {"q4_1_matmul_q8", py_q4_1_matmul_q8, METH_VARARGS, "q4_1_matmul with x quantized to 8 bits per block (ggml Q8_1)"},
     {"q8_0_matmul_q8", py_q8_0_matmul_q8, METH_VARARGS, "q8_0_matmul with x quantized to 8 bits per block (ggml Q8_0)"},

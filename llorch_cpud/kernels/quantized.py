@@ -1,5 +1,5 @@
 """Matrix products on GGUF-quantized weights without a float32 copy of the matrix (Q4_1, Q8_0; and
-Q4_0, Q5_0, rewritten at load into those two with exactly the same weights: `convert_blocks`).
+Q4_0, Q5_0, Q4_K, Q6_K, rewritten at load into kernel layouts with exactly the same weights: `split_blocks`).
 
 Why: a decode step reads every weight once per token, so its speed is the speed of reading the
 weights. Dequantized to float32, SmolLM2's Q4_1 weights are 4-5x more bytes than as stored.
@@ -51,41 +51,71 @@ try:
 except ImportError:  # pragma: no cover - built at install; without a C compiler models load dense
     _qkernels = None
 
-#: The kernels' own block formats.
-KERNEL_KINDS = ("Q4_1", "Q8_0")
+#: The kernels' block formats: ggml's Q4_1 and Q8_0 (float16 scales per 32 weights), and for the
+#: K-quants the same 4-bit / 8-bit layouts with float32 scales - Q4_1F (d, m per 32) and Q8_S16 (d per 16).
+KERNEL_KINDS = ("Q4_1", "Q8_0", "Q4_1F", "Q8_S16")
 
-#: ggml types held quantized: the kernel kinds, and types rewritten at load into one of them with the
-#: very same weight values (`convert_blocks`). Other types are packed as float (kernels/packed.py).
-QUANT_TYPES = KERNEL_KINDS + ("Q4_0", "Q5_0")
+#: ggml types held quantized, each rewritten at load (`split_blocks`) into a kernel kind with the very
+#: same weight values. Other types are packed as float (kernels/packed.py).
+QUANT_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K")
 
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34}
+#: (elements, bytes) of one ggml block.
+_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q4_K": (256, 144),
+           "Q6_K": (256, 210)}
 
 
-def convert_blocks(kind: str, blocks: np.ndarray) -> tuple[str, np.ndarray]:
-    """ggml blocks [..., block bytes] of `kind` -> (kernel kind, its blocks) holding exactly the same
-    weights (dequantized bit for bit as ggml/gguf-py dequantize the original; tests/test_kernels.py).
+def split_blocks(kind: str, blocks: np.ndarray):
+    """ggml blocks [N, n_blocks, block bytes] of `kind` -> (kernel kind, q, d, m) per 32-weight block:
+    q [N, NB, 16] uint8 nibbles (byte j: element j low, j+16 high) or [N, NB, 32] int8; d [N, NB] (or
+    [N, NB, 2]: per 16 weights) and m [N, NB] or None. Weight = d·q + m (Q4 kinds) or d·q (Q8 kinds),
+    which equals ggml's (and gguf-py's) dequantized weight bit for bit (tests/test_kernels.py):
 
-    Q4_0 (d, 16 bytes of nibbles; w = d·(q-8)) becomes Q4_1 with m = -8·d: d·q + m is d·(q-8) exactly,
-    since d·q, -8·d and their sum are float16 scale times small integers, representable in float32.
-    Q5_0 (d, 32 high bits, nibbles; w = d·(q-16), q of 5 bits) becomes Q8_0 with int8 q-16: 34 bytes
-    per block instead of 22, still ~4x fewer than float32. ValueError if -8·d overflows float16."""
-    if kind in KERNEL_KINDS:
-        return kind, blocks
+    Q4_1, Q8_0  as stored (float16 d, m).
+    Q4_0        w = d·(q-8) -> Q4_1 with m = -8·d: d·q, -8·d and their sum are float16 scale times
+                small integers, exact in float32 (ValueError if -8·d overflows float16).
+    Q5_0        w = d·(q-16), q of 5 bits -> Q8_0 with int8 q-16.
+    Q4_K        super-blocks of 256: w = (d·sc)·q - dmin·mn per 32 (6-bit sc, mn) -> Q4_1F with float32
+                d·sc and -dmin·mn, each an exact float32 product, as gguf-py forms them.
+    Q6_K        w = (d·sc)·(q-32), q of 6 bits, int8 sc per 16 -> Q8_S16 with int8 q-32, float32 d·sc."""
+    N = blocks.shape[0]
+    f32 = np.float32
+    if kind == "Q4_1":
+        return "Q4_1", blocks[..., 4:20], _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    if kind == "Q8_0":
+        return "Q8_0", blocks[..., 2:34].view(np.int8), _f16(blocks[..., 0:2]), None
     if kind == "Q4_0":
-        d = blocks[..., 0:2]
+        d = _f16(blocks[..., 0:2])
         with np.errstate(over="ignore"):
-            m = (_f16(d).astype(np.float32) * np.float32(-8.0)).astype("<f2")  # exact: a power-of-two multiple
+            m = (d.astype(f32) * f32(-8.0)).astype(np.float16)  # exact: a power-of-two multiple
         if not np.isfinite(m).all():
             raise ValueError("Q4_0 block scale too large to rewrite as Q4_1 (float16 overflow)")
-        return "Q4_1", np.concatenate([d, m[..., None].view(np.uint8), blocks[..., 2:18]], axis=-1)
+        return "Q4_1", blocks[..., 2:18], d, m
     if kind == "Q5_0":
-        qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # [..., 1]: bit j = high bit of element j
-        nib = blocks[..., 6:22]  # [..., 16]
-        low = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.int16)  # [..., 32]: elements 0..15, 16..31
-        high = (qh >> np.arange(32, dtype=np.uint32)) & 1  # [..., 32]
-        q = (low | (high.astype(np.int16) << 4)) - 16  # [..., 32] in [-16, 15]
-        return "Q8_0", np.concatenate([blocks[..., 0:2], q.astype(np.int8).view(np.uint8)], axis=-1)
+        qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # [N, NB, 1]: bit j = high bit of element j
+        nib = blocks[..., 6:22]  # [N, NB, 16]
+        low = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.int16)  # [N, NB, 32]: elements 0-15, 16-31
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)  # [N, NB, 32]
+        return "Q8_0", ((low | (high << 4)) - 16).astype(np.int8), _f16(blocks[..., 0:2]), None
+    if kind == "Q4_K":
+        d, dmin = _f16(blocks[..., 0:2]).astype(f32), _f16(blocks[..., 2:4]).astype(f32)  # [N, NS]
+        s0, s1, s2 = blocks[..., 4:8], blocks[..., 8:12], blocks[..., 12:16]  # the 12 packed scale bytes
+        sc = np.concatenate([s0 & 63, (s2 & 15) | ((s0 >> 6) << 4)], axis=-1)  # [N, NS, 8] 6-bit scales
+        mn = np.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=-1)  # [N, NS, 8] 6-bit mins
+        qs = blocks[..., 16:144].reshape(N, -1, 4, 1, 32)  # [N, NS, 4, 1, 32]: sub-blocks 2i (low), 2i+1 (high)
+        vals = ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(N, -1, 32)  # [N, NB, 32]
+        q = vals[..., :16] | (vals[..., 16:] << 4)  # [N, NB, 16] in Q4_1's nibble order
+        return "Q4_1F", q, (d[..., None] * sc.astype(f32)).reshape(N, -1), -(dmin[..., None] * mn.astype(f32)).reshape(N, -1)
+    if kind == "Q6_K":
+        ql = blocks[..., 0:128].reshape(N, -1, 2, 64)  # [N, NS, 2 halves, 64]
+        qh = blocks[..., 128:192].reshape(N, -1, 2, 32)  # [N, NS, 2, 32]: 2 high bits of 4 elements each
+        sc = blocks[..., 192:208].view(np.int8).astype(f32)  # [N, NS, 16]
+        d = _f16(blocks[..., 208:210]).astype(f32)  # [N, NS]
+        parts = [(ql[..., :32] & 15) | (((qh >> 0) & 3) << 4), (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4),
+                 (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4), (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4)]
+        q = (np.concatenate(parts, axis=-1).astype(np.int16) - 32).astype(np.int8)  # [N, NS, 2, 128]
+        return "Q8_S16", q.reshape(N, -1, 32), (d[..., None] * sc).reshape(N, -1, 2), None
     raise ValueError(f"QuantMatrix holds {', '.join(QUANT_TYPES)}, not {kind}")
+
 
 #: How products on quantized weights treat their float32 activations:
 #:   float32  as they are: the product of the float32 dequantized matrix (to float32 rounding)
@@ -159,27 +189,29 @@ class QuantMatrix:
         n_out, n_in = shape
         if kind not in QUANT_TYPES:
             raise ValueError(f"QuantMatrix holds {', '.join(QUANT_TYPES)}, not {kind}")
-        if n_in % 32:
-            raise ValueError(f"row length {n_in} is not a multiple of 32")
+        per_block, bsize = _BLOCKS[kind]
+        if n_in % per_block:
+            raise ValueError(f"row length {n_in} is not a multiple of {per_block} ({kind} blocks)")
         nb = n_in // 32
         chunk = chunk or chunk_rows(n_out)
-        blocks = np.asarray(raw).reshape(n_out, nb, _BLOCK_BYTES[kind])  # [N, NB, block bytes]
+        blocks = np.asarray(raw).reshape(n_out, n_in // per_block, bsize)  # [N, blocks, block bytes]
         if row_order is not None:
             blocks = blocks[row_order]
-        source, (kind, blocks) = kind, convert_blocks(kind, blocks)  # Q4_0 -> Q4_1, Q5_0 -> Q8_0
-        bsize = _BLOCK_BYTES[kind]
+        source, (kind, q, d, m) = kind, split_blocks(kind, blocks)  # q [N, NB, 16|32]; d, m [N, NB(, 2)]
         n_chunk = -(-n_out // chunk)
         pad = n_chunk * chunk - n_out
         if pad:  # zero rows (scale 0) complete the last chunk; their outputs are dropped
-            blocks = np.concatenate([blocks, np.zeros((pad, nb, bsize), np.uint8)])
-        grouped = blocks.reshape(n_chunk, chunk, nb, bsize)  # [C, L, NB, bytes]
-        d = np.ascontiguousarray(_f16(grouped[..., 0:2]).transpose(0, 2, 1))  # [C, L, NB] -> [C, NB, L]
-        if kind == "Q4_1":
-            m = np.ascontiguousarray(_f16(grouped[..., 2:4]).transpose(0, 2, 1))  # [C, NB, L]
-            q = grouped[..., 4:20].reshape(n_chunk, chunk, nb, 4, 4)  # [C, L, NB, 16] -> [C, L, NB, G=4, 4]
-        else:
-            m = None
-            q = grouped[..., 2:34].view(np.int8).reshape(n_chunk, chunk, nb, 8, 4)  # [C, L, NB, 32] -> [C, L, NB, G=8, 4]
+            q, d = (np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in (q, d))
+            m = None if m is None else np.concatenate([m, np.zeros((pad,) + m.shape[1:], m.dtype)])
+
+        def by_chunk(a):  # [N, NB(, S)] -> [C, NB·S, L]: the L rows of a chunk side by side
+            a = a.reshape(n_chunk, chunk, nb, -1).transpose(0, 2, 3, 1)  # [C, NB, S, L]
+            return np.ascontiguousarray(a).reshape(n_chunk, -1, chunk)
+
+        d = by_chunk(d)
+        m = None if m is None else by_chunk(m)
+        G = q.shape[-1] // 4  # 4 (4-bit kinds: 16 bytes a block) or 8 (8-bit: 32)
+        q = q.reshape(n_chunk, chunk, nb, G, 4)  # [C, L, NB, G, 4]
         qs = np.ascontiguousarray(q.transpose(0, 2, 3, 1, 4))  # [C, NB, G, L, 4]
         out = cls(kind, (n_out, n_in), qs, d, m)
         out.source = source
@@ -201,13 +233,16 @@ class QuantMatrix:
         rows = x.shape[0]
         n_chunk, L = self.d.shape[0], self.d.shape[2]
         out = np.empty((rows, self._padded), np.float32)  # [rows, N padded to the chunk]
-        q8 = self.numerics == "q8"
+        q8 = self.numerics == "q8"  # the Q4_1 / Q8_0 kinds only: K-quants keep float32 activations
+        args = (out, rows, self.shape[1], n_chunk, L)
         if self.kind == "Q4_1":
-            kernel = _qkernels.q4_1_matmul_q8 if q8 else _qkernels.q4_1_matmul
-            kernel(x, self.qs, self.d, self.m, out, rows, self.shape[1], n_chunk, L)
+            (_qkernels.q4_1_matmul_q8 if q8 else _qkernels.q4_1_matmul)(x, self.qs, self.d, self.m, *args)
+        elif self.kind == "Q8_0":
+            (_qkernels.q8_0_matmul_q8 if q8 else _qkernels.q8_0_matmul)(x, self.qs, self.d, *args)
+        elif self.kind == "Q4_1F":
+            _qkernels.q4_1f_matmul(x, self.qs, self.d, self.m, *args)
         else:
-            kernel = _qkernels.q8_0_matmul_q8 if q8 else _qkernels.q8_0_matmul
-            kernel(x, self.qs, self.d, out, rows, self.shape[1], n_chunk, L)
+            _qkernels.q8_s16_matmul(x, self.qs, self.d, *args)
         return out[:, : self.shape[0]] if self._padded != self.shape[0] else out
 
     def _dequant_t(self, c0: int, c1: int) -> np.ndarray:
@@ -222,6 +257,9 @@ class QuantMatrix:
 
     def dequantize(self) -> np.ndarray:
         """The float32 matrix [n_out, n_in] (C-contiguous)."""
+        if self.kind not in ("Q4_1", "Q8_0"):  # float32-scale kinds: numpy, chunk by chunk
+            return np.concatenate([self.rows(np.arange(r, min(r + 4096, self.shape[0])))
+                                   for r in range(0, self.shape[0], 4096)])
         return np.ascontiguousarray(self._dequant_t(0, self.d.shape[0])[:, : self.shape[0]].T)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
@@ -229,12 +267,14 @@ class QuantMatrix:
         ids = np.asarray(ids, dtype=np.int64)
         L = self.d.shape[2]
         c, lane = ids // L, ids % L  # [rows]
-        d = self.d[c, :, lane].astype(np.float32)  # [rows, NB]
+        d = self.d[c, :, lane].astype(np.float32)  # [rows, NB] ([rows, 2·NB] for Q8_S16)
         q = self.qs[c, :, :, lane, :]  # [rows, NB, G, 4]
         q = q.reshape(len(ids), q.shape[1], -1)  # [rows, NB, 4·G]: byte j of each block
-        if self.kind == "Q4_1":
+        if self.kind in ("Q4_1", "Q4_1F"):
             vals = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float32)  # [rows, NB, 32]
             w = d[..., None] * vals + self.m[c, :, lane][..., None].astype(np.float32)  # [rows, NB, 32]
+        elif self.kind == "Q8_S16":
+            w = d.reshape(len(ids), -1, 2, 1) * q.reshape(len(ids), -1, 2, 16).astype(np.float32)  # [rows, NB, 2, 16]
         else:
             w = d[..., None] * q.astype(np.float32)  # [rows, NB, 32]
         return w.reshape(len(ids), self.shape[1])  # [rows, n_in]
