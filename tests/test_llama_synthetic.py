@@ -38,7 +38,7 @@ def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.nd
 
 #: K-quant fields drawn at random (gguf-py cannot quantize them): float16 super-block scales that give
 #: weights of ~0.05, every other byte uniform. The file then holds *these* weights, not x.
-K_SCALES = {QT.Q4_K: ((0, 1.5e-4), (2, 1.5e-3)), QT.Q6_K: ((208, 4e-5),)}
+K_SCALES = {QT.Q4_K: ((0, 1.5e-4), (2, 1.5e-3)), QT.Q5_K: ((0, 8e-5), (2, 1.5e-3)), QT.Q6_K: ((208, 4e-5),)}
 
 
 def encode(x: np.ndarray, qt: QT) -> np.ndarray:
@@ -47,7 +47,7 @@ def encode(x: np.ndarray, qt: QT) -> np.ndarray:
     if qt == QT.F16:
         return x.astype(np.float16)
     if qt in K_SCALES:
-        size = {QT.Q4_K: 144, QT.Q6_K: 210}[qt]
+        size = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}[qt]
         rng = np.random.default_rng(int(np.abs(x).sum() * 1e3) % 2**32)
         blocks = rng.integers(0, 256, (x.shape[0], x.shape[1] // 256, size), dtype=np.uint8)
         for offset, scale in K_SCALES[qt]:
@@ -218,9 +218,9 @@ def test_all_checkpoints_pass_against_transformers(synthetic, variant):
 
 
 def test_k_quant_model_is_held_quantized_and_passes_against_transformers(tmp_path, tok_meta):
-    """Q4_K and Q6_K matrices (every matrix of this file, embedding and untied head included) run on
-    their rewritten blocks (Q4_1F, Q8_S16) and every checkpoint passes against transformers, which
-    dequantizes the same file with gguf-py."""
+    """Q4_K, Q5_K and Q6_K matrices (every matrix of this file, embedding and untied head included) run
+    on their rewritten blocks (Q4_1F, Q8_DM, Q8_S16) and every checkpoint passes against transformers,
+    which dequantizes the same file with gguf-py."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import torch
@@ -228,14 +228,14 @@ def test_k_quant_model_is_held_quantized_and_passes_against_transformers(tmp_pat
     from llorch_cpud.validate import references
     from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
 
-    k4, k6 = QT.Q4_K, QT.Q6_K
-    types = {"attn_q": k4, "attn_k": k6, "attn_v": k4, "attn_output": k6, "ffn_gate": k4, "ffn_up": k6,
+    k4, k5, k6 = QT.Q4_K, QT.Q5_K, QT.Q6_K
+    types = {"attn_q": k4, "attn_k": k6, "attn_v": k5, "attn_output": k6, "ffn_gate": k4, "ffn_up": k5,
              "ffn_down": k4, "token_embd": k6, "output": k4}
     path = tmp_path / "tiny-kquant.gguf"
     write_llama_gguf(path, tok_meta, n_layer=2, n_embd=256, n_head=4, n_kv_head=2, n_ff=512, tied=False, types=types)
     model, tok = load_gguf_model(path)
     if kernels.enabled():
-        for name, kind in (("blk.0.attn_q.weight", "Q4_1F"), ("blk.0.attn_k.weight", "Q8_S16"),
+        for name, kind in (("blk.0.attn_q.weight", "Q4_1F"), ("blk.0.attn_k.weight", "Q8_S16"), ("blk.0.attn_v.weight", "Q8_DM"),
                            ("token_embd.weight", "Q8_S16"), ("output.weight", "Q4_1F")):
             assert isinstance(model.weights[name], QuantMatrix) and model.weights[name].kind == kind, name
     engine = Engine(model, tok)

@@ -217,13 +217,14 @@ static void q8_0_chunk(const float *x, const int8_t *qs, const uint16_t *d, floa
     ROW_TILES(q8_0_tile, M, x, qs, d, out, K, ldo, K / 32, L, c);
 }
 
-/* ---- int8 weights, float32 scale per 16 elements (Q6_K rewritten: q-32, d·sc) ----------------
- * The Q8_0 layout (8 groups of 4 elements per 32-block); d [n_chunk][NB][2][L]: the scale of elements
- * 0-15 (groups 0-3) and 16-31 (groups 4-7). Each weight d·q is formed in a register and rounded as
- * ggml's dequantization rounds it, then multiplied with the float32 activations. */
+/* ---- int8 weights with float32 scales: the K-quants rewritten -------------------------------
+ * The Q8_0 layout (8 groups of 4 elements per 32-block). S = 2: d [n_chunk][NB][2][L], the scale of
+ * elements 0-15 (groups 0-3) and 16-31 (groups 4-7), no m (Q6_K: q-32, d·sc per 16). S = 1 with m:
+ * d, m [n_chunk][NB][L] (Q5_K: q of 5 bits, d·sc and -dmin·mn per 32). Each weight d·q (+ m) is formed
+ * in a register exactly as ggml's dequantization forms it, then multiplied with the float32 activations. */
 static inline __attribute__((always_inline)) void
-q8_s16_tile(const float *x, const int8_t *qs, const float *d, float *out,
-            int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+q8f_tile(const float *x, const int8_t *qs, const float *d, const float *m, const int S, float *out,
+         int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
@@ -231,13 +232,16 @@ q8_s16_tile(const float *x, const int8_t *qs, const float *d, float *out,
         for (int64_t b = 0; b < NB; b++) {
             f32x16 t[RT];
             for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+            f32x16 mv = {0};
+            if (m) mv = load16(m + (c * NB + b) * L + i0);
             for (int g = 0; g < 8; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
                 if (i0 == 0) prefetch_group(grp, L);
-                f32x16 dv = load16(d + ((c * NB + b) * 2 + g / 4) * L + i0);
+                f32x16 dv = load16(d + ((c * NB + b) * S + (S == 2 ? g / 4 : 0)) * L + i0);
                 i32x16 v = (i32x16)load_group(grp + i0 * 4);
                 for (int jj = 0; jj < 4; jj++) {
                     f32x16 w = dv * __builtin_convertvector((v << (24 - 8 * jj)) >> 24, f32x16);
+                    if (m) w += mv;
                     for (int r = 0; r < nr; r++) t[r] += w * x[(r0 + r) * K + b * 32 + 4 * g + jj];
                 }
             }
@@ -250,7 +254,13 @@ q8_s16_tile(const float *x, const int8_t *qs, const float *d, float *out,
 static void q8_s16_chunk(const float *x, const int8_t *qs, const float *d, float *out,
                          int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q8_s16_tile, M, x, qs, d, out, K, ldo, K / 32, L, c);
+    ROW_TILES(q8f_tile, M, x, qs, d, NULL, 2, out, K, ldo, K / 32, L, c);
+}
+
+static void q8_dm_chunk(const float *x, const int8_t *qs, const float *d, const float *m, float *out,
+                        int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q8f_tile, M, x, qs, d, m, 1, out, K, ldo, K / 32, L, c);
 }
 
 /* ---- 8-bit activations (the `q8` numerics: llama.cpp's) ----------------------------------
@@ -820,28 +830,39 @@ static PyObject *py_q4_1_matmul(PyObject *self, PyObject *args) { return q4_1_ma
 /* q4_1f_matmul: the same with float32 d, m (a rewritten Q4_K matrix) */
 static PyObject *py_q4_1f_matmul(PyObject *self, PyObject *args) { return q4_1_matmul_impl(args, 1); }
 
-/* q8_s16_matmul(x, qs, d, out, M, K, n_chunk, L): int8 Q8_0-layout weights, d [n_chunk][K/32][2][L] float32 */
-static PyObject *py_q8_s16_matmul(PyObject *self, PyObject *args)
+/* q8_s16_matmul(x, qs, d, out, M, K, n_chunk, L): int8 Q8_0-layout weights, d [n_chunk][K/32][2][L] float32
+ * q8_dm_matmul(x, qs, d, m, out, M, K, n_chunk, L): the same with d, m [n_chunk][K/32][L] float32 */
+static PyObject *q8f_matmul_impl(PyObject *args, const int with_m)
 {
-    Py_buffer x, qs, d, out;
+    Py_buffer x, qs, d, m = {0}, out;
     Py_ssize_t M, K, nc, L;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L)) return NULL;
+    int ok = with_m ? PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)
+                    : PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L);
+    if (!ok) return NULL;
     PyObject *ret = NULL;
+    const Py_ssize_t S = with_m ? 1 : 2;
     if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
-        check_size(&d, nc * (K / 32) * 2 * L * 4, "d") || check_size(&out, M * nc * L * 4, "out")) {
+        check_size(&d, nc * (K / 32) * S * L * 4, "d") || (with_m && check_size(&m, nc * (K / 32) * L * 4, "m")) ||
+        check_size(&out, M * nc * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++)
-        q8_s16_chunk(x.buf, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        if (with_m) q8_dm_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+        else q8_s16_chunk(x.buf, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
     PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
+    if (with_m) PyBuffer_Release(&m);
     return ret;
 }
+
+static PyObject *py_q8_s16_matmul(PyObject *self, PyObject *args) { return q8f_matmul_impl(args, 0); }
+static PyObject *py_q8_dm_matmul(PyObject *self, PyObject *args) { return q8f_matmul_impl(args, 1); }
 
 /* q8_0_matmul(x, qs, d, out, M, K, n_chunk, L) */
 static PyObject *py_q8_0_matmul(PyObject *self, PyObject *args)
@@ -1046,6 +1067,7 @@ static PyMethodDef methods[] = {
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
     {"q4_1f_matmul", py_q4_1f_matmul, METH_VARARGS, "q4_1_matmul with float32 scales (a rewritten Q4_K matrix)"},
     {"q8_s16_matmul", py_q8_s16_matmul, METH_VARARGS, "int8 weights with a float32 scale per 16 (a rewritten Q6_K matrix)"},
+    {"q8_dm_matmul", py_q8_dm_matmul, METH_VARARGS, "int8 weights with float32 d, m per 32 (a rewritten Q5_K matrix)"},
     {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
     {"q4_1_matmul_q8", py_q4_1_matmul_q8, METH_VARARGS, "q4_1_matmul with x quantized to 8 bits per block (ggml Q8_1)"},
     {"q8_0_matmul_q8", py_q8_0_matmul_q8, METH_VARARGS, "q8_0_matmul with x quantized to 8 bits per block (ggml Q8_0)"},

@@ -1,5 +1,5 @@
 """Matrix products on GGUF-quantized weights without a float32 copy of the matrix (Q4_1, Q8_0; and
-Q4_0, Q5_0, Q4_K, Q6_K, rewritten at load into kernel layouts with exactly the same weights: `split_blocks`).
+Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, rewritten at load into kernel layouts with exactly the same weights: `split_blocks`).
 
 Why: a decode step reads every weight once per token, so its speed is the speed of reading the
 weights. Dequantized to float32, SmolLM2's Q4_1 weights are 4-5x more bytes than as stored.
@@ -52,16 +52,28 @@ except ImportError:  # pragma: no cover - built at install; without a C compiler
     _qkernels = None
 
 #: The kernels' block formats: ggml's Q4_1 and Q8_0 (float16 scales per 32 weights), and for the
-#: K-quants the same 4-bit / 8-bit layouts with float32 scales - Q4_1F (d, m per 32) and Q8_S16 (d per 16).
-KERNEL_KINDS = ("Q4_1", "Q8_0", "Q4_1F", "Q8_S16")
+#: K-quants the same 4-bit / 8-bit layouts with float32 scales - Q4_1F (d, m per 32), Q8_S16 (d per 16)
+#: and Q8_DM (d, m per 32).
+KERNEL_KINDS = ("Q4_1", "Q8_0", "Q4_1F", "Q8_S16", "Q8_DM")
 
 #: ggml types held quantized, each rewritten at load (`split_blocks`) into a kernel kind with the very
 #: same weight values. Other types are packed as float (kernels/packed.py).
-QUANT_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K")
+QUANT_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 
 #: (elements, bytes) of one ggml block.
 _BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q4_K": (256, 144),
-           "Q6_K": (256, 210)}
+           "Q5_K": (256, 176), "Q6_K": (256, 210)}
+
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K super-blocks [N, NS, bytes] -> per 32-weight sub-block d·sc and -dmin·mn, [N, NS·8]
+    float32 (6-bit scales and mins packed in 12 bytes, as ggml's get_scale_min_k4 unpacks them)."""
+    N = blocks.shape[0]
+    d, dmin = _f16(blocks[..., 0:2]).astype(np.float32), _f16(blocks[..., 2:4]).astype(np.float32)  # [N, NS]
+    s0, s1, s2 = blocks[..., 4:8], blocks[..., 8:12], blocks[..., 12:16]
+    sc = np.concatenate([s0 & 63, (s2 & 15) | ((s0 >> 6) << 4)], axis=-1).astype(np.float32)  # [N, NS, 8]
+    mn = np.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=-1).astype(np.float32)  # [N, NS, 8]
+    return (d[..., None] * sc).reshape(N, -1), -(dmin[..., None] * mn).reshape(N, -1)
 
 
 def split_blocks(kind: str, blocks: np.ndarray):
@@ -76,6 +88,7 @@ def split_blocks(kind: str, blocks: np.ndarray):
     Q5_0        w = d·(q-16), q of 5 bits -> Q8_0 with int8 q-16.
     Q4_K        super-blocks of 256: w = (d·sc)·q - dmin·mn per 32 (6-bit sc, mn) -> Q4_1F with float32
                 d·sc and -dmin·mn, each an exact float32 product, as gguf-py forms them.
+    Q5_K        the same with 5-bit q -> Q8_DM: int8 q, float32 d·sc and -dmin·mn per 32.
     Q6_K        w = (d·sc)·(q-32), q of 6 bits, int8 sc per 16 -> Q8_S16 with int8 q-32, float32 d·sc."""
     N = blocks.shape[0]
     f32 = np.float32
@@ -96,15 +109,15 @@ def split_blocks(kind: str, blocks: np.ndarray):
         low = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.int16)  # [N, NB, 32]: elements 0-15, 16-31
         high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)  # [N, NB, 32]
         return "Q8_0", ((low | (high << 4)) - 16).astype(np.int8), _f16(blocks[..., 0:2]), None
-    if kind == "Q4_K":
-        d, dmin = _f16(blocks[..., 0:2]).astype(f32), _f16(blocks[..., 2:4]).astype(f32)  # [N, NS]
-        s0, s1, s2 = blocks[..., 4:8], blocks[..., 8:12], blocks[..., 12:16]  # the 12 packed scale bytes
-        sc = np.concatenate([s0 & 63, (s2 & 15) | ((s0 >> 6) << 4)], axis=-1)  # [N, NS, 8] 6-bit scales
-        mn = np.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=-1)  # [N, NS, 8] 6-bit mins
-        qs = blocks[..., 16:144].reshape(N, -1, 4, 1, 32)  # [N, NS, 4, 1, 32]: sub-blocks 2i (low), 2i+1 (high)
+    if kind in ("Q4_K", "Q5_K"):
+        d, m = _k_scales(blocks)  # [N, NB] float32: d·sc, -dmin·mn
+        qs = blocks[..., -128:].reshape(N, -1, 4, 1, 32)  # [N, NS, 4, 1, 32]: sub-blocks 2i (low), 2i+1 (high)
         vals = ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(N, -1, 32)  # [N, NB, 32]
-        q = vals[..., :16] | (vals[..., 16:] << 4)  # [N, NB, 16] in Q4_1's nibble order
-        return "Q4_1F", q, (d[..., None] * sc.astype(f32)).reshape(N, -1), -(dmin[..., None] * mn.astype(f32)).reshape(N, -1)
+        if kind == "Q4_K":
+            return "Q4_1F", vals[..., :16] | (vals[..., 16:] << 4), d, m  # nibbles in Q4_1's order
+        qh = blocks[..., 16:48].reshape(N, -1, 1, 32)  # [N, NS, 1, 32]: bit s = 5th bit in sub-block s
+        high = ((qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1).reshape(N, -1, 32)  # [N, NB, 32]
+        return "Q8_DM", (vals | (high << 4)).astype(np.int8), d, m
     if kind == "Q6_K":
         ql = blocks[..., 0:128].reshape(N, -1, 2, 64)  # [N, NS, 2 halves, 64]
         qh = blocks[..., 128:192].reshape(N, -1, 2, 32)  # [N, NS, 2, 32]: 2 high bits of 4 elements each
@@ -241,6 +254,8 @@ class QuantMatrix:
             (_qkernels.q8_0_matmul_q8 if q8 else _qkernels.q8_0_matmul)(x, self.qs, self.d, *args)
         elif self.kind == "Q4_1F":
             _qkernels.q4_1f_matmul(x, self.qs, self.d, self.m, *args)
+        elif self.kind == "Q8_DM":
+            _qkernels.q8_dm_matmul(x, self.qs, self.d, self.m, *args)
         else:
             _qkernels.q8_s16_matmul(x, self.qs, self.d, *args)
         return out[:, : self.shape[0]] if self._padded != self.shape[0] else out
@@ -275,6 +290,8 @@ class QuantMatrix:
             w = d[..., None] * vals + self.m[c, :, lane][..., None].astype(np.float32)  # [rows, NB, 32]
         elif self.kind == "Q8_S16":
             w = d.reshape(len(ids), -1, 2, 1) * q.reshape(len(ids), -1, 2, 16).astype(np.float32)  # [rows, NB, 2, 16]
+        elif self.kind == "Q8_DM":
+            w = d[..., None] * q.astype(np.float32) + self.m[c, :, lane][..., None]  # [rows, NB, 32]
         else:
             w = d[..., None] * q.astype(np.float32)  # [rows, NB, 32]
         return w.reshape(len(ids), self.shape[1])  # [rows, n_in]
