@@ -34,11 +34,11 @@ def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("shape", [(192, 576), (1536, 576), (576, 1536), (100, 64), (4100, 96)])
 def test_matmul_matches_dequantized_product(kind, shape):
-    """Q4_0, Q5_0, Q4_K, Q5_K and Q6_K are rewritten at load (as Q4_1, Q8_0, Q4_1F, Q8_DM, Q8_S16): their
-    dequantized values must still be gguf-py's, bit for bit, and the products the float64 product of those."""
+    """Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are rewritten at load (as Q4_1, Q8_0, Q8_DM, Q4_1F, Q8_DM,
+    Q8_S16): their dequantized values must still be gguf-py's, bit for bit, and the products the float64 product of those."""
     if kind.endswith("_K"):
         shape = (shape[0], -(-shape[1] // 256) * 256)  # K-quant rows are whole 256-weight super-blocks
     raw, w = make_blocks(kind, *shape)
@@ -266,27 +266,29 @@ def random_blocks(kind: str, n_out: int, n_in: int, seed: int, scales=None) -> n
     blocks = rng.integers(0, 256, (n_out, n_in // per, size), dtype=np.uint8)
     if scales is None:
         scales = np.array([1e-4, -3.5, 6.0e-8, 0.02, 1000.0, -0.0, 7.0, 2.0 ** -14], np.float16)
-    at = {"Q4_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]  # float16 scales' offsets
+    at = {"Q4_0": [0], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]  # float16 scales' offsets
     for o in at:
         pick = scales[rng.integers(0, len(scales), blocks.shape[:2])]
         blocks[..., o : o + 2] = pick[..., None].view(np.uint8).reshape(blocks.shape[:2] + (2,))
     return blocks.reshape(n_out, -1)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_rewritten_blocks_keep_every_weight_including_extremes(kind):
     """Every bit pattern of every field and extreme scales survive the rewrite into a kernel kind
     exactly (against gguf-py's dequantizer); a flipped bit (negative control) changes the weights."""
     raw = random_blocks(kind, 64, 512, seed=7)
     ref = dequantize(raw, GGMLQuantizationType[kind]).reshape(64, 512)
     m = QuantMatrix.from_blocks(kind, raw, (64, 512))
-    kinds = {"Q4_0": "Q4_1", "Q5_0": "Q8_0", "Q4_K": "Q4_1F", "Q5_K": "Q8_DM", "Q6_K": "Q8_S16"}
+    kinds = {"Q4_0": "Q4_1", "Q5_0": "Q8_0", "Q5_1": "Q8_DM", "Q4_K": "Q4_1F", "Q5_K": "Q8_DM", "Q6_K": "Q8_S16"}
     assert m.source == kind and m.kind == kinds[kind]
     assert np.array_equal(m.dequantize(), ref)
     assert np.array_equal(m.rows(np.array([5, 63])), ref[[5, 63]])
     x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
     assert rel_err(m.matmul(x), x.astype(np.float64) @ ref.astype(np.float64).T) < 1e-5
-    for byte in {"Q4_0": (5,), "Q5_0": (2, 10), "Q4_K": (4, 12, 20), "Q5_K": (9, 20, 60), "Q6_K": (3, 130, 195)}[kind]:
+    flips = {"Q4_0": (5,), "Q5_0": (2, 10), "Q5_1": (3, 4, 12), "Q4_K": (4, 12, 20), "Q5_K": (9, 20, 60),
+             "Q6_K": (3, 130, 195)}
+    for byte in flips[kind]:
         bad = raw.copy()
         bad[:, byte] ^= 16 if byte != 195 else 1  # a quant's bit, a high bit, a packed scale/min bit
         assert not np.array_equal(QuantMatrix.from_blocks(kind, bad, (64, 512)).dequantize(), ref), byte

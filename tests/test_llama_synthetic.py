@@ -1,7 +1,7 @@
 """Tiny Llama-family GGUFs written here with gguf-py's GGUFWriter (seeded random weights, the real
 SmolLM2 tokenizer metadata): shapes SmolLM2 does not have (multi-head, grouped, multi-query attention,
-an untied output.weight, F32/F16/Q8_0/Q4_0/Q4_1/Q5_0 tensors) checked against transformers loading the same
-file, plus the loader's errors. Synthetic weights: a pass here says nothing about real weights
+an untied output.weight, F32/F16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors; a Q4_K/Q5_K/Q6_K file) checked
+against transformers loading the same file, plus the loader's errors. Synthetic weights: a pass here says nothing about real weights
 (tests/test_llama.py runs the real SmolLM2)."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def write_llama_gguf(path, tok_meta: dict, *, n_layer=2, n_embd=64, n_head=4, n_
     hd = n_embd // n_head
     vocab = len(tok_meta["tokenizer.ggml.tokens"])
     types = {"attn_q": QT.Q8_0, "attn_k": QT.F16, "attn_v": QT.F32, "attn_output": QT.Q4_0, "ffn_gate": QT.Q4_1,
-             "ffn_up": QT.Q5_0, "ffn_down": QT.Q8_0, "token_embd": QT.Q8_0, "output": QT.F16, **(types or {})}
+             "ffn_up": QT.Q5_0, "ffn_down": QT.Q5_1, "token_embd": QT.Q8_0, "output": QT.F16, **(types or {})}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layer)
     w.add_context_length(256)
@@ -183,7 +183,8 @@ def test_loads_hf_layout_weights(synthetic, variant):
         assert isinstance(w["blk.0.attn_q.weight"], QuantMatrix) and w["blk.0.attn_q.weight"].kind == "Q8_0"
         assert isinstance(w["blk.0.attn_k.weight"], PackedMatrix) and w["blk.0.attn_k.weight"].w.dtype == np.float16
         assert isinstance(w["blk.0.attn_v.weight"], PackedMatrix) and w["blk.0.attn_v.weight"].w.dtype == np.float32
-        for name, source, kind in (("blk.0.attn_output.weight", "Q4_0", "Q4_1"), ("blk.0.ffn_up.weight", "Q5_0", "Q8_0")):
+        for name, source, kind in (("blk.0.attn_output.weight", "Q4_0", "Q4_1"), ("blk.0.ffn_up.weight", "Q5_0", "Q8_0"),
+                                   ("blk.0.ffn_down.weight", "Q5_1", "Q8_DM")):
             assert isinstance(w[name], QuantMatrix) and (w[name].source, w[name].kind) == (source, kind), name
         assert all(isinstance(w[n], np.ndarray) for n in ("output_norm.weight", "blk.0.attn_norm.weight"))
 

@@ -1,5 +1,5 @@
 """Matrix products on GGUF-quantized weights without a float32 copy of the matrix (Q4_1, Q8_0; and
-Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, rewritten at load into kernel layouts with exactly the same weights: `split_blocks`).
+Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, rewritten at load into kernel layouts with exactly the same weights: `split_blocks`).
 
 Why: a decode step reads every weight once per token, so its speed is the speed of reading the
 weights. Dequantized to float32, SmolLM2's Q4_1 weights are 4-5x more bytes than as stored.
@@ -58,10 +58,10 @@ KERNEL_KINDS = ("Q4_1", "Q8_0", "Q4_1F", "Q8_S16", "Q8_DM")
 
 #: ggml types held quantized, each rewritten at load (`split_blocks`) into a kernel kind with the very
 #: same weight values. Other types are packed as float (kernels/packed.py).
-QUANT_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+QUANT_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 #: (elements, bytes) of one ggml block.
-_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q4_K": (256, 144),
+_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34), "Q4_K": (256, 144),
            "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
@@ -86,6 +86,7 @@ def split_blocks(kind: str, blocks: np.ndarray):
     Q4_0        w = d·(q-8) -> Q4_1 with m = -8·d: d·q, -8·d and their sum are float16 scale times
                 small integers, exact in float32 (ValueError if -8·d overflows float16).
     Q5_0        w = d·(q-16), q of 5 bits -> Q8_0 with int8 q-16.
+    Q5_1        w = d·q + m, q of 5 bits -> Q8_DM with int8 q and d, m widened to float32.
     Q4_K        super-blocks of 256: w = (d·sc)·q - dmin·mn per 32 (6-bit sc, mn) -> Q4_1F with float32
                 d·sc and -dmin·mn, each an exact float32 product, as gguf-py forms them.
     Q5_K        the same with 5-bit q -> Q8_DM: int8 q, float32 d·sc and -dmin·mn per 32.
@@ -103,12 +104,15 @@ def split_blocks(kind: str, blocks: np.ndarray):
         if not np.isfinite(m).all():
             raise ValueError("Q4_0 block scale too large to rewrite as Q4_1 (float16 overflow)")
         return "Q4_1", blocks[..., 2:18], d, m
-    if kind == "Q5_0":
-        qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # [N, NB, 1]: bit j = high bit of element j
-        nib = blocks[..., 6:22]  # [N, NB, 16]
+    if kind in ("Q5_0", "Q5_1"):
+        o = 2 if kind == "Q5_0" else 4  # Q5_1 has m after d
+        qh = np.ascontiguousarray(blocks[..., o : o + 4]).view("<u4")  # [N, NB, 1]: bit j = high bit of element j
+        nib = blocks[..., o + 4 : o + 20]  # [N, NB, 16]
         low = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.int16)  # [N, NB, 32]: elements 0-15, 16-31
-        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)  # [N, NB, 32]
-        return "Q8_0", ((low | (high << 4)) - 16).astype(np.int8), _f16(blocks[..., 0:2]), None
+        q = low | (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4)  # [N, NB, 32] 5-bit
+        if kind == "Q5_0":
+            return "Q8_0", (q - 16).astype(np.int8), _f16(blocks[..., 0:2]), None
+        return "Q8_DM", q.astype(np.int8), _f16(blocks[..., 0:2]).astype(f32), _f16(blocks[..., 2:4]).astype(f32)
     if kind in ("Q4_K", "Q5_K"):
         d, m = _k_scales(blocks)  # [N, NB] float32: d·sc, -dmin·mn
         qs = blocks[..., -128:].reshape(N, -1, 4, 1, 32)  # [N, NS, 4, 1, 32]: sub-blocks 2i (low), 2i+1 (high)
