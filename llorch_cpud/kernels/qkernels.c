@@ -147,8 +147,11 @@ q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const
         for (int64_t b = 0; b < NB; b++) {
             f32x16 dv = load_scales(d, (c * NB + b) * L + i0, f32s);
             f32x16 mv = load_scales(m, (c * NB + b) * L + i0, f32s);
-            f32x16 t[RT]; /* per-block partial sums, then added to acc: shorter float32 sums, smaller error */
-            for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+            /* per-block partial sums, then added to acc (shorter float32 sums, smaller error): two per row,
+             * elements 0-15 and 16-31, so that one row's sums are two independent chains of FMAs (one
+             * chain waited on its latency); the same two for any number of rows */
+            f32x16 tl[RT], th[RT];
+            for (int r = 0; r < nr; r++) tl[r] = th[r] = (f32x16){0};
             for (int g = 0; g < 4; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
                 if (i0 == 0) prefetch_group(grp, L);
@@ -161,11 +164,12 @@ q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const
                     f32x16 hi = dv * __builtin_convertvector(byte_of_lanes(hi4, jj), f32x16) + mv;
                     for (int r = 0; r < nr; r++) {
                         const float *xr = x + (r0 + r) * K + b * 32;
-                        t[r] += lo * xr[j] + hi * xr[j + 16];
+                        tl[r] += lo * xr[j];
+                        th[r] += hi * xr[j + 16];
                     }
                 }
             }
-            for (int r = 0; r < nr; r++) acc[r] += t[r];
+            for (int r = 0; r < nr; r++) acc[r] += tl[r] + th[r];
         }
         for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
     }
