@@ -2,6 +2,9 @@
 
 Layout: k and v are [n_layer, n_kv_head, max_seq, head_dim] float32, so that the keys of
 one head for positions [0, T) are one contiguous slab — the shape attention multiplies.
+A model in the `q8` numerics keeps them as float16, as llama.cpp does (half the bytes a decode
+step's attention reads); values are rounded to nearest even when written and widened exactly
+when read.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ class KVCache:
     v: np.ndarray  # [n_layer, n_kv_head, max_seq, head_dim]
 
     @classmethod
-    def allocate(cls, n_layer: int, n_kv_head: int, max_seq: int, head_dim: int) -> "KVCache":
+    def allocate(cls, n_layer: int, n_kv_head: int, max_seq: int, head_dim: int, dtype=np.float32) -> "KVCache":
         shape = (n_layer, n_kv_head, max_seq, head_dim)
-        return cls(k=np.zeros(shape, dtype=np.float32), v=np.zeros(shape, dtype=np.float32))
+        return cls(k=np.zeros(shape, dtype=dtype), v=np.zeros(shape, dtype=dtype))
 
     @property
     def max_seq(self) -> int:

@@ -68,13 +68,18 @@ def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: 
     in one C call for the whole batch instead of ~12 numpy calls per sequence.
 
     q [B, H, hd]; k_new, v_new [B, Hkv, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a
-    KVCache); lengths[b] = T_b -> [B, H·hd]. tests/test_kernels.py holds it to the numpy functions."""
+    KVCache, float32 or float16 - all the same); lengths[b] = T_b -> [B, H·hd]. A float16 cache stores the
+    new row rounded to nearest even, as cache_write's assignment does. tests/test_kernels.py holds it to the
+    numpy functions."""
     B, n_head, head_dim = q.shape
     out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
     f32 = np.float32
+    f16 = keys[0].dtype == np.float16
+    if any(a.dtype != keys[0].dtype for a in (*keys, *values)) or keys[0].dtype not in (np.float16, np.float32):
+        raise ValueError("decode_attention: every K/V cache must be float32, or every one float16")
     _qkernels.attend_decode(np.ascontiguousarray(q, dtype=f32), np.ascontiguousarray(k_new, dtype=f32),
                             np.ascontiguousarray(v_new, dtype=f32), keys, values, lengths, out,
-                            n_head, keys[0].shape[0], head_dim)
+                            n_head, keys[0].shape[0], head_dim, f16)
     return out
 
 

@@ -50,6 +50,19 @@ static inline float half_to_float(uint16_t h)
     return f;
 }
 
+/* float32 -> float16 bits, rounded to nearest even (IEEE; what numpy's astype(float16) does). */
+static inline uint16_t float_to_half(float f)
+{
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+#endif
+}
+
 static inline f32x16 load16h(const uint16_t *p)
 {
 #if defined(__AVX512F__)
@@ -617,25 +630,44 @@ static inline void exp16(float *v)
     for (int i = 0; i < 16; i++) v[i] = v[i] < -87.f ? 0.f : y[i] * sc[i];
 }
 
-/* One (sequence, KV head) with its g query heads: softmax(q . K[0:T]^T * scale) . V[0:T].
- * k, v point at this KV head's [max_seq][hd] slab; q at g consecutive query rows [g][hd];
- * scores scratch holds g * T floats (T rounded up to 16). */
-static void attend_group(const float *q, const float *k, const float *v, int64_t T, int64_t hd, int64_t g,
-                         float scale, float *scores, float *out)
+/* K/V elements: float32, or float16 (the `q8` numerics' cache, as llama.cpp keeps it), widened exactly. */
+static inline f32x16 kv16(const void *p, int64_t i, const int f16)
 {
+    return f16 ? load16h((const uint16_t *)p + i) : load16((const float *)p + i);
+}
+
+static inline float kv1(const void *p, int64_t i, const int f16)
+{
+    return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline const void *kv_at(const void *p, int64_t i, const int f16)
+{
+    return (const char *)p + i * (f16 ? 2 : 4);
+}
+
+/* One (sequence, KV head) with its g query heads: softmax(q . K[0:T]^T * scale) . V[0:T].
+ * k, v point at this KV head's [max_seq][hd] slab (float32, or float16 when f16); q at g consecutive
+ * query rows [g][hd]; scores scratch holds g * T floats (T rounded up to 16). */
+static inline __attribute__((always_inline)) void
+attend_group(const float *q, const void *k, const void *v, const int f16, int64_t T, int64_t hd, int64_t g,
+             float scale, float *scores, float *out)
+{
+    const int64_t pf = f16 ? 2 * ATT_PF : ATT_PF; /* positions ahead: the same bytes ahead either way */
     int64_t Tp = (T + 15) & ~(int64_t)15;
     const int wide = hd % 64 == 0; /* 4 vectors per 64 elements, kept in registers */
     int64_t t = 0;
     if (hd % 16 == 0) /* 4 positions at a time: their 4 dot products reduced together */
         for (; t + 4 <= T; t += 4) {
-            for (int64_t i = 0; i < 4 * hd; i += 16) __builtin_prefetch(k + (t + ATT_PF) * hd + i, 0, 3);
+            for (int64_t i = 0; i < 4 * hd; i += (f16 ? 32 : 16)) /* one prefetch per 64-byte line */
+                __builtin_prefetch(kv_at(k, (t + pf) * hd + i, f16), 0, 3);
             for (int64_t h = 0; h < g; h++) {
                 const float *qh = q + h * hd;
                 f32x16 a[4];
                 for (int j = 0; j < 4; j++) {
-                    const float *kt = k + (t + j) * hd;
+                    const int64_t kt = (t + j) * hd;
                     f32x16 acc = {0};
-                    for (int64_t i = 0; i < hd; i += 16) acc += load16(qh + i) * load16(kt + i);
+                    for (int64_t i = 0; i < hd; i += 16) acc += load16(qh + i) * kv16(k, kt + i, f16);
                     a[j] = acc;
                 }
                 f32x4 s4 = hsum4x16(a[0], a[1], a[2], a[3]);
@@ -643,21 +675,21 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
             }
         }
     for (; t < T; t++) {
-        const float *kt = k + t * hd;
+        const int64_t kt = t * hd;
         for (int64_t h = 0; h < g; h++) {
             const float *qh = q + h * hd;
             float s = 0.f;
             if (wide) { /* 64 partial sums, then a fixed tree: vectorised, deterministic */
                 f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                 for (int64_t i = 0; i < hd; i += 64) {
-                    a0 += load16(qh + i) * load16(kt + i);
-                    a1 += load16(qh + i + 16) * load16(kt + i + 16);
-                    a2 += load16(qh + i + 32) * load16(kt + i + 32);
-                    a3 += load16(qh + i + 48) * load16(kt + i + 48);
+                    a0 += load16(qh + i) * kv16(k, kt + i, f16);
+                    a1 += load16(qh + i + 16) * kv16(k, kt + i + 16, f16);
+                    a2 += load16(qh + i + 32) * kv16(k, kt + i + 32, f16);
+                    a3 += load16(qh + i + 48) * kv16(k, kt + i + 48, f16);
                 }
                 s = hsum16((a0 + a1) + (a2 + a3));
             } else {
-                for (int64_t i = 0; i < hd; i++) s += qh[i] * kt[i];
+                for (int64_t i = 0; i < hd; i++) s += qh[i] * kv1(k, kt + i, f16);
             }
             scores[h * Tp + t] = s * scale;
         }
@@ -681,14 +713,14 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
             for (int64_t i = 0; i < hd; i += 64) {
                 f32x16 o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
                 for (int64_t t = 0; t < T; t++) {
-                    const float *vt = v + t * hd + i;
-                    __builtin_prefetch(vt + ATT_PF * hd, 0, 3);
-                    __builtin_prefetch(vt + ATT_PF * hd + 32, 0, 3);
+                    const int64_t vt = t * hd + i;
+                    __builtin_prefetch(kv_at(v, vt + pf * hd, f16), 0, 3);
+                    if (!f16) __builtin_prefetch(kv_at(v, vt + pf * hd + 32, f16), 0, 3); /* 64 float16 = 1 line */
                     float p = sh[t];
-                    o0 += p * load16(vt);
-                    o1 += p * load16(vt + 16);
-                    o2 += p * load16(vt + 32);
-                    o3 += p * load16(vt + 48);
+                    o0 += p * kv16(v, vt, f16);
+                    o1 += p * kv16(v, vt + 16, f16);
+                    o2 += p * kv16(v, vt + 32, f16);
+                    o3 += p * kv16(v, vt + 48, f16);
                 }
                 store16(oh + i, o0);
                 store16(oh + i + 16, o1);
@@ -698,24 +730,26 @@ static void attend_group(const float *q, const float *k, const float *v, int64_t
         } else {
             for (int64_t i = 0; i < hd; i++) oh[i] = 0.f;
             for (int64_t t = 0; t < T; t++) {
-                const float *vt = v + t * hd;
                 float p = sh[t];
-                for (int64_t i = 0; i < hd; i++) oh[i] += p * vt[i];
+                for (int64_t i = 0; i < hd; i++) oh[i] += p * kv1(v, t * hd + i, f16);
             }
         }
     }
 }
 
-/* attend_decode(q, k_new, v_new, ks, vs, lengths, out, n_head, n_kv, hd)
+/* attend_decode(q, k_new, v_new, ks, vs, lengths, out, n_head, n_kv, hd[, f16])
  *   q [B, n_head, hd]; k_new, v_new [B, n_kv, hd]: the new position's K, V, written into the caches at
  *   position T_b - 1 first; ks[b], vs[b]: that sequence's layer slab [n_kv, max_seq_b, hd]
- *   (C-contiguous, writable); lengths[b]: positions to attend (T_b); out [B, n_head * hd]. */
+ *   (C-contiguous, writable; float16 when f16, else float32); lengths[b]: positions to attend (T_b);
+ *   out [B, n_head * hd]. */
 static PyObject *py_attend_decode(PyObject *self, PyObject *args)
 {
     Py_buffer q, kn, vn, out;
     PyObject *ks, *vs, *lens;
     Py_ssize_t H, Hkv, hd;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOOw*nnn", &q, &kn, &vn, &ks, &vs, &lens, &out, &H, &Hkv, &hd)) return NULL;
+    int f16 = 0;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOOw*nnn|p", &q, &kn, &vn, &ks, &vs, &lens, &out, &H, &Hkv, &hd, &f16)) return NULL;
+    const Py_ssize_t es = f16 ? 2 : 4; /* bytes per cached element */
     PyObject *ret = NULL;
     Py_ssize_t B = PySequence_Size(lens);
     Py_buffer *kb = NULL, *vb = NULL;
@@ -755,8 +789,8 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
         T[b] = PyLong_AsLongLong(o);
         Py_DECREF(o);
         if (T[b] == -1 && PyErr_Occurred()) goto done;
-        ms[b] = kb[b].len / (Py_ssize_t)(Hkv * hd * 4);
-        if (kb[b].len != vb[b].len || kb[b].len != ms[b] * Hkv * hd * 4 || T[b] < 1 || T[b] > ms[b]) {
+        ms[b] = kb[b].len / (Py_ssize_t)(Hkv * hd * es);
+        if (kb[b].len != vb[b].len || kb[b].len != ms[b] * Hkv * hd * es || T[b] < 1 || T[b] > ms[b]) {
             PyErr_Format(PyExc_ValueError, "sequence %zd: cache of %zd bytes cannot hold %lld positions of %zd x %zd",
                          b, kb[b].len, (long long)T[b], Hkv, hd);
             goto done;
@@ -772,8 +806,16 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
         for (Py_ssize_t b = 0; b < B; b++) /* the new position's K, V into the cache (cache_write's job) */
             for (Py_ssize_t kvh = 0; kvh < Hkv; kvh++) {
                 size_t at = (size_t)((kvh * ms[b] + T[b] - 1) * hd);
-                memcpy((float *)kb[b].buf + at, (const float *)kn.buf + (b * Hkv + kvh) * hd, hd * 4);
-                memcpy((float *)vb[b].buf + at, (const float *)vn.buf + (b * Hkv + kvh) * hd, hd * 4);
+                const float *kr = (const float *)kn.buf + (b * Hkv + kvh) * hd, *vr = (const float *)vn.buf + (b * Hkv + kvh) * hd;
+                if (f16) { /* rounded to nearest even, as numpy's astype(float16) (cache_write) rounds */
+                    for (Py_ssize_t i = 0; i < hd; i++) {
+                        ((uint16_t *)kb[b].buf)[at + i] = float_to_half(kr[i]);
+                        ((uint16_t *)vb[b].buf)[at + i] = float_to_half(vr[i]);
+                    }
+                } else {
+                    memcpy((float *)kb[b].buf + at, kr, hd * 4);
+                    memcpy((float *)vb[b].buf + at, vr, hd * 4);
+                }
             }
 #pragma omp parallel
         {
@@ -781,10 +823,11 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
 #pragma omp for schedule(dynamic, 1)
             for (Py_ssize_t bk = 0; bk < B * Hkv; bk++) {
                 int64_t b = bk / Hkv, kvh = bk % Hkv; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
-                const float *kp = (const float *)kb[b].buf + kvh * ms[b] * hd;
-                const float *vp = (const float *)vb[b].buf + kvh * ms[b] * hd;
+                const void *kp = (const char *)kb[b].buf + kvh * ms[b] * hd * es;
+                const void *vp = (const char *)vb[b].buf + kvh * ms[b] * hd * es;
                 int64_t h0 = b * H + kvh * g;
-                attend_group(qp + h0 * hd, kp, vp, T[b], hd, g, scale, scores, op + h0 * hd);
+                if (f16) attend_group(qp + h0 * hd, kp, vp, 1, T[b], hd, g, scale, scores, op + h0 * hd);
+                else attend_group(qp + h0 * hd, kp, vp, 0, T[b], hd, g, scale, scores, op + h0 * hd);
             }
             free(scores);
         }

@@ -298,7 +298,7 @@ def lm_head(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
 
 class Llama:
     family = "llama"
-    numerics = "float32"  # how quantized products treat activations (formats.apply_numerics)
+    numerics = "float32"  # quantized products' activations and the KV cache dtype (formats.apply_numerics)
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], rope: RopeTables | None = None,
                  gguf=None, qk_row_order: dict[str, np.ndarray] | None = None):
@@ -317,8 +317,10 @@ class Llama:
         return as_dense(self.weights[name])
 
     def new_cache(self, max_seq: int) -> KVCache:
+        """A KV cache for max_seq positions: float32, or float16 in the `q8` numerics (llama.cpp's cache)."""
         c = self.config
-        return KVCache.allocate(c.n_layer, c.n_kv_head, min(max_seq, self.n_ctx), c.head_dim)
+        dtype = np.float16 if self.numerics == "q8" else np.float32
+        return KVCache.allocate(c.n_layer, c.n_kv_head, min(max_seq, self.n_ctx), c.head_dim, dtype)
 
     def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])  # [rows]

@@ -226,13 +226,14 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
     def cp3(c, t, tol):
         ours.need("cache")
         n = len(ours.ids)
+        kept = ours.k_prompt.dtype  # float32, or float16 in the q8 numerics: the projections as the cache stores them
         own = [  # bit-identical: cache slots hold exactly the K/V our projection produced, at the right positions
-            ("k prompt", ours.k_prompt, ours.trace_prompt["k"].transpose(1, 0, 2)),
-            ("v prompt", ours.v_prompt, ours.trace_prompt["v"].transpose(1, 0, 2)),
+            ("k prompt", ours.k_prompt, ours.trace_prompt["k"].transpose(1, 0, 2).astype(kept)),
+            ("v prompt", ours.v_prompt, ours.trace_prompt["v"].transpose(1, 0, 2).astype(kept)),
             ("k kept", ours.k_step[:, :n], ours.k_prompt),
             ("v kept", ours.v_step[:, :n], ours.v_prompt),
-            ("k new", ours.k_step[:, n:], ours.trace_step["k"].transpose(1, 0, 2)),
-            ("v new", ours.v_step[:, n:], ours.trace_step["v"].transpose(1, 0, 2)),
+            ("k new", ours.k_step[:, n:], ours.trace_step["k"].transpose(1, 0, 2).astype(kept)),
+            ("v new", ours.v_step[:, n:], ours.trace_step["v"].transpose(1, 0, 2).astype(kept)),
         ]
         bad = [label for label, a, b in own if a.shape != b.shape or not np.array_equal(a, b)]
         try:
