@@ -97,3 +97,28 @@ def test_validate_exits_nonzero_on_failure(gpt2_small, tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["passed"] is False and not report["results"][5]["passed"]
+
+
+def test_declared_tolerances_cover_the_committed_measurements():
+    """tests/data/numerics_tolerances.json (scripts/numerics_tolerances.py: 20 prompts, both numerics modes,
+    transformers and llama.cpp) stays inside what `validate` declares for checkpoints 1-8 - SPEC's
+    tolerances, the q8 profile, llama.cpp's own - with a margin, so a re-measurement after a numerics
+    change that outgrows them fails here instead of on a user's prompt."""
+    from pathlib import Path
+
+    from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES
+    from llorch_cpud.validate.references.llamacpp_ref import TOLERANCE_8
+
+    data = json.loads((Path(__file__).parent / "data" / "numerics_tolerances.json").read_text())
+    declared_by = {"transformers": {}, "llamacpp": {8: TOLERANCE_8}}
+    checked = 0
+    for mode, figures in data["modes"].items():
+        for key, measured in figures["max_abs_diff"].items():
+            ref, cp = key.split("/")
+            cp = int(cp)
+            if cp > 8:  # 9-12 are exact checks or tie rules, not a max difference against a tolerance
+                continue
+            tol = max(CHECKPOINTS[cp][1], NUMERICS_TOLERANCES.get(mode, {}).get(cp, 0.0), declared_by[ref].get(cp, 0.0))
+            assert measured <= 0.8 * tol, (mode, key, measured, tol)
+            checked += 1
+    assert checked == 18  # both modes: transformers 1-8 and llama.cpp 8
