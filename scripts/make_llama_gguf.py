@@ -64,7 +64,7 @@ def write_llama_gguf(path, tok_meta: dict, *, n_layer=2, n_embd=64, n_head=4, n_
     hd = n_embd // n_head
     vocab = len(tok_meta["tokenizer.ggml.tokens"])
     types = {"attn_q": QT.Q8_0, "attn_k": QT.F16, "attn_v": QT.F32, "attn_output": QT.Q4_0, "ffn_gate": QT.Q4_1,
-             "ffn_up": QT.Q5_0, "ffn_down": QT.Q5_1, "token_embd": QT.Q8_0, "output": QT.F16, **(types or {})}
+             "ffn_up": QT.Q5_0, "ffn_down": QT.Q5_1, "token_embd": QT.Q8_0, "output": QT.BF16, **(types or {})}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layer)
     w.add_context_length(n_ctx)

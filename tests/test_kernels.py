@@ -267,31 +267,40 @@ def test_fused_views_compute_what_separate_matrices_do():
         assert np.array_equal(y, QuantMatrix.from_blocks("Q4_1", r, (n, 64)).matmul(x))
 
 
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(576, 576), (50, 96), (7, 40)])
-def test_packed_float16_storage_computes_the_float32_product_of_its_values(shape):
-    """A GGUF F16 matrix kept as float16: the same products, bit for bit, as the float32 packing of the
-    same values (each float16 widens exactly), with half the bytes."""
+def test_packed_16bit_storage_computes_the_float32_product_of_its_values(shape, storage):
+    """A GGUF F16 / BF16 matrix kept at 16 bits: the same products, bit for bit, as the float32 packing of
+    the same values (each 16-bit value widens exactly), with half the bytes."""
     rng = np.random.default_rng(3)
-    w16 = (rng.standard_normal(shape) * 0.1).astype(np.float16)
-    p16 = PackedMatrix.from_dense(w16, storage=np.float16)
-    p32 = PackedMatrix.from_dense(w16.astype(np.float32))
-    assert p16.w.dtype == np.float16 and p16.nbytes * 2 == p32.nbytes
-    assert np.array_equal(p16.dequantize(), w16.astype(np.float32))
+    w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    if storage == "float16":
+        w16 = w.astype(np.float16)
+        values = w16.astype(np.float32)
+        p16 = PackedMatrix.from_dense(w16, storage=np.float16)
+    else:
+        values = ((w.view(np.uint32) >> 16) << 16).view(np.float32)  # truncated to bfloat16 values
+        p16 = PackedMatrix.from_dense(values, storage="bfloat16")
+    p32 = PackedMatrix.from_dense(values)
+    assert p16.w.itemsize == 2 and p16.nbytes * 2 == p32.nbytes
+    assert np.array_equal(p16.dequantize(), values)
     ids = np.array([0, shape[0] - 1, shape[0] // 2])
-    assert np.array_equal(p16.rows(ids), w16[ids].astype(np.float32))
+    assert np.array_equal(p16.rows(ids), values[ids])
     for rows in (1, 3, 8, 11):
         x = rng.standard_normal((rows, shape[1])).astype(np.float32)
         y = p16.matmul(x)
         assert np.array_equal(y, p32.matmul(x))
-        ref = x.astype(np.float64) @ w16.astype(np.float64).T
+        ref = x.astype(np.float64) @ values.astype(np.float64).T
         assert rel_err(y, ref) < 1e-5
     # negative control: one wrong weight is seen in the product
     bad = PackedMatrix(p16.shape, p16.w.copy())
-    bad.w[0, 0, 0] += np.float16(1.0)
+    bad.w.view(np.uint16)[0, 0, 0] ^= 0x4000  # an exponent bit
     x = np.ones((1, shape[1]), np.float32)
-    assert np.abs(bad.matmul(x) - p16.matmul(x)).max() > 0.5
+    assert np.abs(bad.matmul(x) - p16.matmul(x)).max() > 0.01
     with pytest.raises(ValueError, match="float16 matrix"):
-        PackedMatrix.from_dense(w16.astype(np.float32), storage=np.float16)  # values would be rounded
+        PackedMatrix.from_dense(w, storage=np.float16)  # values would be rounded
+    with pytest.raises(ValueError, match="not bfloat16"):
+        PackedMatrix.from_dense(w, storage="bfloat16")  # values would be truncated
 
 
 def random_blocks(kind: str, n_out: int, n_in: int, seed: int, scales=None) -> np.ndarray:

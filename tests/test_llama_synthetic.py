@@ -1,6 +1,6 @@
 """Tiny Llama-family GGUFs written here with gguf-py's GGUFWriter (seeded random weights, the real
 SmolLM2 tokenizer metadata): shapes SmolLM2 does not have (multi-head, grouped, multi-query attention,
-an untied output.weight, F32/F16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors; a Q4_K/Q5_K/Q6_K file) checked
+an untied output.weight, F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors; a Q4_K/Q5_K/Q6_K file) checked
 against transformers loading the same file, plus the loader's errors. Synthetic weights: a pass here says nothing about real weights
 (tests/test_llama.py runs the real SmolLM2)."""
 
@@ -77,6 +77,8 @@ def test_loads_hf_layout_weights(synthetic, variant):
                                    ("blk.0.ffn_down.weight", "Q5_1", "Q8_DM")):
             assert isinstance(w[name], QuantMatrix) and (w[name].source, w[name].kind) == (source, kind), name
         assert all(isinstance(w[n], np.ndarray) for n in ("output_norm.weight", "blk.0.attn_norm.weight"))
+        if not tied:  # output.weight is BF16: kept as bfloat16 bits
+            assert isinstance(w["output.weight"], PackedMatrix) and w["output.weight"].w.dtype == np.uint16
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

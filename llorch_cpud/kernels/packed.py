@@ -12,9 +12,10 @@ Layout: W `[n_out, n_in]` (nn.Linear orientation; a GPT-2 Conv1D weight is store
 kernel streams one chunk contiguously, one SIMD lane per output row, summing in a fixed order
 (32-term partial sums, then added), so a row's result never depends on the other rows of the batch.
 
-Storage is float32, or float16 for a matrix whose values are float16 (a GGUF F16 tensor): half the
-bytes a decode step reads, and the same products, since every float16 widens exactly to float32
-before the same float32 arithmetic.
+Storage is float32, or 16 bits for a matrix whose values are float16 (a GGUF F16 tensor) or bfloat16
+(BF16; held as the uint16 top halves of the float32 values, numpy having no bfloat16): half the bytes
+a decode step reads, and the same products, since every 16-bit value widens exactly to float32 before
+the same float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class PackedMatrix:
 
     def __init__(self, shape: tuple[int, int], w: np.ndarray, parent: "tuple[PackedMatrix, int] | None" = None):
         self.shape = (int(shape[0]), int(shape[1]))
-        self.w = w  # [n_chunk, n_in, 16] float32 or float16 (the storage)
+        self.w = w  # [n_chunk, n_in, 16] float32, float16, or uint16 = bfloat16 bits (the storage)
         self.dtype = np.dtype(np.float32)
         self.ndim = 2
         self.parent = parent  # (fused matrix, first row in it) when a view of a fused one
@@ -40,10 +41,18 @@ class PackedMatrix:
     def from_dense(cls, w: np.ndarray, storage=np.float32) -> "PackedMatrix":
         """From W [n_out, n_in] (any memory order); rows padded with zeros to a multiple of 16.
 
-        storage float16 keeps W's values only if they are float16 values (ValueError otherwise)."""
+        storage float16 needs a float16 W; storage "bfloat16" a float32 W whose values are all bfloat16
+        (low 16 bits zero) - ValueError otherwise: the values are kept exactly or not at all."""
+        if isinstance(storage, str) and storage == "bfloat16":
+            if w.dtype != np.float32:
+                raise ValueError("bfloat16 storage needs the float32 values of a bfloat16 matrix")
+            bits = np.ascontiguousarray(w).view(np.uint32)
+            if (bits & 0xFFFF).any():
+                raise ValueError("bfloat16 storage: the matrix has values that are not bfloat16 (low bits set)")
+            w, storage = (bits >> 16).astype(np.uint16), np.dtype(np.uint16)
         storage = np.dtype(storage)
-        if storage not in (np.float32, np.float16):
-            raise ValueError(f"PackedMatrix stores float32 or float16, not {storage}")
+        if storage not in (np.float32, np.float16, np.uint16):
+            raise ValueError(f"PackedMatrix stores float32, float16 or bfloat16, not {storage}")
         if storage == np.float16 and w.dtype != np.float16:
             raise ValueError("float16 storage needs a float16 matrix (its values must be kept exactly)")
         n_out, n_in = w.shape
@@ -85,19 +94,28 @@ class PackedMatrix:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_chunk = self.w.shape[0]
         out = np.empty((x.shape[0], n_chunk * LANES), np.float32)  # [rows, n_out padded to 16]
-        kernel = _qkernels.f16_matmul if self.w.dtype == np.float16 else _qkernels.f32_matmul
-        kernel(x, self.w, out, x.shape[0], self.shape[1], n_chunk)
+        if self.w.dtype == np.float32:
+            _qkernels.f32_matmul(x, self.w, out, x.shape[0], self.shape[1], n_chunk)
+        else:  # float16, or uint16 holding bfloat16
+            _qkernels.f16_matmul(x, self.w, out, x.shape[0], self.shape[1], n_chunk, self.w.dtype == np.uint16)
         return out[:, : self.shape[0]] if n_chunk * LANES != self.shape[0] else out
 
     def dequantize(self) -> np.ndarray:
         """W as a C-contiguous float32 [n_out, n_in] array (exactly the values packed)."""
         w = self.w.transpose(0, 2, 1).reshape(-1, self.shape[1])[: self.shape[0]]  # [n_out, n_in]
-        return np.ascontiguousarray(w, dtype=np.float32)
+        return _widen(np.ascontiguousarray(w))
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of W: [len(ids)] -> [len(ids), n_in] (an embedding lookup)."""
         ids = np.asarray(ids, dtype=np.int64)
-        return self.w[ids // LANES, :, ids % LANES].astype(np.float32, copy=False)  # [rows, n_in]
+        return _widen(self.w[ids // LANES, :, ids % LANES])  # [rows, n_in]
 
     def __repr__(self) -> str:
         return f"PackedMatrix(shape={self.shape}, {self.w.dtype}, {self.nbytes / 1e6:.1f} MB)"
+
+
+def _widen(w: np.ndarray) -> np.ndarray:
+    """Stored values as float32: float32 as is, float16 widened, uint16 bfloat16 bits shifted up (exact)."""
+    if w.dtype == np.uint16:
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return w.astype(np.float32, copy=False)

@@ -484,10 +484,20 @@ static void f32_chunk(const float *x, const float *w, float *out, int64_t M, int
     ROW_TILES(f32_tile, M, x, w, out, K, ldo, c);
 }
 
-/* The same kernel on float16 storage (a GGUF F16 matrix kept as stored: half the bytes). Each weight
- * is widened exactly to float32 before the same float32 arithmetic as f32_tile. */
+/* The same kernel on 16-bit storage: float16 (a GGUF F16 matrix) or bfloat16 (BF16), kept as stored: half
+ * the bytes. Each weight is widened exactly to float32 before the same float32 arithmetic as f32_tile. */
+static inline f32x16 load16bf(const uint16_t *p)
+{
+    u32x16 u;
+    for (int i = 0; i < 16; i++) u[i] = (uint32_t)p[i] << 16; /* bfloat16 = the top half of a float32 */
+    f32x16 r;
+    memcpy(&r, &u, sizeof r);
+    return r;
+}
+
 static inline __attribute__((always_inline)) void
-f16_tile(const float *x, const uint16_t *w, float *out, int64_t K, int64_t ldo, int64_t c, int64_t r0, const int nr)
+f16_tile(const float *x, const uint16_t *w, const int bf, float *out, int64_t K, int64_t ldo, int64_t c, int64_t r0,
+         const int nr)
 {
     const uint16_t *wc = w + c * K * 16;
     f32x16 acc[RT];
@@ -498,7 +508,7 @@ f16_tile(const float *x, const uint16_t *w, float *out, int64_t K, int64_t ldo, 
         int64_t k1 = k0 + 32 < K ? k0 + 32 : K;
         for (int64_t k = k0; k < k1; k++) {
             __builtin_prefetch(wc + (k + 2 * PF_LINES) * 16, 0, 3); /* PF_LINES lines ahead: 32 bytes a position */
-            f32x16 wv = load16h(wc + k * 16);
+            f32x16 wv = bf ? load16bf(wc + k * 16) : load16h(wc + k * 16);
             for (int r = 0; r < nr; r++) t[r] += wv * x[(r0 + r) * K + k];
         }
         for (int r = 0; r < nr; r++) acc[r] += t[r];
@@ -508,7 +518,12 @@ f16_tile(const float *x, const uint16_t *w, float *out, int64_t K, int64_t ldo, 
 
 static void f16_chunk(const float *x, const uint16_t *w, float *out, int64_t M, int64_t K, int64_t ldo, int64_t c)
 {
-    ROW_TILES(f16_tile, M, x, w, out, K, ldo, c);
+    ROW_TILES(f16_tile, M, x, w, 0, out, K, ldo, c);
+}
+
+static void bf16_chunk(const float *x, const uint16_t *w, float *out, int64_t M, int64_t K, int64_t ldo, int64_t c)
+{
+    ROW_TILES(f16_tile, M, x, w, 1, out, K, ldo, c);
 }
 
 /* ---- dequantization into a transposed slab out_t [K][ldo] (columns c0*L .. c1*L) ---------- */
@@ -1086,20 +1101,23 @@ done:
     return ret;
 }
 
-/* f16_matmul(x, w, out, M, K, n_chunk): as f32_matmul, w [n_chunk][K][16] float16 */
+/* f16_matmul(x, w, out, M, K, n_chunk[, bf16]): as f32_matmul, w [n_chunk][K][16] float16 (or bfloat16) */
 static PyObject *py_f16_matmul(PyObject *self, PyObject *args)
 {
     Py_buffer x, w, out;
     Py_ssize_t M, K, nc;
-    if (!PyArg_ParseTuple(args, "y*y*w*nnn", &x, &w, &out, &M, &K, &nc)) return NULL;
+    int bf = 0;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnn|p", &x, &w, &out, &M, &K, &nc, &bf)) return NULL;
     PyObject *ret = NULL;
     if (check_size(&x, M * K * 4, "x") || check_size(&w, nc * K * 16 * 2, "w") ||
         check_size(&out, M * nc * 16 * 4, "out"))
         goto done;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++)
-        f16_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        if (bf) bf16_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
+        else f16_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
@@ -1110,7 +1128,7 @@ done:
 static PyMethodDef methods[] = {
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
     {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
-    {"f16_matmul", py_f16_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float16 matrix"},
+    {"f16_matmul", py_f16_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float16 (or bfloat16) matrix"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
     {"q4_1f_matmul", py_q4_1f_matmul, METH_VARARGS, "q4_1_matmul with float32 scales (a rewritten Q4_K matrix)"},
     {"q8_s16_matmul", py_q8_s16_matmul, METH_VARARGS, "int8 weights with a float32 scale per 16 (a rewritten Q6_K matrix)"},

@@ -6,7 +6,7 @@ Weights are keyed by the GGUF tensor names (`token_embd.weight`, `blk.0.attn_q.w
 with the C kernels built, Q4_1/Q8_0 (and Q4_0/Q5_0) matrices stay quantized (`kernels.QuantMatrix`: the product is
 computed on the stored blocks, 4-5x fewer bytes per decode step than float32; see kernels/quantized.py
 for its numerics) and every other matrix is packed for the float kernel (`kernels.PackedMatrix`: F16
-kept as float16, other types dequantized to float32). Vectors (norms) are float32 arrays.
+and BF16 kept at 16 bits, other types dequantized to float32). Vectors (norms) are float32 arrays.
 `Llama.dense(name)` is any weight as float32.
 
 Rotary layout. llama.cpp's converter permutes the rows of `attn_q`/`attn_k` within each head so
@@ -442,8 +442,8 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
         keep16 = quantized and len(shape) == 2 and info.type_name == "F16"
         w = f.tensor(name, np.float16 if keep16 else np.float32)  # ModelLoadError names an undecodable type
         w = w if rows is None else w[rows]
-        if quantized and len(shape) == 2:
-            return PackedMatrix.from_dense(w, storage=w.dtype)  # [out, in] -> [C, in, 16]
+        if quantized and len(shape) == 2:  # [out, in] -> [C, in, 16]; F16 / BF16 kept at 16 bits
+            return PackedMatrix.from_dense(w, storage="bfloat16" if info.type_name == "BF16" else w.dtype)
         return np.ascontiguousarray(w)
 
     weights["token_embd.weight"] = load("token_embd.weight", (cfg.vocab_size, cfg.n_embd))
