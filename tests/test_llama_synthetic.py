@@ -81,9 +81,9 @@ def test_loads_hf_layout_weights(synthetic, variant):
             assert isinstance(w["output.weight"], PackedMatrix) and w["output.weight"].w.dtype == np.uint16
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_all_checkpoints_pass_against_transformers(synthetic, variant):
-    """The whole validator on the synthetic GGUF: GQA, MHA and MQA head layouts, tied and untied heads."""
+def assert_checkpoints_pass_against_transformers(path, model, tok, hf_name: str, ours_name: str):
+    """The whole validator on a GGUF file against transformers loading the same file; transformers' tensor
+    `hf_name` of layer 1 must be exactly our `ours_name` (the same dequantized, un-permuted weights)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import torch
@@ -91,16 +91,14 @@ def test_all_checkpoints_pass_against_transformers(synthetic, variant):
     from llorch_cpud.validate import references
     from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
 
-    path, _ = synthetic[variant]
-    model, tok = load_gguf_model(path)
     engine = Engine(model, tok)
     ref = references.make("transformers")
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see test_llama._torch_one_thread
     try:
         ref.load(path, "llama", engine)
-        assert np.array_equal(ref.model.model.layers[1].self_attn.q_proj.weight.detach().numpy(),
-                              model.dense("blk.1.attn_q.weight"))
+        theirs = ref.model.model.layers[1].get_submodule(hf_name).weight.detach().numpy()
+        assert np.array_equal(theirs, model.dense(ours_name))
         ours = OurSide(engine, tok.encode("Hello. Ünïcode → 東京, code: x = [1, 2]"), 12)
         results = run_checkpoints(engine, ours, ref, "llama")
     finally:
@@ -110,17 +108,18 @@ def test_all_checkpoints_pass_against_transformers(synthetic, variant):
     assert results[7].max_abs_diff <= 1e-4  # full logits
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_all_checkpoints_pass_against_transformers(synthetic, variant):
+    """The whole validator on the synthetic GGUF: GQA, MHA and MQA head layouts, tied and untied heads."""
+    path, _ = synthetic[variant]
+    model, tok = load_gguf_model(path)
+    assert_checkpoints_pass_against_transformers(path, model, tok, "self_attn.q_proj", "blk.1.attn_q.weight")
+
+
 def test_k_quant_model_is_held_quantized_and_passes_against_transformers(tmp_path, tok_meta):
     """Q4_K, Q5_K and Q6_K matrices (every matrix of this file, embedding and untied head included) run
     on their rewritten blocks (Q4_1F, Q8_DM, Q8_S16) and every checkpoint passes against transformers,
     which dequantizes the same file with gguf-py."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    import torch
-
-    from llorch_cpud.validate import references
-    from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
-
     k4, k5, k6 = QT.Q4_K, QT.Q5_K, QT.Q6_K
     types = {"attn_q": k4, "attn_k": k6, "attn_v": k5, "attn_output": k6, "ffn_gate": k4, "ffn_up": k5,
              "ffn_down": k4, "token_embd": k6, "output": k4}
@@ -128,24 +127,10 @@ def test_k_quant_model_is_held_quantized_and_passes_against_transformers(tmp_pat
     write_llama_gguf(path, tok_meta, n_layer=2, n_embd=256, n_head=4, n_kv_head=2, n_ff=512, tied=False, types=types)
     model, tok = load_gguf_model(path)
     if kernels.enabled():
-        for name, kind in (("blk.0.attn_q.weight", "Q4_1F"), ("blk.0.attn_k.weight", "Q8_S16"), ("blk.0.attn_v.weight", "Q8_DM"),
-                           ("token_embd.weight", "Q8_S16"), ("output.weight", "Q4_1F")):
+        for name, kind in (("blk.0.attn_q.weight", "Q4_1F"), ("blk.0.attn_k.weight", "Q8_S16"),
+                           ("blk.0.attn_v.weight", "Q8_DM"), ("token_embd.weight", "Q8_S16"), ("output.weight", "Q4_1F")):
             assert isinstance(model.weights[name], QuantMatrix) and model.weights[name].kind == kind, name
-    engine = Engine(model, tok)
-    ref = references.make("transformers")
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref.load(path, "llama", engine)
-        assert np.array_equal(ref.model.model.layers[1].mlp.down_proj.weight.detach().numpy(),
-                              model.dense("blk.1.ffn_down.weight"))
-        ours = OurSide(engine, tok.encode("Hello. Ünïcode → 東京, code: x = [1, 2]"), 12)
-        results = run_checkpoints(engine, ours, ref, "llama")
-    finally:
-        torch.set_num_threads(n_threads)
-    bad = [(r.id, r.name, r.max_abs_diff, r.note) for r in results if not r.passed]
-    assert bad == []
-    assert results[7].max_abs_diff <= 1e-4  # full logits
+    assert_checkpoints_pass_against_transformers(path, model, tok, "mlp.down_proj", "blk.1.ffn_down.weight")
 
 
 def test_batched_segments_on_synthetic(synthetic):
