@@ -141,7 +141,8 @@ def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
         assert a.argmax() == b.argmax()
 
 
-@pytest.mark.parametrize("n_head,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 24)])
+@pytest.mark.parametrize("n_head,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 24), (16, 2, 128), (14, 2, 32),
+                                                   (4, 1, 96), (5, 5, 80), (8, 1, 16), (12, 12, 64)])
 def test_decode_attention_matches_the_numpy_stage_functions(n_head, n_kv, head_dim):
     """The batched one-row attention kernel computes what attention_scores + attention_heads compute
     (GQA grouping, causal length, softmax), for sequences of different lengths in one call."""
@@ -168,7 +169,7 @@ def test_decode_attention_matches_the_numpy_stage_functions(n_head, n_kv, head_d
         decode_attention(q[:1], k_new[:1], v_new[:1], [caches[0][0]], [caches[0][1]], [101])
 
 
-@pytest.mark.parametrize("n_head,n_kv,head_dim", [(9, 3, 64), (6, 2, 24)])
+@pytest.mark.parametrize("n_head,n_kv,head_dim", [(9, 3, 64), (6, 2, 24), (16, 2, 128), (14, 2, 32)])
 def test_decode_attention_on_float16_caches(n_head, n_kv, head_dim):
     """The q8 numerics' float16 KV cache: the kernel stores the new row rounded as numpy's astype(float16)
     (what cache_write's assignment stores) and attends over the widened values exactly as the numpy

@@ -622,27 +622,27 @@ static inline f32x4 hsum4x16(f32x16 a, f32x16 b, f32x16 c, f32x16 d)
 #define ATT_PF 16
 #endif
 
+/* exp of 16 floats <= 0 (softmax arguments x - max), as vector operations: x = n ln2 + r with n the
+ * nearest integer to x/ln2 (the 1.5*2^23 rounding trick), exp(r) by its degree-6 Taylor polynomial
+ * (|r| <= ln2/2: relative error ~1e-7), 2^n by building the float's exponent; x < -87 gives 0. */
 static inline void exp16(float *v)
 {
-    float y[16];
-    int32_t e[16];
-    for (int i = 0; i < 16; i++) { /* written lane by lane; GCC vectorises the loop */
-        float x = v[i] < -87.f ? -87.f : v[i];
-        float n = floorf(x * 1.44269504088896341f + 0.5f);
-        float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-        float p = 1.f / 720;
-        p = p * r + 1.f / 120;
-        p = p * r + 1.f / 24;
-        p = p * r + 1.f / 6;
-        p = p * r + 0.5f;
-        p = p * r + 1.f;
-        p = p * r + 1.f;
-        y[i] = p;
-        e[i] = ((int32_t)n + 127) << 23;
-    }
-    float sc[16];
-    memcpy(sc, e, sizeof sc);
-    for (int i = 0; i < 16; i++) v[i] = v[i] < -87.f ? 0.f : y[i] * sc[i];
+    const f32x16 magic = {0}, lo_x = {0};
+    f32x16 x = load16(v);
+    i32x16 under = x < lo_x - 87.f;                 /* lanes whose exp is below float32's normal range */
+    x = (f32x16)((i32x16)x & ~under) + (f32x16)(under & (i32x16)(lo_x - 87.f));
+    f32x16 n = (x * 1.44269504088896341f + (magic + 12582912.f)) - 12582912.f;
+    f32x16 r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    f32x16 p = magic + 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    f32x16 y = p * (f32x16)e;
+    store16(v, (f32x16)((i32x16)y & ~under));
 }
 
 /* K/V elements: float32, or float16 (the `q8` numerics' cache, as llama.cpp keeps it), widened exactly. */
@@ -752,6 +752,138 @@ attend_group(const float *q, const void *k, const void *v, const int f16, int64_
     }
 }
 
+/* ---- decode attention for head_dim a multiple of 16, up to 128 (NV = hd/16 vectors per row) ----
+ * Same math as attend_group, arranged so that the two cores' FMA units, not dependency chains or
+ * horizontal sums, set the pace:
+ *   scores: 16 positions at a time - 16 dot products kept as 16 vectors, then one fixed transpose-add
+ *           tree turns them into one vector of 16 sums (45 shuffles/adds per 16 positions instead of a
+ *           horizontal sum per position); a float16 K block is widened once, not once per query head;
+ *   values: position by position, each V row loaded (widened) once and multiplied into every query
+ *           head of a tile - GH x NV independent accumulators, so no FMA waits on the previous one.
+ * Every sum runs in a fixed order that depends on neither the batch nor the thread count. */
+
+/* r[j] = sum of the 16 lanes of a[j], j = 0..15 (a fixed tree: each level adds lane halves). */
+static inline f32x16 transpose_sum16(const f32x16 *a)
+{
+    const i32x16 l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                 l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                 l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+                 l2b = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
+                 l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+                 l3b = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
+                 l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+                 l4b = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    f32x16 b[8], c[4], d[2];
+    for (int k = 0; k < 8; k++) /* lanes 0-7: 8 partials of a[2k], 8-15: of a[2k+1] */
+        b[k] = __builtin_shuffle(a[2 * k], a[2 * k + 1], l1a) + __builtin_shuffle(a[2 * k], a[2 * k + 1], l1b);
+    for (int k = 0; k < 4; k++) /* 4 lanes each of a[4k..4k+3] */
+        c[k] = __builtin_shuffle(b[2 * k], b[2 * k + 1], l2a) + __builtin_shuffle(b[2 * k], b[2 * k + 1], l2b);
+    for (int k = 0; k < 2; k++) /* 2 lanes each of a[8k..8k+7] */
+        d[k] = __builtin_shuffle(c[2 * k], c[2 * k + 1], l3a) + __builtin_shuffle(c[2 * k], c[2 * k + 1], l3b);
+    return __builtin_shuffle(d[0], d[1], l4a) + __builtin_shuffle(d[0], d[1], l4b);
+}
+
+/* dst[j] = scale * (q . kb[j]) for the 16 rows of kb [16][16*nv] float32. */
+static inline void scores16(const float *q, const float *kb, int64_t nv, float scale, float *dst)
+{
+    const int64_t hd = 16 * nv;
+    f32x16 acc[16] = {{0}};
+    for (int64_t i = 0; i < hd; i += 16) {
+        f32x16 qv = load16(q + i);
+        for (int j = 0; j < 16; j++) acc[j] += qv * load16(kb + j * hd + i);
+    }
+    store16(dst, transpose_sum16(acc) * scale);
+}
+
+/* out[h] = sum_t p[h][t] V[t] for GH query heads (p rows Tp apart, out rows 16*NV apart). */
+static inline __attribute__((always_inline)) void
+values_tile(const float *p, int64_t Tp, const void *v, const int f16, int64_t T, const int NV, const int GH,
+            int64_t pf, float *out)
+{
+    const int64_t hd = 16 * NV;
+    f32x16 acc[4][8];
+    for (int h = 0; h < GH; h++)
+        for (int i = 0; i < NV; i++) acc[h][i] = (f32x16){0};
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t i = 0; i < hd * (f16 ? 2 : 4); i += 64) __builtin_prefetch((const char *)kv_at(v, (t + pf) * hd, f16) + i, 0, 3);
+        f32x16 vr[8];
+        for (int i = 0; i < NV; i++) vr[i] = kv16(v, t * hd + 16 * i, f16);
+        for (int h = 0; h < GH; h++) {
+            float ph = p[h * Tp + t];
+            for (int i = 0; i < NV; i++) acc[h][i] += ph * vr[i];
+        }
+    }
+    for (int h = 0; h < GH; h++)
+        for (int i = 0; i < NV; i++) store16(out + h * hd + 16 * i, acc[h][i]);
+}
+
+/* GH heads per tile: at most 16 accumulators, at most 4 heads. */
+static inline int values_heads(int nv) { int gh = 16 / nv; return gh > 4 ? 4 : gh; }
+
+#define VALUES_CASE(NV_, GH_) \
+    case (NV_) * 8 + (GH_): values_tile(p, Tp, v, f16, T, NV_, GH_, pf, out); break;
+
+static void values_dispatch(const float *p, int64_t Tp, const void *v, const int f16, int64_t T, int nv, int gh,
+                            int64_t pf, float *out)
+{
+    switch (nv * 8 + gh) {
+        VALUES_CASE(1, 1) VALUES_CASE(1, 2) VALUES_CASE(1, 3) VALUES_CASE(1, 4)
+        VALUES_CASE(2, 1) VALUES_CASE(2, 2) VALUES_CASE(2, 3) VALUES_CASE(2, 4)
+        VALUES_CASE(3, 1) VALUES_CASE(3, 2) VALUES_CASE(3, 3) VALUES_CASE(3, 4)
+        VALUES_CASE(4, 1) VALUES_CASE(4, 2) VALUES_CASE(4, 3) VALUES_CASE(4, 4)
+        VALUES_CASE(5, 1) VALUES_CASE(5, 2) VALUES_CASE(5, 3)
+        VALUES_CASE(6, 1) VALUES_CASE(6, 2)
+        VALUES_CASE(7, 1) VALUES_CASE(7, 2)
+        VALUES_CASE(8, 1) VALUES_CASE(8, 2)
+    }
+}
+
+/* attend_group for hd = 16*nv, nv = 1..8; kscratch holds 16*hd floats. */
+static void attend_group16(const float *q, const void *k, const void *v, const int f16, int64_t T, int64_t nv,
+                           int64_t g, float scale, float *scores, float *kscratch, float *out)
+{
+    const int64_t hd = 16 * nv, pf = f16 ? 2 * ATT_PF : ATT_PF, Tp = (T + 15) & ~(int64_t)15;
+    for (int64_t t = 0; t < Tp; t += 16) {
+        const float *kb;
+        int64_t n = T - t < 16 ? T - t : 16;
+        for (int64_t i = 0; i < 16 * hd * (f16 ? 2 : 4); i += 64) /* the block pf positions ahead */
+            __builtin_prefetch((const char *)kv_at(k, (t + pf) * hd, f16) + i, 0, 3);
+        if (f16 || n < 16) { /* widened, or the last rows zero-padded to a whole block */
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t i = 0; i < hd; i += 16) store16(kscratch + j * hd + i, kv16(k, (t + j) * hd + i, f16));
+            memset(kscratch + n * hd, 0, sizeof(float) * (16 - n) * hd);
+            kb = kscratch;
+        } else {
+            kb = (const float *)k + t * hd;
+        }
+        for (int64_t h = 0; h < g; h++) scores16(q + h * hd, kb, nv, scale, scores + h * Tp + t);
+    }
+    for (int64_t h = 0; h < g; h++) { /* softmax over the T scores of each head */
+        float *sh = scores + h * Tp;
+        for (int64_t t = T; t < Tp; t++) sh[t] = -INFINITY;
+        f32x16 m = load16(sh);
+        for (int64_t t = 16; t < Tp; t += 16) {
+            f32x16 s = load16(sh + t);
+            for (int i = 0; i < 16; i++) m[i] = s[i] > m[i] ? s[i] : m[i];
+        }
+        float mx = m[0];
+        for (int i = 1; i < 16; i++) mx = m[i] > mx ? m[i] : mx;
+        f32x16 acc = {0}; /* the padding lanes hold exp(-inf) = 0 */
+        for (int64_t t = 0; t < Tp; t += 16) {
+            store16(sh + t, load16(sh + t) - mx);
+            exp16(sh + t);
+            acc += load16(sh + t);
+        }
+        float inv = 1.f / hsum16(acc);
+        for (int64_t t = 0; t < Tp; t += 16) store16(sh + t, load16(sh + t) * inv); /* the softmax weights */
+    }
+    const int gh = values_heads((int)nv);
+    for (int64_t h = 0; h < g; h += gh) {
+        int n = g - h < gh ? (int)(g - h) : gh;
+        values_dispatch(scores + h * Tp, Tp, v, f16, T, (int)nv, n, pf, out + h * hd);
+    }
+}
+
 /* attend_decode(q, k_new, v_new, ks, vs, lengths, out, n_head, n_kv, hd[, f16])
  *   q [B, n_head, hd]; k_new, v_new [B, n_kv, hd]: the new position's K, V, written into the caches at
  *   position T_b - 1 first; ks[b], vs[b]: that sequence's layer slab [n_kv, max_seq_b, hd]
@@ -835,16 +967,20 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
 #pragma omp parallel
         {
             float *scores = malloc(sizeof(float) * g * ((maxT + 15) & ~(int64_t)15));
+            float *kscratch = malloc(sizeof(float) * 16 * hd);
+            const int fast = hd % 16 == 0 && hd <= 128;
 #pragma omp for schedule(dynamic, 1)
             for (Py_ssize_t bk = 0; bk < B * Hkv; bk++) {
                 int64_t b = bk / Hkv, kvh = bk % Hkv; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
                 const void *kp = (const char *)kb[b].buf + kvh * ms[b] * hd * es;
                 const void *vp = (const char *)vb[b].buf + kvh * ms[b] * hd * es;
                 int64_t h0 = b * H + kvh * g;
-                if (f16) attend_group(qp + h0 * hd, kp, vp, 1, T[b], hd, g, scale, scores, op + h0 * hd);
+                if (fast) attend_group16(qp + h0 * hd, kp, vp, f16, T[b], hd / 16, g, scale, scores, kscratch, op + h0 * hd);
+                else if (f16) attend_group(qp + h0 * hd, kp, vp, 1, T[b], hd, g, scale, scores, op + h0 * hd);
                 else attend_group(qp + h0 * hd, kp, vp, 0, T[b], hd, g, scale, scores, op + h0 * hd);
             }
             free(scores);
+            free(kscratch);
         }
         Py_END_ALLOW_THREADS
     }
