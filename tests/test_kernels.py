@@ -349,3 +349,55 @@ def test_q4_0_scale_that_overflows_is_refused():
     huge[0, 0, 0:2] = np.array([10000.0], np.float16).view(np.uint8)
     with pytest.raises(ValueError, match="overflow"):
         split_blocks("Q4_0", huge)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 576), (8, 768), (3, 100), (5, 17), (300, 64)])
+def test_elementwise_kernels_match_the_numpy_stage_functions(rows, n):
+    """kernels.ops' norms, activations and RoPE (a decode step's elementwise stages) compute the models'
+    stage functions to float32 rounding - on column slices of a fused product as the models pass them,
+    row lengths with a tail past the last 16 lanes, values where exp under- or overflows - and a
+    deliberately different input (eps, one element) is caught at the same bound."""
+    from llorch_cpud.kernels import ops
+    from llorch_cpud.models import gpt2, llama
+
+    rng = np.random.default_rng(rows * 1000 + n)
+    fused = (rng.standard_normal((rows, 3 * n)) * 4 + 0.5).astype(np.float32)  # [rows, 3n]: slices like linear_many's
+    fused[0, :4] = [-120.0, -88.5, 89.0, 150.0]  # exp(-x) under/overflow in silu and gelu
+    x, g, u = fused[:, :n], fused[:, n : 2 * n], fused[:, 2 * n :]
+    w, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+
+    def close(got, ref, rel=3e-7):
+        return np.abs(got - ref).max() <= rel * max(1.0, np.abs(ref).max())
+
+    assert close(ops.rms_norm(x, w, 1e-5), llama.rms_norm(x, w, 1e-5))
+    assert not close(ops.rms_norm(x, w, 1e-1), llama.rms_norm(x, w, 1e-5))
+    assert close(ops.layer_norm(x, w, b, 1e-5), gpt2.layer_norm(x, w, b, 1e-5))
+    assert not close(ops.layer_norm(x, w, b, 1e-5), gpt2.layer_norm(x, w, b * 1.001, 1e-5))
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert close(ops.silu_mul(g, u), llama.silu(g) * u)
+        assert close(ops.gelu_new(x, gpt2.GELU_C, gpt2.GELU_K), gpt2.gelu_new(x))
+    shifted = g.copy()
+    shifted[-1, -1] += 1.0
+    assert not close(ops.silu_mul(shifted, u), llama.silu(g) * u)
+    assert not close(ops.gelu_new(x, gpt2.GELU_C, gpt2.GELU_K), llama.silu(x))  # the wrong activation is far off
+
+    hd = 16 if n % 16 else 64
+    if n % hd == 0:  # RoPE over n // hd heads of a column slice
+        heads = n // hd
+        ang = np.outer(np.arange(rows) + 7, 1.0 / 10000 ** (np.arange(0, hd, 2) / hd))  # [rows, hd/2]
+        cos, sin = (np.concatenate([f(ang), f(ang)], -1).astype(np.float32) for f in (np.cos, np.sin))  # [rows, hd]
+        q = x.reshape(rows, heads, hd)
+        assert close(ops.rope(q, cos, sin), llama.apply_rope(q, cos, sin))
+        assert not close(ops.rope(q, cos, -sin), llama.apply_rope(q, cos, sin))
+
+
+def test_elementwise_kernels_refuse_mismatched_operands():
+    from llorch_cpud.kernels import _qkernels
+
+    x = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError, match="weight: expected float32 rows"):
+        _qkernels.rms_norm(x, np.zeros((1, 7), np.float32), np.empty_like(x), 2, 8, 1e-5)
+    with pytest.raises(ValueError, match="out: expected float32 rows"):
+        _qkernels.silu_mul(x, x, np.empty((2, 8), np.float64), 2, 8)
+    with pytest.raises(ValueError, match="x: expected float32 rows .* contiguous columns"):
+        _qkernels.gelu_new(np.zeros((8, 2), np.float32).T, np.empty_like(x), 2, 8, 0.8, 0.04)

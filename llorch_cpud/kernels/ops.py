@@ -91,3 +91,58 @@ def as_dense(weight) -> np.ndarray:
 def take_rows(weight, ids: np.ndarray) -> np.ndarray:
     """weight[ids] for any kind of weight (an embedding lookup)."""
     return weight.rows(ids) if isinstance(weight, KernelMatrix) else weight[ids]
+
+
+# ---- elementwise stages on the C kernels (a decode step's numpy calls cost more than their arithmetic)
+# Each computes its model's stage function of the same name to float32 rounding (tests/test_kernels.py);
+# the models call them in place of those when `fast` (kernel weights, no validation trace), as they
+# call decode_attention.
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """x as float32 rows the kernels read: C-contiguous, or a column slice of a C-contiguous product."""
+    if x.dtype != np.float32 or x.ndim != 2 or x.strides[1] != 4:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    return x
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """llama.rms_norm: [rows, n] -> [rows, n]."""
+    x = _rows(x)
+    out = np.empty(x.shape, np.float32)  # [rows, n]
+    _qkernels.rms_norm(x, _rows(weight[None]), out, x.shape[0], x.shape[1], eps)
+    return out
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """gpt2.layer_norm: [rows, n] -> [rows, n]."""
+    x = _rows(x)
+    out = np.empty(x.shape, np.float32)  # [rows, n]
+    _qkernels.layer_norm(x, _rows(weight[None]), _rows(bias[None]), out, x.shape[0], x.shape[1], eps)
+    return out
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """llama.silu(gate) * up: 2 × [rows, n_ff] -> [rows, n_ff]."""
+    gate, up = _rows(gate), _rows(up)
+    out = np.empty(gate.shape, np.float32)  # [rows, n_ff]
+    _qkernels.silu_mul(gate, up, out, gate.shape[0], gate.shape[1])
+    return out
+
+
+def gelu_new(x: np.ndarray, c: float, k: float) -> np.ndarray:
+    """gpt2.gelu_new (constants c = sqrt(2/pi), k = 0.044715 passed by the model): [rows, n] -> [rows, n]."""
+    x = _rows(x)
+    out = np.empty(x.shape, np.float32)  # [rows, n]
+    _qkernels.gelu_new(x, out, x.shape[0], x.shape[1], c, k)
+    return out
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """llama.apply_rope: x [rows, n_head, hd] (heads of a column slice of the QKV product are fine),
+    cos, sin [rows, hd] -> [rows, n_head, hd]."""
+    rows, n_head, hd = x.shape
+    x = _rows(x.reshape(rows, n_head * hd))  # a view when the heads are contiguous within a row
+    out = np.empty((rows, n_head, hd), np.float32)  # [rows, H, hd]
+    _qkernels.rope(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out.reshape(rows, -1), rows, n_head, hd)
+    return out

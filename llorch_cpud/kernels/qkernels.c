@@ -576,9 +576,6 @@ static int check_size(Py_buffer *b, Py_ssize_t need, const char *what)
 
 /* ---- decode attention: one query row per sequence, each sequence with its own KV cache ------ */
 
-/* exp of 16 floats: x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative
- * error ~2e-7, about one float32 ulp), times 2^n built in the exponent bits. Inputs here are <= 0
- * (scores minus their max); below -87 the result is 0, as expf's underflow is. */
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 
@@ -622,28 +619,33 @@ static inline f32x4 hsum4x16(f32x16 a, f32x16 b, f32x16 c, f32x16 d)
 #define ATT_PF 16
 #endif
 
-/* exp of 16 floats <= 0 (softmax arguments x - max), as vector operations: x = n ln2 + r with n the
- * nearest integer to x/ln2 (the 1.5*2^23 rounding trick), exp(r) by its degree-6 Taylor polynomial
- * (|r| <= ln2/2: relative error ~1e-7), 2^n by building the float's exponent; x < -87 gives 0. */
-static inline void exp16(float *v)
+/* exp(x) for any float32 x: x = n ln2 + r with n the nearest integer to x/ln2 (the 1.5*2^23 rounding
+ * trick), exp(r) by its degree-7 Taylor polynomial (|r| <= ln2/2: truncation ~3e-9 relative), 2^n by
+ * building the float's exponent. Below -87 gives 0; above 88 gives exp(88) (callers only form
+ * 1/(1+e^x) with it, which is then 0 to float32 precision as it would be with infinity). */
+static inline f32x16 expv16(f32x16 x)
 {
-    const f32x16 magic = {0}, lo_x = {0};
-    f32x16 x = load16(v);
-    i32x16 under = x < lo_x - 87.f;                 /* lanes whose exp is below float32's normal range */
-    x = (f32x16)((i32x16)x & ~under) + (f32x16)(under & (i32x16)(lo_x - 87.f));
-    f32x16 n = (x * 1.44269504088896341f + (magic + 12582912.f)) - 12582912.f;
+    const f32x16 zero = {0};
+    i32x16 under = x < zero - 87.f;
+    x = (f32x16)((i32x16)x & ~under) + (f32x16)(under & (i32x16)(zero - 87.f));
+    i32x16 over = x > zero + 88.f;
+    x = (f32x16)((i32x16)x & ~over) + (f32x16)(over & (i32x16)(zero + 88.f));
+    f32x16 n = (x * 1.44269504088896341f + (zero + 12582912.f)) - 12582912.f; /* nearest integer to x/ln2 */
     f32x16 r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-    f32x16 p = magic + 1.f / 720;
+    f32x16 p = zero + 1.f / 5040;
+    p = p * r + 1.f / 720;
     p = p * r + 1.f / 120;
     p = p * r + 1.f / 24;
     p = p * r + 1.f / 6;
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    f32x16 y = p * (f32x16)e;
-    store16(v, (f32x16)((i32x16)y & ~under));
+    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23; /* 2^n */
+    return (f32x16)((i32x16)(p * (f32x16)e) & ~under);
 }
+
+/* exp of the 16 floats at v, in place (softmax: x - max <= 0; -inf gives 0). */
+static inline void exp16(float *v) { store16(v, expv16(load16(v))); }
 
 /* K/V elements: float32, or float16 (the `q8` numerics' cache, as llama.cpp keeps it), widened exactly. */
 static inline f32x16 kv16(const void *p, int64_t i, const int f16)
@@ -993,6 +995,277 @@ done:
     return ret;
 }
 
+/* ---- elementwise stages of a decode step (the models' numpy stage functions, one C call each) ----
+ * A decode step's norms, activations and rotary embedding run on a few rows: numpy's per-call cost,
+ * not arithmetic, is their price (~15 calls a layer). Each function here computes what the stage
+ * function of the same name computes - tests/test_kernels.py holds them to each other - with the
+ * same operation order, so what may differ is last-bit rounding: a norm's sum (16 lane partial sums
+ * and a fixed tree per row, numpy sums pairwise), a multiply-add fused into one rounding, and exp
+ * (expv16's polynomial, ~1e-7 relative, against numpy's). Rows are independent (rows of a batch
+ * do not change each other's results). */
+
+/* A float32 row-major [rows, n] operand whose rows may be strided (a column slice of a fused product);
+ * returns the row stride in floats, or -1 with an exception set. */
+static Py_ssize_t get_rows(PyObject *o, Py_buffer *b, Py_ssize_t rows, Py_ssize_t n, int writable, const char *what)
+{
+    if (PyObject_GetBuffer(o, b, PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    Py_ssize_t ld = -1;
+    if (b->ndim != 2 || b->shape[0] != rows || b->shape[1] != n || b->itemsize != 4 || !b->format ||
+        strcmp(b->format, "f") || b->strides[1] != 4 || b->strides[0] % 4 || (rows > 1 && b->strides[0] < 4 * n))
+        PyErr_Format(PyExc_ValueError, "%s: expected float32 rows [%zd, %zd] with contiguous columns", what, rows, n);
+    else
+        ld = b->strides[0] / 4;
+    if (ld < 0) PyBuffer_Release(b);
+    return ld;
+}
+
+typedef struct { Py_buffer b; Py_ssize_t ld; int ok; } Rows;
+
+static int rows_arg(Rows *r, PyObject *o, Py_ssize_t rows, Py_ssize_t n, int writable, const char *what)
+{
+    r->ld = get_rows(o, &r->b, rows, n, writable, what);
+    r->ok = r->ld >= 0;
+    return r->ok ? 0 : -1;
+}
+
+static void rows_release(Rows *r, int count)
+{
+    for (int i = 0; i < count; i++)
+        if (r[i].ok) PyBuffer_Release(&r[i].b);
+}
+
+/* Loads/stores of 16 lanes, or of the first `m` (the row's tail) with zeros beyond. */
+static inline f32x16 load_n(const float *p, int64_t m)
+{
+    if (m >= 16) return load16(p);
+    f32x16 v = {0};
+    for (int64_t i = 0; i < m; i++) v[i] = p[i];
+    return v;
+}
+
+static inline void store_n(float *p, f32x16 v, int64_t m)
+{
+    if (m >= 16) { store16(p, v); return; }
+    for (int64_t i = 0; i < m; i++) p[i] = v[i];
+}
+
+/* Sum over a row of x, or of (x - center)^2: 16 lane partial sums, then hsum16's fixed tree. */
+static inline float row_sum(const float *x, int64_t n, float center, int square)
+{
+    f32x16 acc = {0};
+    for (int64_t i = 0; i < n; i += 16) {
+        f32x16 v = load_n(x + i, n - i);
+        if (square) {
+            v -= center;
+            for (int64_t j = n - i; j < 16; j++) v[j] = 0.f; /* lanes past the row */
+            v *= v;
+        }
+        acc += v;
+    }
+    return hsum16(acc);
+}
+
+/* rms_norm: y = w * (x * (1 / sqrt(sum(x*x) / n + eps))) */
+static void rms_norm_rows(const float *x, Py_ssize_t ldx, const float *w, float *y, int64_t rows, int64_t n, float eps)
+{
+#pragma omp parallel for schedule(static) if (rows * n >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ldx;
+        float ms = row_sum(xr, n, 0.f, 1) / (float)n;
+        float inv = 1.f / sqrtf(ms + eps);
+        for (int64_t i = 0; i < n; i += 16)
+            store_n(y + r * n + i, load_n(w + i, n - i) * (load_n(xr + i, n - i) * inv), n - i);
+    }
+}
+
+/* layer_norm: xc = x - sum(x)/n; y = xc / sqrt(sum(xc*xc)/n + eps) * w + b */
+static void layer_norm_rows(const float *x, Py_ssize_t ldx, const float *w, const float *b, float *y, int64_t rows,
+                            int64_t n, float eps)
+{
+#pragma omp parallel for schedule(static) if (rows * n >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ldx;
+        float mean = row_sum(xr, n, 0.f, 0) / (float)n;
+        float var = row_sum(xr, n, mean, 1) / (float)n;
+        float s = sqrtf(var + eps);
+        for (int64_t i = 0; i < n; i += 16) {
+            f32x16 xc = load_n(xr + i, n - i) - mean;
+            f32x16 t = xc / s;
+            t = t * load_n(w + i, n - i);
+            store_n(y + r * n + i, t + load_n(b + i, n - i), n - i);
+        }
+    }
+}
+
+/* silu(gate) * up = gate / (1 + exp(-gate)) * up */
+static void silu_mul_rows(const float *g, Py_ssize_t ldg, const float *u, Py_ssize_t ldu, float *y, int64_t rows, int64_t n)
+{
+    const f32x16 one = {0};
+#pragma omp parallel for schedule(static) if (rows * n >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i += 16) {
+            f32x16 x = load_n(g + r * ldg + i, n - i);
+            f32x16 d = (one + 1.f) + expv16(-x);
+            f32x16 s = x / d;
+            store_n(y + r * n + i, s * load_n(u + r * ldu + i, n - i), n - i);
+        }
+}
+
+/* gelu_new: 0.5 x (1 + tanh(u)), u = c (x + k x^3) - computed as x / (1 + exp(-2u)), the same function
+ * (1 + tanh(u) = 2 / (1 + exp(-2u))) without the cancellation of 1 + tanh(u) for negative u. */
+static void gelu_new_rows(const float *x, Py_ssize_t ldx, float *y, int64_t rows, int64_t n, float c, float k)
+{
+    const f32x16 one = {0};
+#pragma omp parallel for schedule(static) if (rows * n >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i += 16) {
+            f32x16 v = load_n(x + r * ldx + i, n - i);
+            f32x16 cube = v * v;
+            cube = cube * v;
+            f32x16 kc = cube * k;
+            f32x16 u = v + kc;
+            u = u * c;
+            f32x16 d = (one + 1.f) + expv16(-2.f * u);
+            store_n(y + r * n + i, v / d, n - i);
+        }
+}
+
+/* apply_rope: y = x * cos + rotate_half(x) * sin per head, rotate_half(x) = (-x2, x1). */
+static void rope_rows(const float *x, Py_ssize_t ldx, const float *cs, const float *sn, float *y, int64_t rows,
+                      int64_t heads, int64_t hd)
+{
+    const int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xh = x + r * ldx + h * hd;
+            float *yh = y + (r * heads + h) * hd;
+            const float *c = cs + r * hd, *s = sn + r * hd;
+            for (int64_t i = 0; i < half; i++) {
+                float a = xh[i] * c[i], b = -xh[i + half] * s[i];
+                yh[i] = a + b;
+            }
+            for (int64_t i = half; i < hd; i++) {
+                float a = xh[i] * c[i], b = xh[i - half] * s[i];
+                yh[i] = a + b;
+            }
+        }
+}
+
+/* rms_norm(x, w, y, rows, n, eps) */
+static PyObject *py_rms_norm(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *wo, *yo;
+    Py_ssize_t rows, n;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOOnnf", &xo, &wo, &yo, &rows, &n, &eps)) return NULL;
+    Rows a[3];
+    memset(a, 0, sizeof a);
+    PyObject *ret = NULL;
+    if (rows_arg(&a[0], xo, rows, n, 0, "x") || rows_arg(&a[1], wo, 1, n, 0, "weight") ||
+        rows_arg(&a[2], yo, rows, n, 1, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[2].b.buf, rows, n, eps);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    rows_release(a, 3);
+    return ret;
+}
+
+/* layer_norm(x, w, b, y, rows, n, eps) */
+static PyObject *py_layer_norm(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *wo, *bo, *yo;
+    Py_ssize_t rows, n;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOOOnnf", &xo, &wo, &bo, &yo, &rows, &n, &eps)) return NULL;
+    Rows a[4];
+    memset(a, 0, sizeof a);
+    PyObject *ret = NULL;
+    if (rows_arg(&a[0], xo, rows, n, 0, "x") || rows_arg(&a[1], wo, 1, n, 0, "weight") ||
+        rows_arg(&a[2], bo, 1, n, 0, "bias") || rows_arg(&a[3], yo, rows, n, 1, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    layer_norm_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[2].b.buf, a[3].b.buf, rows, n, eps);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    rows_release(a, 4);
+    return ret;
+}
+
+/* silu_mul(gate, up, y, rows, n) */
+static PyObject *py_silu_mul(PyObject *self, PyObject *args)
+{
+    PyObject *go, *uo, *yo;
+    Py_ssize_t rows, n;
+    if (!PyArg_ParseTuple(args, "OOOnn", &go, &uo, &yo, &rows, &n)) return NULL;
+    Rows a[3];
+    memset(a, 0, sizeof a);
+    PyObject *ret = NULL;
+    if (rows_arg(&a[0], go, rows, n, 0, "gate") || rows_arg(&a[1], uo, rows, n, 0, "up") ||
+        rows_arg(&a[2], yo, rows, n, 1, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    silu_mul_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[1].ld, a[2].b.buf, rows, n);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    rows_release(a, 3);
+    return ret;
+}
+
+/* gelu_new(x, y, rows, n, c, k) */
+static PyObject *py_gelu_new(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *yo;
+    Py_ssize_t rows, n;
+    float c, k;
+    if (!PyArg_ParseTuple(args, "OOnnff", &xo, &yo, &rows, &n, &c, &k)) return NULL;
+    Rows a[2];
+    memset(a, 0, sizeof a);
+    PyObject *ret = NULL;
+    if (rows_arg(&a[0], xo, rows, n, 0, "x") || rows_arg(&a[1], yo, rows, n, 1, "out")) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    gelu_new_rows(a[0].b.buf, a[0].ld, a[1].b.buf, rows, n, c, k);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    rows_release(a, 2);
+    return ret;
+}
+
+/* rope(x, cos, sin, y, rows, heads, hd): x [rows, heads*hd] (rows may be strided), cos, sin [rows, hd],
+ * y [rows, heads*hd] */
+static PyObject *py_rope(PyObject *self, PyObject *args)
+{
+    PyObject *xo, *co, *so, *yo;
+    Py_ssize_t rows, heads, hd;
+    if (!PyArg_ParseTuple(args, "OOOOnnn", &xo, &co, &so, &yo, &rows, &heads, &hd)) return NULL;
+    Rows a[4];
+    memset(a, 0, sizeof a);
+    PyObject *ret = NULL;
+    if (hd % 2) {
+        PyErr_SetString(PyExc_ValueError, "rope: head_dim must be even");
+        return NULL;
+    }
+    if (rows_arg(&a[0], xo, rows, heads * hd, 0, "x") || rows_arg(&a[1], co, rows, hd, 0, "cos") ||
+        rows_arg(&a[2], so, rows, hd, 0, "sin") || rows_arg(&a[3], yo, rows, heads * hd, 1, "out"))
+        goto done;
+    if (a[1].ld != hd || a[2].ld != hd || a[3].ld != heads * hd) {
+        PyErr_SetString(PyExc_ValueError, "rope: cos, sin and out must be C-contiguous");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rope_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[2].b.buf, a[3].b.buf, rows, heads, hd);
+    Py_END_ALLOW_THREADS
+    ret = Py_None; Py_INCREF(ret);
+done:
+    rows_release(a, 4);
+    return ret;
+}
+
 /* ---- Python bindings -------------------------------------------------------------------- */
 
 static PyObject *q4_1_matmul_impl(PyObject *args, const int f32s)
@@ -1263,6 +1536,11 @@ done:
 
 static PyMethodDef methods[] = {
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of each row (the llama stage function)"},
+    {"layer_norm", py_layer_norm, METH_VARARGS, "LayerNorm of each row (the gpt2 stage function)"},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up"},
+    {"gelu_new", py_gelu_new, METH_VARARGS, "GPT-2's tanh GELU"},
+    {"rope", py_rope, METH_VARARGS, "rotary position embedding of each head (Hugging Face's half rotation)"},
     {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
     {"f16_matmul", py_f16_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float16 (or bfloat16) matrix"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},

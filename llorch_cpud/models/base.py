@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from llorch_cpud.cache import KVCache
-from llorch_cpud.kernels.ops import decode_attention
+from llorch_cpud.kernels.ops import KernelMatrix, decode_attention
 
 
 @dataclass
@@ -73,6 +73,22 @@ def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.nda
                                        [s.cache.v[layer] for _, s in one_row],
                                        [s.start + 1 for _, s in one_row])  # [B, H, hd] -> [B, H·hd]
     return merged
+
+
+def kernel_path(trace: dict | None, weight) -> bool:
+    """Whether a block's one-row segments take the C decode attention: with kernel weights and no
+    validation trace. A traced forward - the validator's stage checks, and the bugs it injects into the
+    stage functions - runs the numpy stage functions; tests/test_kernels.py holds the paths to each other."""
+    return trace is None and isinstance(weight, KernelMatrix)
+
+
+def decode_step(trace: dict | None, weight, segments: list[Segment]) -> bool:
+    """Whether a block runs its elementwise stages (norms, activation, RoPE) as the C calls of
+    kernels.ops: in an untraced decode step with kernel weights (every segment one row), where numpy's
+    per-call cost, not arithmetic, is their price. A prefill keeps the numpy stage functions, so the
+    logits of a request's first token are bit-identical to the validator's traced forward of its prompt
+    (checkpoint 9)."""
+    return kernel_path(trace, weight) and all(s.length == 1 for s in segments)
 
 
 def trace_put(trace: dict | None, layer: int, name: str, value) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 from llorch_cpud import kernels
 from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.kernels import PackedMatrix, linear, take_rows
-from llorch_cpud.models.base import Segment, attend_segments, trace_put
+from llorch_cpud.kernels import ops
+from llorch_cpud.models.base import Segment, attend_segments, decode_step, kernel_path, trace_put
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,11 @@ def gelu_new(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + GELU_K * (x * x * x))))  # x*x*x: numpy's float32 x**3 is ~20x slower
 
 
-def ffn(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias) -> np.ndarray:
-    """Checkpoint 6. Up projection, GELU (tanh), down projection."""
+def ffn(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias, fast: bool = False) -> np.ndarray:
+    """Checkpoint 6. Up projection, GELU (tanh), down projection. `fast`: the GELU by one C call."""
     h = conv1d(x, c_fc_weight, c_fc_bias)  # [rows, n_embd] -> [rows, n_inner]
-    return conv1d(gelu_new(h), c_proj_weight, c_proj_bias)  # [rows, n_inner] -> [rows, n_embd]
+    a = ops.gelu_new(h, GELU_C, GELU_K) if fast else gelu_new(h)  # [rows, n_inner]
+    return conv1d(a, c_proj_weight, c_proj_bias)  # [rows, n_inner] -> [rows, n_embd]
 
 
 def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
@@ -138,7 +140,7 @@ def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trac
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
     merged = np.empty_like(x)  # [rows, n_embd]
-    fast = trace is None and isinstance(w[p + "c_proj.weight"], PackedMatrix)  # decode rows: one C call for all
+    fast = kernel_path(trace, w[p + "c_proj.weight"])  # decode rows: one C call for all
     attend_segments(q, k, v, segments, i, merged, fast, trace, cache_write, cache_read, attention_scores,
                     attention_heads)  # [rows, H·hd]
     out = conv1d(merged, w[p + "c_proj.weight"], w[p + "c_proj.bias"])  # checkpoint 5, every row: [rows, n_embd]
@@ -149,13 +151,16 @@ def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trac
 def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
     """Checkpoint 7. One transformer block: pre-norm attention and FFN, each with its residual."""
     p = f"h.{i}."
+    fast = decode_step(trace, w[p + "mlp.c_proj.weight"], segments)
+    norm = ops.layer_norm if fast else layer_norm
     trace_put(trace, i, "block_in", x)
-    h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    h = norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
     trace_put(trace, i, "ln_1", h)
     x = x + attention(h, w, i, cfg, segments, trace)  # [rows, n_embd]
-    h = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    h = norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
     trace_put(trace, i, "ln_2", h)
-    f = ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+    f = ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"],
+            fast)
     trace_put(trace, i, "ffn_out", f)
     x = x + f  # [rows, n_embd]
     trace_put(trace, i, "block_out", x)

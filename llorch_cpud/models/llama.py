@@ -31,7 +31,8 @@ from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.errors import ModelLoadError
 from llorch_cpud import kernels
 from llorch_cpud.kernels import KernelMatrix, PackedMatrix, QuantMatrix, as_dense, linear, linear_many, take_rows
-from llorch_cpud.models.base import Segment, attend_segments, trace_put
+from llorch_cpud.kernels import ops
+from llorch_cpud.models.base import Segment, attend_segments, decode_step, kernel_path, trace_put
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -186,14 +187,16 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]  # [rows, heads, hd] · [rows, 1, hd] -> [rows, heads, hd]
 
 
-def qkv_projection(x, q_weight, k_weight, v_weight, n_head: int, n_kv_head: int, cos, sin):
-    """Checkpoint 2. Q, K, V projections split into heads; RoPE applied to Q and K (HF row layout)."""
+def qkv_projection(x, q_weight, k_weight, v_weight, n_head: int, n_kv_head: int, cos, sin, fast: bool = False):
+    """Checkpoint 2. Q, K, V projections split into heads; RoPE applied to Q and K (HF row layout).
+    `fast`: RoPE by the C kernel (kernels.ops.rope), the same function."""
+    rope = ops.rope if fast else apply_rope
     rows = x.shape[0]
     q, k, v = linear_many(x, (q_weight, k_weight, v_weight))  # [rows, n_embd] -> [rows, H·hd], 2 × [rows, Hkv·hd]
     q = q.reshape(rows, n_head, -1)  # [rows, H·hd] -> [rows, n_head, hd]
     k = k.reshape(rows, n_kv_head, -1)  # [rows, Hkv·hd] -> [rows, n_kv_head, hd]
     v = v.reshape(rows, n_kv_head, -1)  # [rows, Hkv·hd] -> [rows, n_kv_head, hd]
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # [rows, H, hd], [rows, Hkv, hd], [rows, Hkv, hd]
+    return rope(q, cos, sin), rope(k, cos, sin), v  # [rows, H, hd], [rows, Hkv, hd], [rows, Hkv, hd]
 
 
 def causal_mask(start: int, n: int, total: int) -> np.ndarray:
@@ -242,22 +245,23 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (1.0 + np.exp(-x))
 
 
-def ffn(x, gate_weight, up_weight, down_weight) -> np.ndarray:
-    """Checkpoint 6. SwiGLU: down(silu(gate(x)) · up(x))."""
+def ffn(x, gate_weight, up_weight, down_weight, fast: bool = False) -> np.ndarray:
+    """Checkpoint 6. SwiGLU: down(silu(gate(x)) · up(x)). `fast`: silu(gate) · up by one C call."""
     gate, up = linear_many(x, (gate_weight, up_weight))  # [rows, n_embd] -> 2 × [rows, n_ff]
-    return linear(silu(gate) * up, down_weight)  # [rows, n_ff] -> [rows, n_embd]
+    h = ops.silu_mul(gate, up) if fast else silu(gate) * up  # [rows, n_ff]
+    return linear(h, down_weight)  # [rows, n_ff] -> [rows, n_embd]
 
 
 def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
     """Self-attention of block i over every segment, writing K/V into each segment's cache."""
     p = f"blk.{i}."
-    q, k, v = qkv_projection(x, w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"],
-                             cfg.n_head, cfg.n_kv_head, cos, sin)  # [rows, H, hd], 2 × [rows, Hkv, hd]
+    q, k, v = qkv_projection(x, w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], cfg.n_head,
+                             cfg.n_kv_head, cos, sin, decode_step(trace, w[p + "attn_output.weight"], segments))
     trace_put(trace, i, "q", q)
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
     merged = np.empty((x.shape[0], cfg.n_head * cfg.head_dim), np.float32)  # [rows, H·hd]
-    fast = trace is None and isinstance(w[p + "attn_output.weight"], KernelMatrix)  # decode rows: one C call for all
+    fast = kernel_path(trace, w[p + "attn_output.weight"])  # decode rows: one C call for all
     attend_segments(q, k, v, segments, i, merged, fast, trace, cache_write, cache_read, attention_scores,
                     attention_heads)  # [rows, H·hd]
     out = linear(merged, w[p + "attn_output.weight"])  # checkpoint 5 for every row: [rows, H·hd] -> [rows, n_embd]
@@ -268,13 +272,15 @@ def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos
 def block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
     """Checkpoint 7. One decoder block: pre-norm attention and SwiGLU FFN, each with its residual."""
     p = f"blk.{i}."
+    fast = decode_step(trace, w[p + "attn_output.weight"], segments)
+    norm = ops.rms_norm if fast else rms_norm
     trace_put(trace, i, "block_in", x)
-    h = rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
+    h = norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
     trace_put(trace, i, "ln_1", h)
     x = x + attention(h, w, i, cfg, segments, cos, sin, trace)  # [rows, n_embd]
-    h = rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
+    h = norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
     trace_put(trace, i, "ln_2", h)
-    f = ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])  # [rows, n_embd]
+    f = ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"], fast)  # [rows, n_embd]
     trace_put(trace, i, "ffn_out", f)
     x = x + f  # [rows, n_embd]
     trace_put(trace, i, "block_out", x)

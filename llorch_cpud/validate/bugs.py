@@ -87,7 +87,7 @@ def _softmax_ignores_temperature(logits, temperature):
     return _orig["softmax_probs"](logits, 1.0)
 
 
-def _ffn_bias_dropped(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias):
+def _ffn_bias_dropped(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias, fast=False):
     return gpt2.conv1d(gpt2.gelu_new(gpt2.conv1d(x, c_fc_weight, c_fc_bias)), c_proj_weight, np.float32(0))
 
 
@@ -190,8 +190,8 @@ def _llama_o_proj_transposed(m):  # every block's attn_output weight replaced by
     return [(m.weights, n, np.ascontiguousarray(m.dense(n).T)) for n in names]
 
 
-def _swiglu_swapped(x, gate_weight, up_weight, down_weight):
-    return _orig["llama.ffn"](x, up_weight, gate_weight, down_weight)
+def _swiglu_swapped(x, gate_weight, up_weight, down_weight, fast=False):
+    return _orig["llama.ffn"](x, up_weight, gate_weight, down_weight, fast)
 
 
 def _silu_as_gelu(x):
