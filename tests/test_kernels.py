@@ -161,6 +161,12 @@ def test_decode_attention_matches_the_numpy_stage_functions(n_head, n_kv, head_d
         k, v = caches[b][0][:, :T], caches[b][1][:, :T]
         ref = attention_heads(attention_scores(q[b : b + 1], k, T - 1), v)[0]  # [H·hd]
         assert np.abs(got[b] - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max()), (b, np.abs(got[b] - ref).max())
+    into = np.full((len(lengths), n_head * head_dim), np.nan, np.float32)  # out=: written in place, same values
+    again = [c.copy() for c in caches]
+    assert decode_attention(q, k_new, v_new, [c[0] for c in again], [c[1] for c in again], lengths, out=into) is into
+    assert np.array_equal(into, got)
+    with pytest.raises(ValueError, match="out must be"):
+        decode_attention(q, k_new, v_new, [c[0] for c in again], [c[1] for c in again], lengths, out=into[:, :-1])
     # negative control: a sequence attending to too few positions is far off
     scratch = [c.copy() for c in caches[-1]]
     short = decode_attention(q[-1:], scratch[0][:, 59][None], scratch[1][:, 59][None], [scratch[0]], [scratch[1]], [60])

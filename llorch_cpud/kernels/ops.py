@@ -61,7 +61,7 @@ def linear_many(x: np.ndarray, weights) -> list[np.ndarray]:
 
 
 def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: list, values: list,
-                     lengths: list[int]) -> np.ndarray:
+                     lengths: list[int], out: np.ndarray | None = None) -> np.ndarray:
     """One new query row per sequence: its K/V row written into the sequence's cache at position
     length-1 (what `cache_write` does), then attention over the cached positions - the math of
     `attention_scores` + `attention_heads` for a single row (the causal mask is then just the length),
@@ -70,13 +70,14 @@ def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: 
     q [B, H, hd]; k_new, v_new [B, Hkv, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a
     KVCache, float32 or float16 - all the same); lengths[b] = T_b -> [B, H·hd]. A float16 cache stores the
     new row rounded to nearest even, as cache_write's assignment does. tests/test_kernels.py holds it to the
-    numpy functions."""
+    numpy functions. `out`: a C-contiguous float32 [B, H·hd] to write into (else a new array)."""
     B, n_head, head_dim = q.shape
-    out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
+    if out is None:
+        out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
+    elif out.shape != (B, n_head * head_dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"decode_attention: out must be a C-contiguous float32 [{B}, {n_head * head_dim}]")
     f32 = np.float32
-    f16 = keys[0].dtype == np.float16
-    if any(a.dtype != keys[0].dtype for a in (*keys, *values)) or keys[0].dtype not in (np.float16, np.float32):
-        raise ValueError("decode_attention: every K/V cache must be float32, or every one float16")
+    f16 = keys[0].dtype == np.float16  # the kernel checks every K/V buffer's format against it
     _qkernels.attend_decode(np.ascontiguousarray(q, dtype=f32), np.ascontiguousarray(k_new, dtype=f32),
                             np.ascontiguousarray(v_new, dtype=f32), keys, values, lengths, out,
                             n_head, keys[0].shape[0], head_dim, f16)

@@ -923,16 +923,21 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
         PyObject *o;
         o = PySequence_GetItem(ks, b);
         if (!o) goto done;
-        int rk = PyObject_GetBuffer(o, &kb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
+        int rk = PyObject_GetBuffer(o, &kb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT);
         Py_DECREF(o);
         if (rk < 0) goto done;
         nk++;
         o = PySequence_GetItem(vs, b);
         if (!o) goto done;
-        int rv = PyObject_GetBuffer(o, &vb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
+        int rv = PyObject_GetBuffer(o, &vb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT);
         Py_DECREF(o);
         if (rv < 0) goto done;
         nv++;
+        if (!kb[b].format || !vb[b].format || strcmp(kb[b].format, f16 ? "e" : "f") || strcmp(vb[b].format, f16 ? "e" : "f")) {
+            PyErr_Format(PyExc_ValueError, "sequence %zd: every K/V cache must be float32, or every one float16 (f16 %s)",
+                         b, f16 ? "set" : "not set");
+            goto done;
+        }
         o = PySequence_GetItem(lens, b);
         if (!o) goto done;
         T[b] = PyLong_AsLongLong(o);

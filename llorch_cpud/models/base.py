@@ -68,10 +68,13 @@ def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.nda
             merged[rows] = attention_heads(scores, v_all)  # [n, H·hd]
         row += seg.length
     if one_row:
-        idx = [r for r, _ in one_row]
-        merged[idx] = decode_attention(q[idx], k[idx], v[idx], [s.cache.k[layer] for _, s in one_row],
-                                       [s.cache.v[layer] for _, s in one_row],
-                                       [s.start + 1 for _, s in one_row])  # [B, H, hd] -> [B, H·hd]
+        caches = ([s.cache.k[layer] for _, s in one_row], [s.cache.v[layer] for _, s in one_row],
+                  [s.start + 1 for _, s in one_row])
+        if len(one_row) == q.shape[0]:  # a decode step (every row one sequence's): no gather, no scatter
+            decode_attention(q, k, v, *caches, out=merged)  # [B, H, hd] -> [B, H·hd]
+        else:
+            idx = [r for r, _ in one_row]
+            merged[idx] = decode_attention(q[idx], k[idx], v[idx], *caches)  # [B, H, hd] -> [B, H·hd]
     return merged
 
 
