@@ -54,11 +54,12 @@ def test_matmul_matches_dequantized_product(kind, shape):
         assert np.abs(y - ref).max() <= 4 * np.abs(fp32 - ref).max() + 1e-6, (rows, np.abs(y - ref).max())
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
-def test_row_results_do_not_depend_on_the_batch(kind):
+@pytest.mark.parametrize("n_out", [320, 4160])  # chunks of 32 and of 64 rows (a lone row has its own tile)
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q5_1"])
+def test_row_results_do_not_depend_on_the_batch(kind, n_out):
     """A row's result is bit-identical alone or with other rows (so batching streams changes nothing)."""
-    raw, _ = make_blocks(kind, 320, 256)
-    m = QuantMatrix.from_blocks(kind, raw, (320, 256))
+    raw, _ = make_blocks(kind, n_out, 256)
+    m = QuantMatrix.from_blocks(kind, raw, (n_out, 256))
     x = np.random.default_rng(2).standard_normal((21, 256)).astype(np.float32)
     together = m.matmul(x)
     for r in range(x.shape[0]):

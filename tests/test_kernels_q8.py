@@ -94,9 +94,10 @@ def test_q8_products_are_ggml_block_dot_products(kind, shape):
         assert 1e-5 < diff < 3e-2, diff
 
 
+@pytest.mark.parametrize("n_out", [320, 4160])  # chunks of 32 and of 64 rows (a lone row has its own tile)
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_q8_rows_do_not_depend_on_the_batch(kind):
-    _, m = make(kind, 320, 256)
+def test_q8_rows_do_not_depend_on_the_batch(kind, n_out):
+    _, m = make(kind, n_out, 256)
     set_numerics([m], "q8")
     x = np.random.default_rng(2).standard_normal((21, 256)).astype(np.float32)
     together = m.matmul(x)
@@ -126,3 +127,69 @@ def test_set_numerics_reaches_fused_matrices_and_rejects_unknown_modes():
         assert np.array_equal(part, alone.matmul(x))
     with pytest.raises(ValueError, match="numerics must be one of float32, q8"):
         set_numerics(mats, "int4")
+
+
+def kquant(kind: str, n_out: int, n_in: int, seed: int = 0):
+    """Random K-quant / Q5_1 blocks with weight-sized scales (test_kernels.random_blocks), as raw bytes and
+    as the QuantMatrix they load into."""
+    from test_kernels import random_blocks
+
+    scales = (np.abs(np.random.default_rng(seed).standard_normal(16)) * 0.003).astype(np.float16)
+    raw = random_blocks(kind, n_out, n_in, seed, scales)
+    return raw, QuantMatrix.from_blocks(kind, raw, (n_out, n_in))
+
+
+def kernel_kind_reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The q8 block dot products of a rewritten K-quant / Q5_1 matrix, in int64 / float64: the kernel kind's
+    exact float32 scales (split_blocks, which test_kernels.py holds to gguf-py's dequantizer) times the
+    integer sums with the activations' Q8_1 (Q4_1F, Q8_DM: d·Σqp + m·s) or Q8_0 blocks (Q8_S16, a scale
+    per 16: Σ_halves d_h·dx·Σqp)."""
+    from llorch_cpud.kernels.quantized import _BLOCKS, split_blocks
+
+    n_out = raw.shape[0]
+    M, K = x.shape
+    nb = K // 32
+    per, size = _BLOCKS[kind]
+    held, q, d, m = split_blocks(kind, raw.reshape(n_out, K // per, size))
+    xq, dx, sx = quantize_activations(x)
+    p = xq.view(np.int8).reshape(M, nb, 32).astype(np.int64)  # [M, NB, 32]
+    if held == "Q4_1F":
+        q = np.concatenate([q & 15, q >> 4], axis=-1)  # [N, NB, 32]: low nibbles are elements 0-15
+    q = q.astype(np.int64).reshape(n_out, nb, 32)
+    dx64, sx64 = dx.astype(np.float64), sx.astype(np.float64)
+    if held == "Q8_S16":
+        d = d.astype(np.float64).reshape(n_out, nb, 2)
+        halves = [np.einsum("nbj,mbj->mnb", q[..., h * 16 : h * 16 + 16], p[..., h * 16 : h * 16 + 16]) for h in (0, 1)]
+        return (dx64[:, None, :] * (d[None, ..., 0] * halves[0] + d[None, ..., 1] * halves[1])).sum(-1)
+    isum = np.einsum("nbj,mbj->mnb", q, p)  # [M, N, NB] exact
+    d, m = d.astype(np.float64).reshape(n_out, nb), m.astype(np.float64).reshape(n_out, nb)
+    return (d[None] * dx64[:, None, :] * isum + m[None] * sx64[:, None, :]).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q5_1"])
+def test_q8_products_of_rewritten_kquants_are_their_block_dot_products(kind):
+    """`q8` reaches the K-quant kernel kinds (Q4_1F, Q8_DM, Q8_S16) too: each block's integer sum with
+    8-bit activations, scaled in float32 - for any row count, row by row as in a batch; not the float32
+    activation product; and a flipped weight bit is caught."""
+    n_out, n_in = 96, 512
+    raw, mat = kquant(kind, n_out, n_in)
+    set_numerics([mat], "q8")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, n_in)).astype(np.float32)
+    ref = kernel_kind_reference(kind, raw, x)
+    y = mat.matmul(x)
+    bound = 2e-6 * np.abs(ref).max() + 1e-6  # float32 block sums in a fixed order vs float64
+    assert np.abs(y - ref).max() <= bound, np.abs(y - ref).max()
+    for r in (0, 4, 8):
+        assert np.array_equal(mat.matmul(x[r : r + 1])[0], y[r])
+    _, wide = kquant(kind, 4160, 256, seed=1)  # chunks of 64 rows
+    set_numerics([wide], "q8")
+    together = wide.matmul(x[:5, :256])
+    for r in range(5):
+        assert np.array_equal(wide.matmul(x[r : r + 1, :256])[0], together[r])
+    mat.numerics = "float32"
+    diff = np.abs(mat.matmul(x) - y).max() / np.abs(y).max()
+    assert 1e-5 < diff < 5e-2, diff
+    mat.numerics = "q8"
+    mat.qs.reshape(-1)[7] ^= 0x11  # one byte of the first chunk: two nibbles or one 8-bit weight
+    assert np.abs(mat.matmul(x) - ref).max() > 10 * bound

@@ -148,12 +148,58 @@ static inline f32x16 load_scales(const void *p, int64_t i, const int f32s)
     return f32s ? load16((const float *)p + i) : load16h((const uint16_t *)p + i);
 }
 
+/* One activation row (a single sequence's decode step): the chunk's NL = L/16 lane groups side by side,
+ * so that each block's bytes are consumed as they stream in. (Lane group by lane group, as q4_1_tile does
+ * for many rows, the first pass pulls the whole chunk from memory while doing a quarter of the work and the
+ * others find it in cache: memory and arithmetic took turns, ~28 GB/s.) Each lane's sums run in the very
+ * order of q4_1_tile, so the results are bit-identical. */
+static inline __attribute__((always_inline)) void
+q4_1_row_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const int f32s, float *out,
+              int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int NL)
+{
+    f32x16 acc[4];
+    for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
+    const float *xr = x + r0 * K;
+    for (int64_t b = 0; b < NB; b++) {
+        f32x16 dv[4], mv[4], tl[4], th[4];
+        for (int u = 0; u < NL; u++) {
+            dv[u] = load_scales(d, (c * NB + b) * L + 16 * u, f32s);
+            mv[u] = load_scales(m, (c * NB + b) * L + 16 * u, f32s);
+            tl[u] = th[u] = (f32x16){0};
+        }
+        for (int g = 0; g < 4; g++) {
+            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
+            prefetch_group(grp, L);
+            u32x16 lo4[4], hi4[4];
+            for (int u = 0; u < NL; u++) {
+                u32x16 v = load_group(grp + 16 * u * 4);
+                lo4[u] = v & 0x0f0f0f0fu;
+                hi4[u] = (v >> 4) & 0x0f0f0f0fu;
+            }
+            for (int jj = 0; jj < 4; jj++) {
+                const int j = 4 * g + jj;
+                const float xl = xr[b * 32 + j], xh = xr[b * 32 + j + 16];
+                for (int u = 0; u < NL; u++) {
+                    f32x16 lo = dv[u] * __builtin_convertvector(byte_of_lanes(lo4[u], jj), f32x16) + mv[u];
+                    f32x16 hi = dv[u] * __builtin_convertvector(byte_of_lanes(hi4[u], jj), f32x16) + mv[u];
+                    tl[u] += lo * xl;
+                    th[u] += hi * xh;
+                }
+            }
+        }
+        for (int u = 0; u < NL; u++) acc[u] += tl[u] + th[u];
+    }
+    for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
+}
+
 /* f32s: the scales d, m are float32 (Q4_K rewritten: d = d·sc, m = -dmin·m per 32-element sub-block),
  * else float16 (Q4_1). Either way the weight d·q + m is formed exactly as ggml dequantizes it. */
 static inline __attribute__((always_inline)) void
 q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const int f32s, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
+    if (nr == 1 && L == 64) { q4_1_row_tile(x, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q4_1_row_tile(x, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 2); return; }
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -239,10 +285,49 @@ static void q8_0_chunk(const float *x, const int8_t *qs, const uint16_t *d, floa
  * elements 0-15 (groups 0-3) and 16-31 (groups 4-7), no m (Q6_K: q-32, d·sc per 16). S = 1 with m:
  * d, m [n_chunk][NB][L] (Q5_K: q of 5 bits, d·sc and -dmin·mn per 32). Each weight d·q (+ m) is formed
  * in a register exactly as ggml's dequantization forms it, then multiplied with the float32 activations. */
+/* One activation row: the chunk's lane groups side by side (see q4_1_row_tile); bit-identical to q8f_tile. */
+static inline __attribute__((always_inline)) void
+q8f_row_tile(const float *x, const int8_t *qs, const float *d, const float *m, const int S, float *out,
+             int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int NL)
+{
+    f32x16 acc[4];
+    for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
+    const float *xr = x + r0 * K;
+    for (int64_t b = 0; b < NB; b++) {
+        f32x16 t[4], mv[4];
+        for (int u = 0; u < NL; u++) {
+            t[u] = mv[u] = (f32x16){0};
+            if (m) mv[u] = load16(m + (c * NB + b) * L + 16 * u);
+        }
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+            prefetch_group(grp, L);
+            f32x16 dv[4];
+            i32x16 v[4];
+            for (int u = 0; u < NL; u++) {
+                dv[u] = load16(d + ((c * NB + b) * S + (S == 2 ? g / 4 : 0)) * L + 16 * u);
+                v[u] = (i32x16)load_group(grp + 16 * u * 4);
+            }
+            for (int jj = 0; jj < 4; jj++) {
+                const float xv = xr[b * 32 + 4 * g + jj];
+                for (int u = 0; u < NL; u++) {
+                    f32x16 w = dv[u] * __builtin_convertvector((v[u] << (24 - 8 * jj)) >> 24, f32x16);
+                    if (m) w += mv[u];
+                    t[u] += w * xv;
+                }
+            }
+        }
+        for (int u = 0; u < NL; u++) acc[u] += t[u];
+    }
+    for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
+}
+
 static inline __attribute__((always_inline)) void
 q8f_tile(const float *x, const int8_t *qs, const float *d, const float *m, const int S, float *out,
          int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
+    if (nr == 1 && L == 64) { q8f_row_tile(x, qs, d, m, S, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q8f_row_tile(x, qs, d, m, S, out, K, ldo, NB, L, c, r0, 2); return; }
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -375,11 +460,46 @@ static inline u32x16 splat_u32(uint32_t v) { return (u32x16){0} + v; }
  * would wait on the instruction's latency; with many rows the rows themselves are independent. */
 #define NCHAIN(nr) ((nr) <= 2 ? 4 : (nr) <= 4 ? 2 : 1)
 
+/* One activation row: the chunk's lane groups side by side (see q4_1_row_tile), two integer chains each
+ * (integer sums: any split is exact); the float steps as in q4_1_q8_tile, so bit-identical to it. */
 static inline __attribute__((always_inline)) void
-q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const uint16_t *d,
-             const uint16_t *m, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c,
+q4_1_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const void *d,
+                 const void *m, const int f32s, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L,
+                 int64_t c, int64_t r0, const int NL)
+{
+    f32x16 acc[4];
+    for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
+    for (int64_t b = 0; b < NB; b++) {
+        i32x16 s0[4], s1[4];
+        for (int u = 0; u < NL; u++) s0[u] = s1[u] = (i32x16){0};
+        const uint8_t *xb = (const uint8_t *)xq + r0 * K + b * 32;
+        for (int g = 0; g < 4; g++) {
+            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
+            prefetch_group(grp, L);
+            u32x16 xl = splat_u32(load_u32(xb + 4 * g)), xh = splat_u32(load_u32(xb + 16 + 4 * g));
+            for (int u = 0; u < NL; u++) {
+                u32x16 v = load_group(grp + 16 * u * 4);
+                s0[u] = dpbusd(s0[u], v & 0x0f0f0f0fu, xl);
+                s1[u] = dpbusd(s1[u], (v >> 4) & 0x0f0f0f0fu, xh);
+            }
+        }
+        int64_t rb = r0 * NB + b;
+        for (int u = 0; u < NL; u++) {
+            f32x16 dv = load_scales(d, (c * NB + b) * L + 16 * u, f32s), mv = load_scales(m, (c * NB + b) * L + 16 * u, f32s);
+            acc[u] += (dv * dx[rb]) * __builtin_convertvector(s0[u] + s1[u], f32x16) + mv * sx[rb];
+        }
+    }
+    for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
+}
+
+/* f32s: float32 scales (a Q4_K matrix rewritten as Q4_1F: d·sc, -dmin·mn per 32), else Q4_1's float16. */
+static inline __attribute__((always_inline)) void
+q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const void *d,
+             const void *m, const int f32s, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c,
              int64_t r0, const int nr)
 {
+    if (nr == 1 && L == 64) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 2); return; }
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -399,7 +519,7 @@ q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *
                     *s1 = dpbusd(*s1, hi, splat_u32(load_u32(xb + 16 + 4 * g)));
                 }
             }
-            f32x16 dv = load16h(d + (c * NB + b) * L + i0), mv = load16h(m + (c * NB + b) * L + i0);
+            f32x16 dv = load_scales(d, (c * NB + b) * L + i0, f32s), mv = load_scales(m, (c * NB + b) * L + i0, f32s);
             for (int r = 0; r < nr; r++) {
                 int64_t rb = (r0 + r) * NB + b;
                 i32x16 t = isum[r * NCHAIN(nr)];
@@ -414,7 +534,121 @@ q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *
 static void q4_1_q8_chunk(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const uint16_t *d,
                           const uint16_t *m, float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, out, K, ldo, K / 32, L, c);
+    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, 0, out, K, ldo, K / 32, L, c);
+}
+
+static void q4_1f_q8_chunk(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d,
+                           const float *m, float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, 1, out, K, ldo, K / 32, L, c);
+}
+
+/* Q8_DM (int8 q in 0..31 - a rewritten Q5_K or Q5_1 - with float32 d, m per 32): the weights are the
+ * unsigned operand, as Q4_1's nibbles are: d dx Σ q p + m s per block. */
+static inline __attribute__((always_inline)) void
+q8_dm_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d,
+                  const float *m, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0,
+                  const int NL)
+{
+    f32x16 acc[4];
+    for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
+    for (int64_t b = 0; b < NB; b++) {
+        i32x16 is[2][4];
+        for (int u = 0; u < NL; u++) is[0][u] = is[1][u] = (i32x16){0};
+        const uint8_t *xb = (const uint8_t *)xq + r0 * K + b * 32;
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+            prefetch_group(grp, L);
+            u32x16 xv = splat_u32(load_u32(xb + 4 * g));
+            for (int u = 0; u < NL; u++) is[g & 1][u] = dpbusd(is[g & 1][u], load_group(grp + 16 * u * 4), xv);
+        }
+        int64_t rb = r0 * NB + b;
+        for (int u = 0; u < NL; u++) {
+            f32x16 dv = load16(d + (c * NB + b) * L + 16 * u), mv = load16(m + (c * NB + b) * L + 16 * u);
+            acc[u] += (dv * dx[rb]) * __builtin_convertvector(is[0][u] + is[1][u], f32x16) + mv * sx[rb];
+        }
+    }
+    for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
+}
+
+static inline __attribute__((always_inline)) void
+q8_dm_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d, const float *m,
+              float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+{
+    if (nr == 1 && L == 64) { q8_dm_q8_row_tile(xq, dx, sx, qs, d, m, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q8_dm_q8_row_tile(xq, dx, sx, qs, d, m, out, K, ldo, NB, L, c, r0, 2); return; }
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        f32x16 acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+        for (int64_t b = 0; b < NB; b++) {
+            i32x16 isum[RT * NCHAIN(nr)];
+            for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+                if (i0 == 0) prefetch_group(grp, L);
+                u32x16 w = load_group(grp + i0 * 4);
+                for (int r = 0; r < nr; r++) {
+                    i32x16 *s0 = &isum[r * NCHAIN(nr) + g % NCHAIN(nr)];
+                    *s0 = dpbusd(*s0, w, splat_u32(load_u32((const uint8_t *)xq + (r0 + r) * K + b * 32 + 4 * g)));
+                }
+            }
+            f32x16 dv = load16(d + (c * NB + b) * L + i0), mv = load16(m + (c * NB + b) * L + i0);
+            for (int r = 0; r < nr; r++) {
+                int64_t rb = (r0 + r) * NB + b;
+                i32x16 t = isum[r * NCHAIN(nr)];
+                for (int a = 1; a < NCHAIN(nr); a++) t += isum[r * NCHAIN(nr) + a];
+                acc[r] += (dv * dx[rb]) * __builtin_convertvector(t, f32x16) + mv * sx[rb];
+            }
+        }
+        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+
+static void q8_dm_q8_chunk(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d,
+                           const float *m, float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q8_dm_q8_tile, M, xq, dx, sx, qs, d, m, out, K, ldo, K / 32, L, c);
+}
+
+/* One activation row for the signed-weight kinds (Q8_0: float16 d per 32; s16: Q8_S16, float32 d per 16):
+ * the chunk's lane groups side by side (see q4_1_row_tile); integer sums (exact in any split) and the float
+ * steps of q8_0_q8_tile / q8_s16_q8_tile, so bit-identical to them. */
+static inline __attribute__((always_inline)) void
+q8s_q8_row_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const void *d, const int s16, float *out,
+                int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int NL)
+{
+    f32x16 acc[4];
+    for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
+    for (int64_t b = 0; b < NB; b++) {
+        i32x16 is[2][4], corr[2][4];
+        for (int u = 0; u < NL; u++) is[0][u] = is[1][u] = corr[0][u] = corr[1][u] = (i32x16){0};
+        const uint8_t *xb = xu + r0 * K + b * 32;
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+            prefetch_group(grp, L);
+            u32x16 xv = splat_u32(load_u32(xb + 4 * g));
+            const int h = s16 ? g / 4 : g & 1; /* Q8_S16: the half's sums; Q8_0: two chains (any split is exact) */
+            for (int u = 0; u < NL; u++) {
+                u32x16 w = load_group(grp + 16 * u * 4);
+                corr[h][u] = dpbusd(corr[h][u], splat_u32(0x80808080u), w);
+                is[h][u] = dpbusd(is[h][u], xv, w);
+            }
+        }
+        const float xd = dx[r0 * NB + b];
+        for (int u = 0; u < NL; u++) {
+            if (s16) {
+                f32x16 d0 = load16((const float *)d + ((c * NB + b) * 2) * L + 16 * u);
+                f32x16 d1 = load16((const float *)d + ((c * NB + b) * 2 + 1) * L + 16 * u);
+                acc[u] += (d0 * xd) * __builtin_convertvector(is[0][u] - corr[0][u], f32x16) +
+                          (d1 * xd) * __builtin_convertvector(is[1][u] - corr[1][u], f32x16);
+            } else {
+                f32x16 dv = load16h((const uint16_t *)d + (c * NB + b) * L + 16 * u);
+                i32x16 cs = corr[0][u] + corr[1][u];
+                acc[u] += (dv * xd) * __builtin_convertvector((is[0][u] + is[1][u]) - cs, f32x16);
+            }
+        }
+    }
+    for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
 }
 
 /* xu: the activation bytes + 128 (unsigned); the weights are the signed operand. sum (p+128) q - 128 sum q
@@ -423,6 +657,8 @@ static inline __attribute__((always_inline)) void
 q8_0_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const uint16_t *d, float *out,
              int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
+    if (nr == 1 && L == 64) { q8s_q8_row_tile(xu, dx, qs, d, 0, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q8s_q8_row_tile(xu, dx, qs, d, 0, out, K, ldo, NB, L, c, r0, 2); return; }
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -455,6 +691,46 @@ static void q8_0_q8_chunk(const uint8_t *xu, const float *dx, const int8_t *qs, 
                           int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
     ROW_TILES(q8_0_q8_tile, M, xu, dx, qs, d, out, K, ldo, K / 32, L, c);
+}
+
+/* Q8_S16 (int8 q-32 - a rewritten Q6_K - with a float32 scale per 16): the activations are the unsigned
+ * operand (+128, corrected as for Q8_0), one integer sum per 16-element half: d0 dx Σ_0..15 q p +
+ * d1 dx Σ_16..31 q p per block. */
+static inline __attribute__((always_inline)) void
+q8_s16_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const float *d, float *out,
+               int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+{
+    if (nr == 1 && L == 64) { q8s_q8_row_tile(xu, dx, qs, d, 1, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q8s_q8_row_tile(xu, dx, qs, d, 1, out, K, ldo, NB, L, c, r0, 2); return; }
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        f32x16 acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+        for (int64_t b = 0; b < NB; b++) {
+            i32x16 isum[2][RT], corr[2] = {{0}, {0}};
+            for (int r = 0; r < nr; r++) isum[0][r] = isum[1][r] = (i32x16){0};
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+                if (i0 == 0) prefetch_group(grp, L);
+                u32x16 w = load_group(grp + i0 * 4);
+                corr[g / 4] = dpbusd(corr[g / 4], splat_u32(0x80808080u), w);
+                for (int r = 0; r < nr; r++)
+                    isum[g / 4][r] = dpbusd(isum[g / 4][r], splat_u32(load_u32(xu + (r0 + r) * K + b * 32 + 4 * g)), w);
+            }
+            f32x16 d0 = load16(d + ((c * NB + b) * 2) * L + i0), d1 = load16(d + ((c * NB + b) * 2 + 1) * L + i0);
+            for (int r = 0; r < nr; r++) {
+                float xd = dx[(r0 + r) * NB + b];
+                acc[r] += (d0 * xd) * __builtin_convertvector(isum[0][r] - corr[0], f32x16) +
+                          (d1 * xd) * __builtin_convertvector(isum[1][r] - corr[1], f32x16);
+            }
+        }
+        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+
+static void q8_s16_q8_chunk(const uint8_t *xu, const float *dx, const int8_t *qs, const float *d, float *out,
+                            int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
+{
+    ROW_TILES(q8_s16_q8_tile, M, xu, dx, qs, d, out, K, ldo, K / 32, L, c);
 }
 
 /* ---- float32 matrices, packed [n_chunk][K][16]: the 16 rows of a chunk interleaved ------------ */
@@ -1363,9 +1639,10 @@ done:
     return ret;
 }
 
-/* q4_1_matmul_q8(x, qs, d, m, out, M, K, n_chunk, L): as q4_1_matmul, with x quantized to 8 bits per
- * 32-block first (ggml's Q8_1) and integer block dot products. */
-static PyObject *py_q4_1_matmul_q8(PyObject *self, PyObject *args)
+/* The block kinds whose weights are the unsigned operand, with Q8_1 activations (d and s = d·Σq). */
+enum { K_Q4_1, K_Q4_1F, K_Q8_DM };
+
+static PyObject *q8_1_matmul_impl(PyObject *args, const int kind)
 {
     Py_buffer x, qs, d, m, out;
     Py_ssize_t M, K, nc, L;
@@ -1373,9 +1650,10 @@ static PyObject *py_q4_1_matmul_q8(PyObject *self, PyObject *args)
     PyObject *ret = NULL;
     uint8_t *xq = NULL;
     float *dx = NULL, *sx = NULL;
+    const Py_ssize_t qbytes = kind == K_Q8_DM ? 32 : 16, sbytes = kind == K_Q4_1 ? 2 : 4;
     if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") ||
-        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * 2, "d") ||
-        check_size(&m, nc * (K / 32) * L * 2, "m") || check_size(&out, M * nc * L * 4, "out")) {
+        check_size(&qs, nc * (K / 32) * qbytes * L, "qs") || check_size(&d, nc * (K / 32) * L * sbytes, "d") ||
+        check_size(&m, nc * (K / 32) * L * sbytes, "m") || check_size(&out, M * nc * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
         goto done;
     }
@@ -1386,8 +1664,11 @@ static PyObject *py_q4_1_matmul_q8(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     quantize_rows_q8(x.buf, M, K, xq, dx, sx, 0);
 #pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++)
-        q4_1_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        if (kind == K_Q4_1) q4_1_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+        else if (kind == K_Q4_1F) q4_1f_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+        else q8_dm_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
@@ -1397,8 +1678,13 @@ done:
     return ret;
 }
 
-/* q8_0_matmul_q8(x, qs, d, out, M, K, n_chunk, L): x quantized as ggml's Q8_0 first. */
-static PyObject *py_q8_0_matmul_q8(PyObject *self, PyObject *args)
+/* q4_1_matmul_q8(x, qs, d, m, out, M, K, n_chunk, L): as q4_1_matmul, with x quantized to 8 bits per
+ * 32-block first (Q8_1); q4_1f_matmul_q8 / q8_dm_matmul_q8: the same for Q4_1F / Q8_DM matrices. */
+static PyObject *py_q4_1_matmul_q8(PyObject *self, PyObject *args) { return q8_1_matmul_impl(args, K_Q4_1); }
+static PyObject *py_q4_1f_matmul_q8(PyObject *self, PyObject *args) { return q8_1_matmul_impl(args, K_Q4_1F); }
+static PyObject *py_q8_dm_matmul_q8(PyObject *self, PyObject *args) { return q8_1_matmul_impl(args, K_Q8_DM); }
+
+static PyObject *q8_0_matmul_impl(PyObject *args, const int s16)
 {
     Py_buffer x, qs, d, out;
     Py_ssize_t M, K, nc, L;
@@ -1407,7 +1693,7 @@ static PyObject *py_q8_0_matmul_q8(PyObject *self, PyObject *args)
     uint8_t *xu = NULL;
     float *dx = NULL;
     if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
-        check_size(&d, nc * (K / 32) * L * 2, "d") || check_size(&out, M * nc * L * 4, "out")) {
+        check_size(&d, nc * (K / 32) * L * (s16 ? 8 : 2), "d") || check_size(&out, M * nc * L * 4, "out")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
         goto done;
     }
@@ -1417,8 +1703,10 @@ static PyObject *py_q8_0_matmul_q8(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     quantize_rows_q8(x.buf, M, K, xu, dx, NULL, 1);
 #pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++)
-        q8_0_q8_chunk(xu, dx, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        if (s16) q8_s16_q8_chunk(xu, dx, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
+        else q8_0_q8_chunk(xu, dx, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
@@ -1426,6 +1714,11 @@ done:
     PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
     return ret;
 }
+
+/* q8_0_matmul_q8(x, qs, d, out, M, K, n_chunk, L): x quantized as ggml's Q8_0 first; q8_s16_matmul_q8:
+ * the same for a Q8_S16 matrix (float32 d per 16). */
+static PyObject *py_q8_0_matmul_q8(PyObject *self, PyObject *args) { return q8_0_matmul_impl(args, 0); }
+static PyObject *py_q8_s16_matmul_q8(PyObject *self, PyObject *args) { return q8_0_matmul_impl(args, 1); }
 
 /* quantize_q8(x, xq, dx, sx, M, K, offset): the activation quantization alone (for tests) */
 static PyObject *py_quantize_q8(PyObject *self, PyObject *args)
@@ -1555,6 +1848,9 @@ static PyMethodDef methods[] = {
     {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
     {"q4_1_matmul_q8", py_q4_1_matmul_q8, METH_VARARGS, "q4_1_matmul with x quantized to 8 bits per block (ggml Q8_1)"},
     {"q8_0_matmul_q8", py_q8_0_matmul_q8, METH_VARARGS, "q8_0_matmul with x quantized to 8 bits per block (ggml Q8_0)"},
+    {"q4_1f_matmul_q8", py_q4_1f_matmul_q8, METH_VARARGS, "q4_1f_matmul with x quantized to 8 bits per block (Q8_1)"},
+    {"q8_dm_matmul_q8", py_q8_dm_matmul_q8, METH_VARARGS, "q8_dm_matmul with x quantized to 8 bits per block (Q8_1)"},
+    {"q8_s16_matmul_q8", py_q8_s16_matmul_q8, METH_VARARGS, "q8_s16_matmul with x quantized to 8 bits per block (Q8_0)"},
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "x -> 8-bit blocks, scales (float16-rounded), scaled sums"},
     {"q4_1_dequant_t", py_q4_1_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q4_1 matrix, float32, transposed"},
     {"q8_0_dequant_t", py_q8_0_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q8_0 matrix, float32, transposed"},
