@@ -17,7 +17,10 @@ see NUMERICS) the activations are first quantized to 8 bits per block as llama.c
 dot products are exact integer sums (tests/test_kernels_q8.py: ggml's formulas evaluated in int64).
 For Q5_0 weights (held as Q8_0) that is exactly llama.cpp's Q5_0 x Q8_0 dot product; for Q4_0 (held as
 Q4_1) the -8·d offset meets the activation block's float16 sum (Q8_1's s) where llama.cpp subtracts 8
-from each integer - the same up to float16 rounding of that sum. Other types (K-quants, F16, ...) are
+from each integer - the same up to float16 rounding of that sum. The K-quant kinds take 8-bit activations
+in blocks of 32 too (Q4_1F and Q8_DM with Q8_1 blocks: d·dx·Σqp + m·s; Q8_S16 with Q8_0 blocks and its scale
+per 16: Σ_halves d_h·dx·Σqp), where llama.cpp quantizes a K-quant's activations per 256 (Q8_K): the same
+scheme at a finer activation scale, not its exact numbers. F16/BF16/F32 and the other types are
 PackedMatrix and always compute with float32 activations, in either mode.
 
 Layout. ggml stores a row as consecutive 32-element blocks; a kernel that walks one row at a time
@@ -137,8 +140,9 @@ def split_blocks(kind: str, blocks: np.ndarray):
 #: How products on quantized weights treat their float32 activations:
 #:   float32  as they are: the product of the float32 dequantized matrix (to float32 rounding)
 #:   q8       quantized to 8 bits per 32-element block first, as llama.cpp does (Q8_1 blocks for Q4_1
-#:            weights, Q8_0 for Q8_0), then exact integer dot products: llama.cpp's numerics and speed
-#:            (held quantized matrices only; packed float matrices keep float32 activations)
+#:            weights, Q8_0 for Q8_0; the K-quant kinds likewise), then exact integer dot products:
+#:            llama.cpp's numerics and speed (held quantized matrices only; packed float matrices keep
+#:            float32 activations)
 NUMERICS = ("float32", "q8")
 
 
