@@ -248,10 +248,38 @@ static void q4_1f_chunk(const float *x, const uint8_t *qs, const float *d, const
 
 /* ---- Q8_0, float32 activations ------------------------------------------------------------ */
 
+/* One activation row: the chunk's lane groups side by side (see q4_1_row_tile); bit-identical to q8_0_tile. */
+static inline __attribute__((always_inline)) void
+q8_0_row_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
+              int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int NL)
+{
+    f32x16 acc[4];
+    for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
+    const float *xr = x + r0 * K;
+    for (int64_t b = 0; b < NB; b++) {
+        f32x16 t[4];
+        for (int u = 0; u < NL; u++) t[u] = (f32x16){0};
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+            prefetch_group(grp, L);
+            i32x16 v[4];
+            for (int u = 0; u < NL; u++) v[u] = (i32x16)load_group(grp + 16 * u * 4);
+            for (int jj = 0; jj < 4; jj++) {
+                const float xv = xr[b * 32 + 4 * g + jj];
+                for (int u = 0; u < NL; u++) t[u] += __builtin_convertvector((v[u] << (24 - 8 * jj)) >> 24, f32x16) * xv;
+            }
+        }
+        for (int u = 0; u < NL; u++) acc[u] += load16h(d + (c * NB + b) * L + 16 * u) * t[u];
+    }
+    for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
+}
+
 static inline __attribute__((always_inline)) void
 q8_0_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
+    if (nr == 1 && L == 64) { q8_0_row_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q8_0_row_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 2); return; }
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
