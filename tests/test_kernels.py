@@ -399,12 +399,16 @@ def test_elementwise_kernels_match_the_numpy_stage_functions(rows, n):
 
 
 def test_elementwise_kernels_refuse_mismatched_operands():
-    from llorch_cpud.kernels import _qkernels
+    from llorch_cpud.kernels import _qkernels, ops
 
     x = np.zeros((2, 8), np.float32)
     with pytest.raises(ValueError, match="weight: expected float32 rows"):
-        _qkernels.rms_norm(x, np.zeros((1, 7), np.float32), np.empty_like(x), 2, 8, 1e-5)
+        _qkernels.rowwise(ops.RMS_NORM, x, np.zeros((1, 7), np.float32), None, np.empty_like(x), 2, 8, 0, 1e-5, 0.0)
     with pytest.raises(ValueError, match="out: expected float32 rows"):
-        _qkernels.silu_mul(x, x, np.empty((2, 8), np.float64), 2, 8)
+        _qkernels.rowwise(ops.SILU_MUL, x, x, None, np.empty((2, 8), np.float64), 2, 8, 0, 0.0, 0.0)
     with pytest.raises(ValueError, match="x: expected float32 rows .* contiguous columns"):
-        _qkernels.gelu_new(np.zeros((8, 2), np.float32).T, np.empty_like(x), 2, 8, 0.8, 0.04)
+        _qkernels.rowwise(ops.GELU_NEW, np.zeros((8, 2), np.float32).T, None, None, np.empty_like(x), 2, 8, 0, 0.8, 0.04)
+    with pytest.raises(ValueError, match="head_dim 3 must be even"):
+        _qkernels.rowwise(ops.ROPE, x, x, x, np.empty_like(x), 2, 8, 3, 0.0, 0.0)
+    with pytest.raises(ValueError, match="unknown op 9"):
+        _qkernels.rowwise(9, x, None, None, np.empty_like(x), 2, 8, 0, 0.0, 0.0)

@@ -100,6 +100,9 @@ def take_rows(weight, ids: np.ndarray) -> np.ndarray:
 # call decode_attention.
 
 
+RMS_NORM, LAYER_NORM, SILU_MUL, GELU_NEW, ROPE = range(5)  # qkernels.c's rowwise ops
+
+
 def _rows(x: np.ndarray) -> np.ndarray:
     """x as float32 rows the kernels read: C-contiguous, or a column slice of a C-contiguous product."""
     if x.dtype != np.float32 or x.ndim != 2 or x.strides[1] != 4:
@@ -111,7 +114,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """llama.rms_norm: [rows, n] -> [rows, n]."""
     x = _rows(x)
     out = np.empty(x.shape, np.float32)  # [rows, n]
-    _qkernels.rms_norm(x, _rows(weight[None]), out, x.shape[0], x.shape[1], eps)
+    _qkernels.rowwise(RMS_NORM, x, _rows(weight[None]), None, out, x.shape[0], x.shape[1], 0, eps, 0.0)
     return out
 
 
@@ -119,7 +122,7 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     """gpt2.layer_norm: [rows, n] -> [rows, n]."""
     x = _rows(x)
     out = np.empty(x.shape, np.float32)  # [rows, n]
-    _qkernels.layer_norm(x, _rows(weight[None]), _rows(bias[None]), out, x.shape[0], x.shape[1], eps)
+    _qkernels.rowwise(LAYER_NORM, x, _rows(weight[None]), _rows(bias[None]), out, x.shape[0], x.shape[1], 0, eps, 0.0)
     return out
 
 
@@ -127,7 +130,7 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """llama.silu(gate) * up: 2 × [rows, n_ff] -> [rows, n_ff]."""
     gate, up = _rows(gate), _rows(up)
     out = np.empty(gate.shape, np.float32)  # [rows, n_ff]
-    _qkernels.silu_mul(gate, up, out, gate.shape[0], gate.shape[1])
+    _qkernels.rowwise(SILU_MUL, gate, up, None, out, gate.shape[0], gate.shape[1], 0, 0.0, 0.0)
     return out
 
 
@@ -135,7 +138,7 @@ def gelu_new(x: np.ndarray, c: float, k: float) -> np.ndarray:
     """gpt2.gelu_new (constants c = sqrt(2/pi), k = 0.044715 passed by the model): [rows, n] -> [rows, n]."""
     x = _rows(x)
     out = np.empty(x.shape, np.float32)  # [rows, n]
-    _qkernels.gelu_new(x, out, x.shape[0], x.shape[1], c, k)
+    _qkernels.rowwise(GELU_NEW, x, None, None, out, x.shape[0], x.shape[1], 0, c, k)
     return out
 
 
@@ -145,5 +148,6 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     rows, n_head, hd = x.shape
     x = _rows(x.reshape(rows, n_head * hd))  # a view when the heads are contiguous within a row
     out = np.empty((rows, n_head, hd), np.float32)  # [rows, H, hd]
-    _qkernels.rope(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out.reshape(rows, -1), rows, n_head, hd)
+    _qkernels.rowwise(ROPE, x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out.reshape(rows, -1), rows,
+                      n_head * hd, hd, 0.0, 0.0)
     return out

@@ -492,8 +492,8 @@ static inline u32x16 splat_u32(uint32_t v) { return (u32x16){0} + v; }
  * (integer sums: any split is exact); the float steps as in q4_1_q8_tile, so bit-identical to it. */
 static inline __attribute__((always_inline)) void
 q4_1_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const void *d,
-                 const void *m, const int f32s, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L,
-                 int64_t c, int64_t r0, const int NL)
+                 const void *m, const int f32s, const int w8, float *out, int64_t K, int64_t ldo, int64_t NB,
+                 int64_t L, int64_t c, int64_t r0, const int NL)
 {
     f32x16 acc[4];
     for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
@@ -501,16 +501,27 @@ q4_1_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8
         i32x16 s0[4], s1[4];
         for (int u = 0; u < NL; u++) s0[u] = s1[u] = (i32x16){0};
         const uint8_t *xb = (const uint8_t *)xq + r0 * K + b * 32;
-        for (int g = 0; g < 4; g++) {
-            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
-            prefetch_group(grp, L);
-            u32x16 xl = splat_u32(load_u32(xb + 4 * g)), xh = splat_u32(load_u32(xb + 16 + 4 * g));
-            for (int u = 0; u < NL; u++) {
-                u32x16 v = load_group(grp + 16 * u * 4);
-                s0[u] = dpbusd(s0[u], v & 0x0f0f0f0fu, xl);
-                s1[u] = dpbusd(s1[u], (v >> 4) & 0x0f0f0f0fu, xh);
+        if (w8) /* 8-bit weights (Q8_DM): 8 groups of 4 elements */
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+                prefetch_group(grp, L);
+                u32x16 xv = splat_u32(load_u32(xb + 4 * g));
+                for (int u = 0; u < NL; u++) {
+                    i32x16 *sg = g & 1 ? &s1[u] : &s0[u];
+                    *sg = dpbusd(*sg, load_group(grp + 16 * u * 4), xv);
+                }
             }
-        }
+        else /* nibbles: group g holds elements 4g.. (low) and 16+4g.. (high) */
+            for (int g = 0; g < 4; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
+                prefetch_group(grp, L);
+                u32x16 xl = splat_u32(load_u32(xb + 4 * g)), xh = splat_u32(load_u32(xb + 16 + 4 * g));
+                for (int u = 0; u < NL; u++) {
+                    u32x16 v = load_group(grp + 16 * u * 4);
+                    s0[u] = dpbusd(s0[u], v & 0x0f0f0f0fu, xl);
+                    s1[u] = dpbusd(s1[u], (v >> 4) & 0x0f0f0f0fu, xh);
+                }
+            }
         int64_t rb = r0 * NB + b;
         for (int u = 0; u < NL; u++) {
             f32x16 dv = load_scales(d, (c * NB + b) * L + 16 * u, f32s), mv = load_scales(m, (c * NB + b) * L + 16 * u, f32s);
@@ -520,21 +531,31 @@ q4_1_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8
     for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
 }
 
-/* f32s: float32 scales (a Q4_K matrix rewritten as Q4_1F: d·sc, -dmin·mn per 32), else Q4_1's float16. */
+/* f32s: float32 scales (a Q4_K matrix rewritten as Q4_1F: d·sc, -dmin·mn per 32), else Q4_1's float16.
+ * w8: 8-bit unsigned weights in 8 groups (Q8_DM, float32 scales), else nibbles in 4. */
 static inline __attribute__((always_inline)) void
 q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const void *d,
-             const void *m, const int f32s, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c,
-             int64_t r0, const int nr)
+             const void *m, const int f32s, const int w8, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L,
+             int64_t c, int64_t r0, const int nr)
 {
-    if (nr == 1 && L == 64) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 2); return; }
+    if (nr == 1 && L == 64) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, w8, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, w8, out, K, ldo, NB, L, c, r0, 2); return; }
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
         for (int64_t b = 0; b < NB; b++) {
             i32x16 isum[RT * NCHAIN(nr)]; /* NCHAIN independent sums per row (integers: any split is exact) */
             for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
-            for (int g = 0; g < 4; g++) {
+            for (int g = 0; w8 && g < 8; g++) { /* 8-bit weights: the unsigned operand as they are */
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
+                if (i0 == 0) prefetch_group(grp, L);
+                u32x16 w = load_group(grp + i0 * 4);
+                for (int r = 0; r < nr; r++) {
+                    i32x16 *s0 = &isum[r * NCHAIN(nr) + g % NCHAIN(nr)];
+                    *s0 = dpbusd(*s0, w, splat_u32(load_u32((const uint8_t *)xq + (r0 + r) * K + b * 32 + 4 * g)));
+                }
+            }
+            for (int g = 0; !w8 && g < 4; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
                 if (i0 == 0) prefetch_group(grp, L);
                 u32x16 v = load_group(grp + i0 * 4);
@@ -562,85 +583,26 @@ q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *
 static void q4_1_q8_chunk(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const uint16_t *d,
                           const uint16_t *m, float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, 0, out, K, ldo, K / 32, L, c);
+    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, 0, 0, out, K, ldo, K / 32, L, c);
 }
 
 static void q4_1f_q8_chunk(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d,
                            const float *m, float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, 1, out, K, ldo, K / 32, L, c);
+    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, 1, 0, out, K, ldo, K / 32, L, c);
 }
 
 /* Q8_DM (int8 q in 0..31 - a rewritten Q5_K or Q5_1 - with float32 d, m per 32): the weights are the
- * unsigned operand, as Q4_1's nibbles are: d dx Σ q p + m s per block. */
-static inline __attribute__((always_inline)) void
-q8_dm_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d,
-                  const float *m, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0,
-                  const int NL)
-{
-    f32x16 acc[4];
-    for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
-    for (int64_t b = 0; b < NB; b++) {
-        i32x16 is[2][4];
-        for (int u = 0; u < NL; u++) is[0][u] = is[1][u] = (i32x16){0};
-        const uint8_t *xb = (const uint8_t *)xq + r0 * K + b * 32;
-        for (int g = 0; g < 8; g++) {
-            const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
-            prefetch_group(grp, L);
-            u32x16 xv = splat_u32(load_u32(xb + 4 * g));
-            for (int u = 0; u < NL; u++) is[g & 1][u] = dpbusd(is[g & 1][u], load_group(grp + 16 * u * 4), xv);
-        }
-        int64_t rb = r0 * NB + b;
-        for (int u = 0; u < NL; u++) {
-            f32x16 dv = load16(d + (c * NB + b) * L + 16 * u), mv = load16(m + (c * NB + b) * L + 16 * u);
-            acc[u] += (dv * dx[rb]) * __builtin_convertvector(is[0][u] + is[1][u], f32x16) + mv * sx[rb];
-        }
-    }
-    for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
-}
-
-static inline __attribute__((always_inline)) void
-q8_dm_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d, const float *m,
-              float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
-{
-    if (nr == 1 && L == 64) { q8_dm_q8_row_tile(xq, dx, sx, qs, d, m, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q8_dm_q8_row_tile(xq, dx, sx, qs, d, m, out, K, ldo, NB, L, c, r0, 2); return; }
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-        f32x16 acc[RT];
-        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
-        for (int64_t b = 0; b < NB; b++) {
-            i32x16 isum[RT * NCHAIN(nr)];
-            for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
-            for (int g = 0; g < 8; g++) {
-                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
-                if (i0 == 0) prefetch_group(grp, L);
-                u32x16 w = load_group(grp + i0 * 4);
-                for (int r = 0; r < nr; r++) {
-                    i32x16 *s0 = &isum[r * NCHAIN(nr) + g % NCHAIN(nr)];
-                    *s0 = dpbusd(*s0, w, splat_u32(load_u32((const uint8_t *)xq + (r0 + r) * K + b * 32 + 4 * g)));
-                }
-            }
-            f32x16 dv = load16(d + (c * NB + b) * L + i0), mv = load16(m + (c * NB + b) * L + i0);
-            for (int r = 0; r < nr; r++) {
-                int64_t rb = (r0 + r) * NB + b;
-                i32x16 t = isum[r * NCHAIN(nr)];
-                for (int a = 1; a < NCHAIN(nr); a++) t += isum[r * NCHAIN(nr) + a];
-                acc[r] += (dv * dx[rb]) * __builtin_convertvector(t, f32x16) + mv * sx[rb];
-            }
-        }
-        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
-    }
-}
-
+ * unsigned operand, as Q4_1's nibbles are: d dx Σ q p + m s per block (q4_1_q8_tile with w8). */
 static void q8_dm_q8_chunk(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const float *d,
                            const float *m, float *out, int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q8_dm_q8_tile, M, xq, dx, sx, qs, d, m, out, K, ldo, K / 32, L, c);
+    ROW_TILES(q4_1_q8_tile, M, xq, dx, sx, qs, d, m, 1, 1, out, K, ldo, K / 32, L, c);
 }
 
 /* One activation row for the signed-weight kinds (Q8_0: float16 d per 32; s16: Q8_S16, float32 d per 16):
  * the chunk's lane groups side by side (see q4_1_row_tile); integer sums (exact in any split) and the float
- * steps of q8_0_q8_tile / q8_s16_q8_tile, so bit-identical to them. */
+ * steps of q8s_q8_tile, so bit-identical to it. */
 static inline __attribute__((always_inline)) void
 q8s_q8_row_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const void *d, const int s16, float *out,
                 int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int NL)
@@ -680,35 +642,48 @@ q8s_q8_row_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const void
 }
 
 /* xu: the activation bytes + 128 (unsigned); the weights are the signed operand. sum (p+128) q - 128 sum q
- * = sum p q, the correction computed once per block for all rows. */
+ * = sum p q, the correction computed once per block for all rows. s16: a Q8_S16 matrix (int8 q-32 - a
+ * rewritten Q6_K - with a float32 scale per 16): one integer sum per 16-element half, d0 dx Σ_0..15 q p +
+ * d1 dx Σ_16..31 q p per block; else Q8_0 (float16 d per 32). */
 static inline __attribute__((always_inline)) void
-q8_0_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const uint16_t *d, float *out,
-             int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
+q8s_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const void *d, const int s16, float *out,
+            int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
-    if (nr == 1 && L == 64) { q8s_q8_row_tile(xu, dx, qs, d, 0, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q8s_q8_row_tile(xu, dx, qs, d, 0, out, K, ldo, NB, L, c, r0, 2); return; }
+    if (nr == 1 && L == 64) { q8s_q8_row_tile(xu, dx, qs, d, s16, out, K, ldo, NB, L, c, r0, 4); return; }
+    if (nr == 1 && L == 32) { q8s_q8_row_tile(xu, dx, qs, d, s16, out, K, ldo, NB, L, c, r0, 2); return; }
+    const int nch = s16 ? 2 : NCHAIN(nr); /* integer sums per row: the two halves, or independent chains */
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
         for (int64_t b = 0; b < NB; b++) {
-            i32x16 isum[RT * NCHAIN(nr)], corr[2] = {{0}, {0}};
-            for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
+            i32x16 isum[RT * 4], corr[2] = {{0}, {0}};
+            for (int r = 0; r < nr * nch; r++) isum[r] = (i32x16){0};
             for (int g = 0; g < 8; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
                 if (i0 == 0) prefetch_group(grp, L);
                 u32x16 w = load_group(grp + i0 * 4);
-                corr[g & 1] = dpbusd(corr[g & 1], splat_u32(0x80808080u), w);
+                corr[s16 ? g / 4 : g & 1] = dpbusd(corr[s16 ? g / 4 : g & 1], splat_u32(0x80808080u), w);
                 for (int r = 0; r < nr; r++) {
-                    i32x16 *s0 = &isum[r * NCHAIN(nr) + g % NCHAIN(nr)];
+                    i32x16 *s0 = &isum[r * nch + (s16 ? g / 4 : g % nch)];
                     *s0 = dpbusd(*s0, splat_u32(load_u32(xu + (r0 + r) * K + b * 32 + 4 * g)), w);
                 }
             }
-            f32x16 dv = load16h(d + (c * NB + b) * L + i0);
-            i32x16 cs = corr[0] + corr[1];
-            for (int r = 0; r < nr; r++) {
-                i32x16 t = isum[r * NCHAIN(nr)];
-                for (int a = 1; a < NCHAIN(nr); a++) t += isum[r * NCHAIN(nr) + a];
-                acc[r] += (dv * dx[(r0 + r) * NB + b]) * __builtin_convertvector(t - cs, f32x16);
+            if (s16) {
+                f32x16 d0 = load16((const float *)d + ((c * NB + b) * 2) * L + i0);
+                f32x16 d1 = load16((const float *)d + ((c * NB + b) * 2 + 1) * L + i0);
+                for (int r = 0; r < nr; r++) {
+                    float xd = dx[(r0 + r) * NB + b];
+                    acc[r] += (d0 * xd) * __builtin_convertvector(isum[r * 2] - corr[0], f32x16) +
+                              (d1 * xd) * __builtin_convertvector(isum[r * 2 + 1] - corr[1], f32x16);
+                }
+            } else {
+                f32x16 dv = load16h((const uint16_t *)d + (c * NB + b) * L + i0);
+                i32x16 cs = corr[0] + corr[1];
+                for (int r = 0; r < nr; r++) {
+                    i32x16 t = isum[r * nch];
+                    for (int a = 1; a < nch; a++) t += isum[r * nch + a];
+                    acc[r] += (dv * dx[(r0 + r) * NB + b]) * __builtin_convertvector(t - cs, f32x16);
+                }
             }
         }
         for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
@@ -718,47 +693,13 @@ q8_0_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const uint16_
 static void q8_0_q8_chunk(const uint8_t *xu, const float *dx, const int8_t *qs, const uint16_t *d, float *out,
                           int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q8_0_q8_tile, M, xu, dx, qs, d, out, K, ldo, K / 32, L, c);
-}
-
-/* Q8_S16 (int8 q-32 - a rewritten Q6_K - with a float32 scale per 16): the activations are the unsigned
- * operand (+128, corrected as for Q8_0), one integer sum per 16-element half: d0 dx Σ_0..15 q p +
- * d1 dx Σ_16..31 q p per block. */
-static inline __attribute__((always_inline)) void
-q8_s16_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const float *d, float *out,
-               int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
-{
-    if (nr == 1 && L == 64) { q8s_q8_row_tile(xu, dx, qs, d, 1, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q8s_q8_row_tile(xu, dx, qs, d, 1, out, K, ldo, NB, L, c, r0, 2); return; }
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-        f32x16 acc[RT];
-        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
-        for (int64_t b = 0; b < NB; b++) {
-            i32x16 isum[2][RT], corr[2] = {{0}, {0}};
-            for (int r = 0; r < nr; r++) isum[0][r] = isum[1][r] = (i32x16){0};
-            for (int g = 0; g < 8; g++) {
-                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
-                if (i0 == 0) prefetch_group(grp, L);
-                u32x16 w = load_group(grp + i0 * 4);
-                corr[g / 4] = dpbusd(corr[g / 4], splat_u32(0x80808080u), w);
-                for (int r = 0; r < nr; r++)
-                    isum[g / 4][r] = dpbusd(isum[g / 4][r], splat_u32(load_u32(xu + (r0 + r) * K + b * 32 + 4 * g)), w);
-            }
-            f32x16 d0 = load16(d + ((c * NB + b) * 2) * L + i0), d1 = load16(d + ((c * NB + b) * 2 + 1) * L + i0);
-            for (int r = 0; r < nr; r++) {
-                float xd = dx[(r0 + r) * NB + b];
-                acc[r] += (d0 * xd) * __builtin_convertvector(isum[0][r] - corr[0], f32x16) +
-                          (d1 * xd) * __builtin_convertvector(isum[1][r] - corr[1], f32x16);
-            }
-        }
-        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
-    }
+    ROW_TILES(q8s_q8_tile, M, xu, dx, qs, d, 0, out, K, ldo, K / 32, L, c);
 }
 
 static void q8_s16_q8_chunk(const uint8_t *xu, const float *dx, const int8_t *qs, const float *d, float *out,
                             int64_t M, int64_t K, int64_t ldo, int64_t L, int64_t c)
 {
-    ROW_TILES(q8_s16_q8_tile, M, xu, dx, qs, d, out, K, ldo, K / 32, L, c);
+    ROW_TILES(q8s_q8_tile, M, xu, dx, qs, d, 1, out, K, ldo, K / 32, L, c);
 }
 
 /* ---- float32 matrices, packed [n_chunk][K][16]: the 16 rows of a chunk interleaved ------------ */
@@ -1460,118 +1401,54 @@ static void rope_rows(const float *x, Py_ssize_t ldx, const float *cs, const flo
         }
 }
 
-/* rms_norm(x, w, y, rows, n, eps) */
-static PyObject *py_rms_norm(PyObject *self, PyObject *args)
-{
-    PyObject *xo, *wo, *yo;
-    Py_ssize_t rows, n;
-    float eps;
-    if (!PyArg_ParseTuple(args, "OOOnnf", &xo, &wo, &yo, &rows, &n, &eps)) return NULL;
-    Rows a[3];
-    memset(a, 0, sizeof a);
-    PyObject *ret = NULL;
-    if (rows_arg(&a[0], xo, rows, n, 0, "x") || rows_arg(&a[1], wo, 1, n, 0, "weight") ||
-        rows_arg(&a[2], yo, rows, n, 1, "out"))
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    rms_norm_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[2].b.buf, rows, n, eps);
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    rows_release(a, 3);
-    return ret;
-}
+/* rowwise(op, x, a, b, out, rows, n, hd, p, q): the elementwise stages above, op by op -
+ *   0 rms_norm    x [rows, n], a = weight [1, n], p = eps
+ *   1 layer_norm  x, a = weight, b = bias [1, n], p = eps
+ *   2 silu_mul    x = gate, a = up [rows, n]
+ *   3 gelu_new    x, p = c, q = k
+ *   4 rope        x [rows, n = heads*hd], a = cos, b = sin [rows, hd] (C-contiguous)
+ * out [rows, n] (C-contiguous); x and up may be column slices (strided rows); unused operands None. */
+enum { OP_RMS_NORM, OP_LAYER_NORM, OP_SILU_MUL, OP_GELU_NEW, OP_ROPE };
 
-/* layer_norm(x, w, b, y, rows, n, eps) */
-static PyObject *py_layer_norm(PyObject *self, PyObject *args)
+static PyObject *py_rowwise(PyObject *self, PyObject *args)
 {
-    PyObject *xo, *wo, *bo, *yo;
-    Py_ssize_t rows, n;
-    float eps;
-    if (!PyArg_ParseTuple(args, "OOOOnnf", &xo, &wo, &bo, &yo, &rows, &n, &eps)) return NULL;
-    Rows a[4];
-    memset(a, 0, sizeof a);
+    PyObject *xo, *ao, *bo, *yo;
+    Py_ssize_t rows, n, hd;
+    int op;
+    float p, q;
+    if (!PyArg_ParseTuple(args, "iOOOOnnnff", &op, &xo, &ao, &bo, &yo, &rows, &n, &hd, &p, &q)) return NULL;
+    if (op < OP_RMS_NORM || op > OP_ROPE) return PyErr_Format(PyExc_ValueError, "rowwise: unknown op %d", op);
+    if (op == OP_ROPE && (hd <= 0 || hd % 2 || n % hd))
+        return PyErr_Format(PyExc_ValueError, "rope: head_dim %zd must be even and divide the row (%zd)", hd, n);
+    Rows r[4];
+    memset(r, 0, sizeof r);
     PyObject *ret = NULL;
-    if (rows_arg(&a[0], xo, rows, n, 0, "x") || rows_arg(&a[1], wo, 1, n, 0, "weight") ||
-        rows_arg(&a[2], bo, 1, n, 0, "bias") || rows_arg(&a[3], yo, rows, n, 1, "out"))
+    const int vec = op == OP_RMS_NORM || op == OP_LAYER_NORM; /* a (and b) are one row of n */
+    if (rows_arg(&r[0], xo, rows, n, 0, op == OP_SILU_MUL ? "gate" : "x") ||
+        (op != OP_GELU_NEW && rows_arg(&r[1], ao, vec ? 1 : rows, op == OP_ROPE ? hd : n, 0,
+                                       op == OP_SILU_MUL ? "up" : op == OP_ROPE ? "cos" : "weight")) ||
+        ((op == OP_LAYER_NORM || op == OP_ROPE) &&
+         rows_arg(&r[2], bo, op == OP_ROPE ? rows : 1, op == OP_ROPE ? hd : n, 0, op == OP_ROPE ? "sin" : "bias")) ||
+        rows_arg(&r[3], yo, rows, n, 1, "out"))
         goto done;
-    Py_BEGIN_ALLOW_THREADS
-    layer_norm_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[2].b.buf, a[3].b.buf, rows, n, eps);
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    rows_release(a, 4);
-    return ret;
-}
-
-/* silu_mul(gate, up, y, rows, n) */
-static PyObject *py_silu_mul(PyObject *self, PyObject *args)
-{
-    PyObject *go, *uo, *yo;
-    Py_ssize_t rows, n;
-    if (!PyArg_ParseTuple(args, "OOOnn", &go, &uo, &yo, &rows, &n)) return NULL;
-    Rows a[3];
-    memset(a, 0, sizeof a);
-    PyObject *ret = NULL;
-    if (rows_arg(&a[0], go, rows, n, 0, "gate") || rows_arg(&a[1], uo, rows, n, 0, "up") ||
-        rows_arg(&a[2], yo, rows, n, 1, "out"))
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    silu_mul_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[1].ld, a[2].b.buf, rows, n);
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    rows_release(a, 3);
-    return ret;
-}
-
-/* gelu_new(x, y, rows, n, c, k) */
-static PyObject *py_gelu_new(PyObject *self, PyObject *args)
-{
-    PyObject *xo, *yo;
-    Py_ssize_t rows, n;
-    float c, k;
-    if (!PyArg_ParseTuple(args, "OOnnff", &xo, &yo, &rows, &n, &c, &k)) return NULL;
-    Rows a[2];
-    memset(a, 0, sizeof a);
-    PyObject *ret = NULL;
-    if (rows_arg(&a[0], xo, rows, n, 0, "x") || rows_arg(&a[1], yo, rows, n, 1, "out")) goto done;
-    Py_BEGIN_ALLOW_THREADS
-    gelu_new_rows(a[0].b.buf, a[0].ld, a[1].b.buf, rows, n, c, k);
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    rows_release(a, 2);
-    return ret;
-}
-
-/* rope(x, cos, sin, y, rows, heads, hd): x [rows, heads*hd] (rows may be strided), cos, sin [rows, hd],
- * y [rows, heads*hd] */
-static PyObject *py_rope(PyObject *self, PyObject *args)
-{
-    PyObject *xo, *co, *so, *yo;
-    Py_ssize_t rows, heads, hd;
-    if (!PyArg_ParseTuple(args, "OOOOnnn", &xo, &co, &so, &yo, &rows, &heads, &hd)) return NULL;
-    Rows a[4];
-    memset(a, 0, sizeof a);
-    PyObject *ret = NULL;
-    if (hd % 2) {
-        PyErr_SetString(PyExc_ValueError, "rope: head_dim must be even");
-        return NULL;
-    }
-    if (rows_arg(&a[0], xo, rows, heads * hd, 0, "x") || rows_arg(&a[1], co, rows, hd, 0, "cos") ||
-        rows_arg(&a[2], so, rows, hd, 0, "sin") || rows_arg(&a[3], yo, rows, heads * hd, 1, "out"))
-        goto done;
-    if (a[1].ld != hd || a[2].ld != hd || a[3].ld != heads * hd) {
-        PyErr_SetString(PyExc_ValueError, "rope: cos, sin and out must be C-contiguous");
+    if (r[3].ld != n || (op == OP_ROPE && (r[1].ld != hd || r[2].ld != hd))) {
+        PyErr_SetString(PyExc_ValueError, "rowwise: out (and rope's cos, sin) must be C-contiguous");
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    rope_rows(a[0].b.buf, a[0].ld, a[1].b.buf, a[2].b.buf, a[3].b.buf, rows, heads, hd);
+    const float *x = r[0].b.buf, *a = r[1].b.buf, *b = r[2].b.buf;
+    float *y = r[3].b.buf;
+    switch (op) {
+    case OP_RMS_NORM: rms_norm_rows(x, r[0].ld, a, y, rows, n, p); break;
+    case OP_LAYER_NORM: layer_norm_rows(x, r[0].ld, a, b, y, rows, n, p); break;
+    case OP_SILU_MUL: silu_mul_rows(x, r[0].ld, a, r[1].ld, y, rows, n); break;
+    case OP_GELU_NEW: gelu_new_rows(x, r[0].ld, y, rows, n, p, q); break;
+    case OP_ROPE: rope_rows(x, r[0].ld, a, b, y, rows, n / hd, hd); break;
+    }
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
-    rows_release(a, 4);
+    rows_release(r, 4);
     return ret;
 }
 
@@ -1862,11 +1739,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
-    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of each row (the llama stage function)"},
-    {"layer_norm", py_layer_norm, METH_VARARGS, "LayerNorm of each row (the gpt2 stage function)"},
-    {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up"},
-    {"gelu_new", py_gelu_new, METH_VARARGS, "GPT-2's tanh GELU"},
-    {"rope", py_rope, METH_VARARGS, "rotary position embedding of each head (Hugging Face's half rotation)"},
+    {"rowwise", py_rowwise, METH_VARARGS, "a decode step's elementwise stages: norms, SiLU/GELU, RoPE (kernels.ops)"},
     {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
     {"f16_matmul", py_f16_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float16 (or bfloat16) matrix"},
     {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
