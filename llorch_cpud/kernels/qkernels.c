@@ -110,6 +110,14 @@ static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
         }                                                                        \
     } while (0)
 
+/* A tile's single-row case (nr == 1, chunks of 32 or 64 rows): the row tile with NL = L/16 lane groups
+ * side by side, NL a compile-time constant in each call (see q4_1_row_tile). */
+#define ONE_ROW_TILE(row_tile, ...)                                              \
+    do {                                                                         \
+        if (nr == 1 && L == 64) { row_tile(__VA_ARGS__, 4); return; }           \
+        if (nr == 1 && L == 32) { row_tile(__VA_ARGS__, 2); return; }           \
+    } while (0)
+
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 /* 16 rows x 4 bytes (one group of the layout) as 16 lanes of 4 packed bytes. */
@@ -198,8 +206,7 @@ static inline __attribute__((always_inline)) void
 q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const int f32s, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
-    if (nr == 1 && L == 64) { q4_1_row_tile(x, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q4_1_row_tile(x, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, 2); return; }
+    ONE_ROW_TILE(q4_1_row_tile, x, qs, d, m, f32s, out, K, ldo, NB, L, c, r0);
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -278,8 +285,7 @@ static inline __attribute__((always_inline)) void
 q8_0_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
-    if (nr == 1 && L == 64) { q8_0_row_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q8_0_row_tile(x, qs, d, out, K, ldo, NB, L, c, r0, 2); return; }
+    ONE_ROW_TILE(q8_0_row_tile, x, qs, d, out, K, ldo, NB, L, c, r0);
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -354,8 +360,7 @@ static inline __attribute__((always_inline)) void
 q8f_tile(const float *x, const int8_t *qs, const float *d, const float *m, const int S, float *out,
          int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
-    if (nr == 1 && L == 64) { q8f_row_tile(x, qs, d, m, S, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q8f_row_tile(x, qs, d, m, S, out, K, ldo, NB, L, c, r0, 2); return; }
+    ONE_ROW_TILE(q8f_row_tile, x, qs, d, m, S, out, K, ldo, NB, L, c, r0);
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -538,8 +543,7 @@ q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *
              const void *m, const int f32s, const int w8, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L,
              int64_t c, int64_t r0, const int nr)
 {
-    if (nr == 1 && L == 64) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, w8, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q4_1_q8_row_tile(xq, dx, sx, qs, d, m, f32s, w8, out, K, ldo, NB, L, c, r0, 2); return; }
+    ONE_ROW_TILE(q4_1_q8_row_tile, xq, dx, sx, qs, d, m, f32s, w8, out, K, ldo, NB, L, c, r0);
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
@@ -649,8 +653,7 @@ static inline __attribute__((always_inline)) void
 q8s_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const void *d, const int s16, float *out,
             int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
-    if (nr == 1 && L == 64) { q8s_q8_row_tile(xu, dx, qs, d, s16, out, K, ldo, NB, L, c, r0, 4); return; }
-    if (nr == 1 && L == 32) { q8s_q8_row_tile(xu, dx, qs, d, s16, out, K, ldo, NB, L, c, r0, 2); return; }
+    ONE_ROW_TILE(q8s_q8_row_tile, xu, dx, qs, d, s16, out, K, ldo, NB, L, c, r0);
     const int nch = s16 ? 2 : NCHAIN(nr); /* integer sums per row: the two halves, or independent chains */
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
