@@ -167,6 +167,7 @@ class Sequence:
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
         self.last_logits: np.ndarray | None = None
+        self.keep_logits = False  # the validator's checkpoint 9: compute the full logits even for greedy picks
 
     @property
     def done(self) -> bool:
@@ -175,13 +176,23 @@ class Sequence:
     def segment(self) -> Segment:
         return Segment(self.cache, self.pos, len(self.pending))
 
-    def accept(self, logits: np.ndarray) -> list:
-        """Sample from the last row's logits [vocab]; return the events this token produces."""
+    @property
+    def greedy_only(self) -> bool:
+        """Whether the next token is the plain argmax of the logits (no penalty), so the model may pick
+        it without the full head product (`Model.greedy_tokens`)."""
+        p = self.request.sampling
+        return p.greedy and p.repetition_penalty == 1.0 and not self.keep_logits
+
+    def accept(self, logits: np.ndarray | None, token: int | None = None) -> list:
+        """Sample from the last row's logits [vocab] (or take `token`, the model's greedy pick when
+        `greedy_only`); return the events this token produces."""
         self.pos += len(self.pending)
         self.last_logits = logits  # what the sampler saw (checkpoint 9)
         if self.cancelled.is_set():
             return [self._finish("cancelled")]
-        token = sample(logits, self.request.sampling, self.rng, history=self.prompt_ids + self.generated)
+        if token is None:
+            token = sample(logits, self.request.sampling, self.rng, history=self.prompt_ids + self.generated)
+        token = int(token)
         if self.t_first is None:
             self.t_first = time.perf_counter()
         self.generated.append(token)
@@ -247,9 +258,16 @@ class Engine:
         tokens = np.array([t for s in live for t in s.pending], dtype=np.int64)  # [rows]
         segments = [s.segment() for s in live]
         hidden = self.model.forward(tokens, segments, trace)  # [rows, n_embd]
-        last_rows = np.cumsum([seg.length for seg in segments]) - 1  # one row per sequence
-        logits = self.model.logits(hidden[last_rows])  # [n_seq, vocab]
-        out = {id(s): s.accept(logits[j]) for j, s in enumerate(live)}
+        last = hidden[np.cumsum([seg.length for seg in segments]) - 1]  # [n_seq, n_embd] one row per sequence
+        greedy = [j for j, s in enumerate(live) if s.greedy_only] if trace is None else []
+        pick = getattr(self.model, "greedy_tokens", None)
+        picks = pick(last[greedy]) if greedy and pick else None  # [n_greedy] or None
+        if picks is None:
+            greedy = []
+        sampled = [j for j in range(len(live)) if j not in set(greedy)]
+        logits = self.model.logits(last[sampled]) if sampled else None  # [n_sampled, vocab]
+        out = {id(live[j]): live[j].accept(None, picks[i]) for i, j in enumerate(greedy)}
+        out.update({id(live[j]): live[j].accept(logits[i]) for i, j in enumerate(sampled)})
         return [out.get(id(s), []) for s in seqs]
 
     def generate(self, request: Request) -> Iterator[TokenEvent | EndEvent]:

@@ -2,6 +2,7 @@
 
 quantized.py  QuantMatrix: ggml Q4_1 / Q8_0 weights kept as stored, products on the blocks
 packed.py     PackedMatrix: float32 weights row-interleaved for the same kind of kernel
+screen.py     HeadScreen: a greedy step's exact argmax from a float16 copy of a float32 head
 ops.py        linear / linear_many / take_rows / as_dense for any weight; batched decode attention
 qkernels.c    the C (SIMD + OpenMP) behind them, built by pip at install (setup.py)
 

@@ -43,6 +43,11 @@ class Model(Protocol):
         """[rows, n_embd] -> [rows, vocab]: final norm and LM head."""
         ...
 
+    def greedy_tokens(self, hidden: np.ndarray) -> np.ndarray | None:
+        """[rows, n_embd] -> [rows]: argmax of `logits(hidden)` per row, exactly, without the full head
+        product (kernels.screen); None when the head has no screen (then the engine takes the logits)."""
+        ...
+
 
 def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, fast: bool, trace,
                     cache_write, cache_read, attention_scores, attention_heads) -> np.ndarray:

@@ -19,6 +19,7 @@ from llorch_cpud import kernels
 from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.kernels import PackedMatrix, linear, take_rows
 from llorch_cpud.kernels import ops
+from llorch_cpud.kernels.screen import HeadScreen
 from llorch_cpud.models.base import Segment, attend_segments, decode_step, kernel_path, trace_put
 
 
@@ -172,9 +173,14 @@ def embed(w: dict, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return take_rows(w["wte.weight"], tokens) + w["wpe.weight"][positions]  # [rows] -> [rows, n_embd]
 
 
+def final_norm(x: np.ndarray, w: dict, cfg: GPT2Config) -> np.ndarray:
+    """The final LayerNorm, the head's input: [rows, n_embd] -> [rows, n_embd]."""
+    return layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon)
+
+
 def lm_head(x: np.ndarray, w: dict, cfg: GPT2Config) -> np.ndarray:
     """Checkpoint 8 (last step). Final LayerNorm, then the tied head: logits = ln_f(x) · wteᵀ."""
-    h = layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    h = final_norm(x, w, cfg)  # [rows, n_embd]
     return linear(h, w["wte.weight"])  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
 
 
@@ -191,6 +197,7 @@ class GPT2:
         self.n_ctx = config.n_positions
         self.vocab_size = config.vocab_size
         self.eos_token_id = config.eos_token_id
+        self.head_screen = HeadScreen.build(weights["wte.weight"])  # greedy picks at half the head's bytes
 
     @property
     def packed(self) -> bool:
@@ -221,6 +228,12 @@ class GPT2:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
+
+    def greedy_tokens(self, hidden: np.ndarray) -> np.ndarray | None:
+        """argmax of `logits(hidden)` per row, without the full head product; None when no screen applies."""
+        if self.head_screen is None:
+            return None
+        return self.head_screen.argmax(final_norm(hidden, self.weights, self.config))  # [rows, n_embd] -> [rows]
 
     def stages(self, layer: int = 0) -> "GPT2Stages":
         return GPT2Stages(self, layer)

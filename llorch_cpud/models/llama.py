@@ -32,6 +32,7 @@ from llorch_cpud.errors import ModelLoadError
 from llorch_cpud import kernels
 from llorch_cpud.kernels import KernelMatrix, PackedMatrix, QuantMatrix, as_dense, linear, linear_many, take_rows
 from llorch_cpud.kernels import ops
+from llorch_cpud.kernels.screen import HeadScreen
 from llorch_cpud.models.base import Segment, attend_segments, decode_step, kernel_path, trace_put
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
@@ -292,11 +293,20 @@ def embed(w: dict, tokens: np.ndarray) -> np.ndarray:
     return take_rows(w["token_embd.weight"], tokens)  # [rows] -> [rows, n_embd]
 
 
+def final_norm(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
+    """The final RMSNorm, the head's input: [rows, n_embd] -> [rows, n_embd]."""
+    return rms_norm(x, w["output_norm.weight"], cfg.rms_norm_eps)
+
+
+def head_weight(w: dict):
+    """The head [vocab, n_embd]: output.weight, or token_embd when the embeddings are tied."""
+    return w.get("output.weight", w["token_embd.weight"])
+
+
 def lm_head(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
     """Checkpoint 8 (last step). Final RMSNorm, then the head (token_embd when output.weight is absent)."""
-    h = rms_norm(x, w["output_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
-    head = w.get("output.weight", w["token_embd.weight"])  # [vocab, n_embd]
-    return linear(h, head)  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
+    h = final_norm(x, w, cfg)  # [rows, n_embd]
+    return linear(h, head_weight(w))  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
 
 
 # ---------------------------------------------------------------- the model
@@ -317,6 +327,7 @@ class Llama:
                                        config.rope_linear_factor)
         self.gguf = gguf  # the open GGUFFile (raw quantized blocks stay reachable through .raw(name))
         self.qk_row_order = qk_row_order or {}
+        self.head_screen = HeadScreen.build(head_weight(weights))  # greedy picks at half the head's bytes
 
     def dense(self, name: str) -> np.ndarray:
         """Weight `name` as a float32 array (a quantized matrix dequantized: the values the kernels use)."""
@@ -349,6 +360,12 @@ class Llama:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
+
+    def greedy_tokens(self, hidden: np.ndarray) -> np.ndarray | None:
+        """argmax of `logits(hidden)` per row, without the full head product; None when no screen applies."""
+        if self.head_screen is None:
+            return None
+        return self.head_screen.argmax(final_norm(hidden, self.weights, self.config))  # [rows, n_embd] -> [rows]
 
     def stages(self, layer: int = 0) -> "LlamaStages":
         return LlamaStages(self, layer)

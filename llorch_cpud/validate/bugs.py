@@ -83,6 +83,16 @@ def _argmax_second(logits):
     return int(np.argsort(logits)[-2])
 
 
+class _ScreenSecondBest:
+    """A head screen whose greedy pick is the second-best row (the served greedy step's own argmax bug)."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def argmax(self, h):
+        return np.argsort(linear(h, self.head), axis=1)[:, -2]  # [rows, vocab] -> [rows]
+
+
 def _softmax_ignores_temperature(logits, temperature):
     return _orig["softmax_probs"](logits, 1.0)
 
@@ -123,6 +133,8 @@ BUGS = {
             lambda m: [(gpt2, "lm_head", _lm_head_no_final_norm)]),
         Bug("argmax_second_best", "greedy picks the second-best token", 10,
             lambda m: [(sampling, "argmax", _argmax_second)]),
+        Bug("screen_second_best", "the greedy step's head screen picks the second-best token", 10,
+            lambda m: [(m, "head_screen", _ScreenSecondBest(m.weights["wte.weight"]))]),
         Bug("softmax_ignores_temperature", "softmax(logits) instead of softmax(logits / T)", 11,
             lambda m: [(sampling, "softmax_probs", _softmax_ignores_temperature)]),
     ]

@@ -131,10 +131,15 @@ class OurSide:
         self.full_logits = self.engine.prefill_logits(self.ids, self.trace)  # [seq, vocab]
 
     def _selected(self):  # checkpoints 9, 10: the engine's own prefill step and greedy pick
-        seq = self.engine.start(Request(prompt_ids=self.ids, max_tokens=1, sampling=SamplingParams(temperature=0.0), seed=0))
-        self.engine.step([seq])
+        def first_token(keep_logits: bool):
+            seq = self.engine.start(Request(prompt_ids=self.ids, max_tokens=1, sampling=SamplingParams(temperature=0.0), seed=0))
+            seq.keep_logits = keep_logits
+            self.engine.step([seq])
+            return seq
+        seq = first_token(True)  # the full logits the sampler sees (checkpoint 9), and the sampler's pick
         self.selected = seq.last_logits  # [vocab]
-        self.token = seq.generated[0]
+        self.token_sampler = seq.generated[0]
+        self.token = first_token(False).generated[0]  # the pick a served greedy request gets (the head screen's)
 
     def _cache(self):  # checkpoint 3: the cache after the prompt, then after one more token
         model, n = self.engine.model, len(self.ids)
@@ -305,11 +310,13 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
         s = {"ours": {"token": ours_tok}, "reference": {"token": theirs, "top2_gap": gap}}
         # our greedy step in isolation: the reference's argmax of the very logits our sampler saw must be our
         # token, exactly (no tolerance: it does not depend on how the logits were computed)
+        # (both picks: the sampler's on the full logits, and the served step's, which a float32 head screens)
         own = int(ref.argmax(ours.selected))
-        if own != ours_tok:
-            return Result(c, t, name, [1], math.inf, tol, False, "fail", s,
-                          f"our sampler picked {ours_tok} from our own logits; the reference's argmax of those same "
-                          f"logits is {own}")
+        for who, tok in (("our sampler", ours.token_sampler), ("our served greedy step", ours_tok)):
+            if own != tok:
+                return Result(c, t, name, [1], math.inf, tol, False, "fail", s,
+                              f"{who} picked {tok} from our own logits; the reference's argmax of those same "
+                              f"logits is {own}")
         if ours_tok == theirs:
             return Result(c, t, name, [1], 0.0, tol, True, "pass", s, f"token {ours_tok}; top-2 gap {gap:.3g}")
         ours_gap = float(ref_logits[theirs] - ref_logits[ours_tok])  # how far below the reference's pick ours is

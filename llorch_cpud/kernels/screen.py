@@ -1,0 +1,107 @@
+"""Greedy picks from a float32 head at half the bytes, and exactly the pick of the full product.
+
+A greedy step needs only `argmax(h @ W.T)`, yet the full product reads the whole head: for GPT-2
+124M the tied `wte` is 154 MB of the 500 MB a token reads. `HeadScreen` keeps a float16 copy of W
+(77 MB) and, per output row j, norms of W's row and of its rounding error `D = W - W16`:
+
+1. screen: `a = h @ W16.T` with the same kernel (float16 widened exactly, float32 sums);
+2. bound:  `|a_j - e_j| <= B_j`, where `e_j` is the float32 value the full product gives. With
+   `S(v) = sum_i |h_i| |v_i|` bounded by min(|h|_2 |v|_2, |h|_inf |v|_1, |h|_1 |v|_inf),
+   `B_j = S(D_j) + gamma * (2 S(W_j) + S(D_j))`: the rounding of W to float16 (measured, not assumed),
+   and each product's float32 summation error (gamma = n u / (1 - n u) for n-term sums, u = 2^-24);
+3. the row k with the largest exact value has `a_k + B_k >= e_k >= e_m >= a_m - B_m` for every m, so
+   every row with `a_j + B_j >= max_m (a_m - B_m)` is a candidate, and no other row can be the maximum;
+4. rescore: the candidates' 16-row chunks go through the float32 kernel (each row's sum is
+   independent of the other rows and chunks, so the values are bit-identical to the full product's),
+   and the first index of the largest value is the pick, as `np.argmax` of the full logits.
+
+Anything outside the argument (non-finite activations or values, a bound that leaves a quarter of
+the vocabulary) falls back to the full product. Only float32 storage gains: a float16 or bfloat16
+head is already 16-bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llorch_cpud.kernels.packed import LANES, PackedMatrix
+from llorch_cpud.kernels.quantized import _qkernels
+
+F16_MAX = 65504.0
+_ROWS_PER_PASS = 4096  # row block for the build's float64 temporaries (~25 MB at n_in 768)
+
+
+class HeadScreen:
+    def __init__(self, head: PackedMatrix, screen: PackedMatrix, norms: np.ndarray):
+        self.head = head  # the float32 head, whose product this reproduces
+        self.screen = screen  # the same rows rounded to float16
+        self.norms = norms  # [6, n_out] float64: |W_j|_2, |W_j|_1, |W_j|_inf, then the same for D_j
+        n = head.shape[1] + 2
+        self.gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+        self.last_candidates = 0  # rows rescored in the last call (for tests and profiling)
+
+    @classmethod
+    def build(cls, head) -> "HeadScreen | None":
+        """A screen for a float32 PackedMatrix head; None for any other head or values beyond float16."""
+        if not isinstance(head, PackedMatrix) or head.w.dtype != np.float32:
+            return None
+        w = head.dequantize()  # [n_out, n_in] float32
+        if not np.isfinite(w).all() or np.abs(w).max(initial=0.0) > F16_MAX:
+            return None
+        w16 = w.astype(np.float16)  # [n_out, n_in], round to nearest
+        norms = np.empty((6, w.shape[0]), np.float64)
+        for r0 in range(0, w.shape[0], _ROWS_PER_PASS):
+            r1 = min(w.shape[0], r0 + _ROWS_PER_PASS)
+            a = w[r0:r1].astype(np.float64)  # [r, n_in]
+            d = np.abs(a - w16[r0:r1].astype(np.float64))  # [r, n_in] the rounding error, exactly
+            a = np.abs(a)
+            for k, m in enumerate((a, d)):
+                norms[3 * k, r0:r1] = np.sqrt(np.einsum("ij,ij->i", m, m))
+                norms[3 * k + 1, r0:r1] = m.sum(axis=1)
+                norms[3 * k + 2, r0:r1] = m.max(axis=1)
+        norms *= 1 + 1e-12  # the float64 norms' own rounding, outward
+        return cls(head, PackedMatrix.from_dense(w16, np.float16), norms)
+
+    @property
+    def nbytes(self) -> int:
+        return self.screen.nbytes + self.norms.nbytes
+
+    def bounds(self, h: np.ndarray) -> np.ndarray:
+        """B [rows, n_out]: |screen value - float32 full-product value| <= B, for activations h [rows, n_in]."""
+        h = np.abs(h.astype(np.float64))  # [rows, n_in]
+        a2 = np.sqrt((h * h).sum(axis=1))[:, None]  # [rows, 1]
+        a1, ainf = h.sum(axis=1)[:, None], h.max(axis=1)[:, None]
+        n = self.norms
+        s_w = np.minimum(np.minimum(a2 * n[0], ainf * n[1]), a1 * n[2])  # [rows, n_out] >= sum |h||W_j|
+        s_d = np.minimum(np.minimum(a2 * n[3], ainf * n[4]), a1 * n[5])  # [rows, n_out] >= sum |h||D_j|
+        return (s_d + self.gamma * (2 * s_w + s_d)) * (1 + 1e-9) + 1e-300
+
+    def argmax(self, h: np.ndarray) -> np.ndarray:
+        """argmax(h @ W.T, axis=1) for h [rows, n_in], equal to np.argmax of the full float32 product."""
+        h = np.ascontiguousarray(h, dtype=np.float32)  # [rows, n_in]
+        n_out = self.head.shape[0]
+        if not np.isfinite(h).all():
+            return self._full(h)
+        a = self.screen.matmul(h).astype(np.float64)  # [rows, n_out] screen values
+        b = self.bounds(h)  # [rows, n_out]
+        if not np.isfinite(a).all() or not np.isfinite(b).all():
+            return self._full(h)
+        b += 1e-12 * np.abs(a)  # the float64 sums below round too
+        floor = (a - b).max(axis=1, keepdims=True)  # [rows, 1] the best guaranteed value
+        rows = np.nonzero((a + b >= floor).any(axis=0))[0]  # candidate rows, for any of the activations
+        chunks = np.unique(rows // LANES)  # [c] ascending
+        self.last_candidates = len(rows)
+        if len(chunks) * LANES * 4 > n_out:
+            return self._full(h)
+        sub = np.ascontiguousarray(self.head.w[chunks])  # [c, n_in, 16]
+        vals = np.empty((h.shape[0], len(chunks) * LANES), np.float32)  # [rows, c*16]
+        _qkernels.f32_matmul(h, sub, vals, h.shape[0], h.shape[1], len(chunks))
+        ids = (chunks[:, None] * LANES + np.arange(LANES)).ravel()  # [c*16] ascending row ids
+        vals[:, ids >= n_out] = -np.inf  # padding rows of the last chunk are not in the vocabulary
+        if not np.isfinite(vals[:, ids < n_out]).all():
+            return self._full(h)
+        return ids[np.argmax(vals, axis=1)]  # the first largest, as np.argmax over every row
+
+    def _full(self, h: np.ndarray) -> np.ndarray:
+        self.last_candidates = self.head.shape[0]
+        return np.argmax(self.head.matmul(h), axis=1)
