@@ -7,6 +7,7 @@ so that a distribution sums to 1 to within 1e-12 before the draw.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +52,13 @@ def argmax(logits: np.ndarray) -> int:
 
 def softmax_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Checkpoint 11. softmax(logits / T) in float64: [vocab] -> [vocab], sums to 1."""
-    z = logits.astype(np.float64) / temperature  # [vocab]
-    e = np.exp(z - z.max())  # [vocab]
-    return e / e.sum()  # [vocab]
+    z = np.array(logits, dtype=np.float64)  # [vocab] a copy, worked on in place (the same values as z / T ...)
+    if temperature != 1.0:
+        z /= temperature
+    z -= z.max()
+    np.exp(z, out=z)  # [vocab] exp(z - max)
+    z /= z.sum()
+    return z
 
 
 def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.ndarray:
@@ -70,7 +75,7 @@ def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.
 def filter_probs(probs: np.ndarray, params: SamplingParams) -> np.ndarray:
     """top-p then min-p on a probability vector: [vocab] -> [vocab], renormalised."""
     if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")  # most likely first
+        order = top_p_order(probs, params.top_p)  # most likely first, far enough to reach top_p
         cum = np.cumsum(probs[order])
         keep_n = int(np.searchsorted(cum, params.top_p, side="left")) + 1  # smallest set reaching top_p
         mask = np.zeros_like(probs, dtype=bool)
@@ -81,17 +86,54 @@ def filter_probs(probs: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs / probs.sum()
 
 
+TOP_P_FIRST = 1024  # tokens sorted first for top-p; the whole vocabulary only when they hold less than top_p
+
+
+def top_p_order(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """A prefix of the stable descending order of `probs` (ties by index, as np.argsort(-probs,
+    kind="stable")) whose cumulative sum reaches top_p - usually a few hundred tokens, so only the
+    largest TOP_P_FIRST, and every token tied with the smallest of them, are sorted."""
+    if probs.shape[0] > 2 * TOP_P_FIRST:
+        kth = np.partition(probs, -TOP_P_FIRST)[-TOP_P_FIRST]
+        head = np.nonzero(probs >= kth)[0]  # ascending ids: the largest values, ties included
+        order = head[np.argsort(-probs[head], kind="stable")]  # the full order's first len(head) entries
+        cum = np.cumsum(probs[order])
+        if cum.size and cum[-1] >= top_p:
+            return order
+    return np.argsort(-probs, kind="stable")
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """`rng.choice(len(probs), p=probs)` for non-negative probs: the same index for the same generator
+    state (one uniform u; the first i with cumsum(p)[i] / sum > u), without choice's passes that check p
+    and divide the whole cumulative sum."""
+    cdf = np.cumsum(probs)  # [vocab]
+    total = float(cdf[-1])
+    if not (math.isfinite(total) and total > 0):  # (a NaN anywhere makes the sum NaN)
+        raise ValueError(f"probabilities must have a positive finite sum, got {total}")
+    u = rng.random()
+    lo, hi = 0, cdf.shape[0]  # binary search, dividing only the probed values (x / total is monotone in x)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if float(cdf[mid]) / total > u:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=()) -> int:
     """One token id from one row of logits [vocab]."""
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.greedy:
         return argmax(logits)
-    z = logits.astype(np.float64)
+    z = logits
     if params.top_k > 0 and params.top_k < z.shape[0]:
+        z = z.astype(np.float64)
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z >= kth, z, -np.inf)
     probs = filter_probs(softmax_probs(z, params.temperature), params)
-    return int(rng.choice(probs.shape[0], p=probs))
+    return draw(probs, rng)
 
 
 def make_rng(seed: int) -> np.random.Generator:

@@ -105,3 +105,67 @@ def test_seed_must_be_uint64():
     make_rng(2**64 - 1)
     with pytest.raises(InvalidRequest, match="seed"):
         make_rng(2**64)
+
+
+# ---------------------------------------------------------------- the fast paths against the plain ones
+
+
+def plain_sample(logits, params, rng, history=()):
+    """The sampler written plainly: full stable sort for top-p, numpy's Generator.choice for the draw."""
+    logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64)
+    if params.top_k > 0 and params.top_k < z.shape[0]:
+        kth = np.partition(z, -params.top_k)[-params.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    e = np.exp(z / params.temperature - (z / params.temperature).max())
+    probs = e / e.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        keep_n = int(np.searchsorted(np.cumsum(probs[order]), params.top_p, side="left")) + 1
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[:keep_n]] = True
+        probs = np.where(mask, probs, 0.0)
+    if params.min_p > 0.0:
+        probs = np.where(probs >= params.min_p * probs.max(), probs, 0.0)
+    probs = probs / probs.sum()
+    return int(rng.choice(probs.shape[0], p=probs))
+
+
+def test_sample_draws_the_plain_samplers_tokens():
+    """Same seed, same token as the plain version, over vocabularies up to GPT-2's, exact ties (rounded
+    logits), every filter, and top-p sets from a few tokens to more than the first 1024 sorted."""
+    g = np.random.default_rng(7)
+    draws = 0
+    for trial in range(1500):
+        vocab = int(g.choice([7, 3000, 50257]))
+        logits = (g.standard_normal(vocab) * g.choice([0.3, 3.0, 10.0])).astype(np.float32)
+        if trial % 4 == 0:
+            logits = np.round(logits)
+        params = SamplingParams(temperature=float(g.choice([0.3, 1.0, 1.7])), top_k=int(g.choice([0, 0, 5, 40])),
+                                top_p=float(g.choice([1.0, 0.5, 0.9, 0.999])), min_p=float(g.choice([0.0, 0.05])),
+                                repetition_penalty=float(g.choice([1.0, 1.3])))
+        seed = int(g.integers(0, 2**63))
+        a, b = make_rng(seed), make_rng(seed)
+        history = list(g.integers(0, vocab, 10))
+        for _ in range(3):
+            assert sample(logits, params, a, history) == plain_sample(logits, params, b, history)
+            draws += 1
+    assert draws == 4500
+
+
+def test_top_p_on_a_large_vocabulary_matches_transformers():
+    logits = (np.random.default_rng(8).standard_normal(50257) * 2).astype(np.float32)
+    for p in (0.3, 0.9, 0.99999):  # the last needs more than the first 1024 tokens: the full sort
+        ours = ours_probs(logits, SamplingParams(temperature=1.0, top_p=p))
+        ref = hf_probs(logits, lp.TopPLogitsWarper(p))
+        assert ((ours > 0) == (ref > 0)).all()
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-15)
+
+
+def test_draw_rejects_a_nan_distribution():
+    from llorch_cpud.sampling import draw
+
+    with pytest.raises(ValueError, match="positive finite sum"):
+        draw(np.array([0.5, np.nan, 0.5]), make_rng(0))
