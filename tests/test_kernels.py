@@ -99,11 +99,11 @@ def test_bad_buffers_raise_instead_of_reading_out_of_bounds():
     x = np.ones((2, 64), np.float32)
     out = np.empty((2, 64), np.float32)
     with pytest.raises(ValueError, match="x: buffer"):
-        _qkernels.q8_0_matmul(x, m.qs, m.d, out, 3, 64, 2, 32)  # claims 3 rows, x holds 2
+        _qkernels.matmul(x, out, 3, *m.kernel_args())  # claims 3 rows, x holds 2
     with pytest.raises(ValueError, match="out: buffer"):
-        _qkernels.q8_0_matmul(x, m.qs, m.d, out[:1], 2, 64, 2, 32)
+        _qkernels.matmul(x, out[:1], 2, *m.kernel_args())
     with pytest.raises(ValueError, match="multiple of 32"):
-        _qkernels.q8_0_matmul(x, m.qs, m.d, out, 2, 60, 2, 32)
+        _qkernels.matmul(x, out, 2, 2, False, m.qs, m.d, None, 60, 2, 32)
     with pytest.raises(ValueError):
         QuantMatrix.from_blocks("Q4_1", np.zeros((4, 10), np.uint8), (4, 16))
     with pytest.raises(ValueError, match="holds"):

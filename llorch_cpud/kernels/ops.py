@@ -39,25 +39,31 @@ def linear(x: np.ndarray, weight) -> np.ndarray:
     return x @ weight.T
 
 
+def fused_parent(weights):
+    """The fused matrix whose parts, in order, are `weights` (QuantMatrix.fuse, PackedMatrix.fuse), or None."""
+    first = weights[0]
+    if not isinstance(first, KernelMatrix) or first.parent is None:
+        return None
+    fused, row = first.parent[0], 0
+    for w in weights:
+        if not isinstance(w, KernelMatrix) or w.parent is None or w.parent[0] is not fused or w.parent[1] != row:
+            return None
+        row += w.shape[0]
+    return fused if row == fused.shape[0] else None
+
+
 def linear_many(x: np.ndarray, weights) -> list[np.ndarray]:
     """[x @ w.T for w in weights]: one kernel call when the weights are, in order, the parts of one
     fused QuantMatrix (`QuantMatrix.fuse`); otherwise one product each. Same values either way."""
-    first = weights[0]
-    if isinstance(first, KernelMatrix) and first.parent is not None:
-        fused, row = first.parent[0], 0
-        for w in weights:
-            if not isinstance(w, KernelMatrix) or w.parent is None or w.parent[0] is not fused or w.parent[1] != row:
-                break
-            row += w.shape[0]
-        else:
-            if row == fused.shape[0]:
-                y = fused.matmul(x)  # [rows, Σ n_out]
-                parts, c = [], 0
-                for w in weights:
-                    parts.append(y[:, c : c + w.shape[0]])  # [rows, n_out] views
-                    c += w.shape[0]
-                return parts
-    return [linear(x, w) for w in weights]
+    fused = fused_parent(weights)
+    if fused is None:
+        return [linear(x, w) for w in weights]
+    y = fused.matmul(x)  # [rows, Σ n_out]
+    parts, c = [], 0
+    for w in weights:
+        parts.append(y[:, c : c + w.shape[0]])  # [rows, n_out] views
+        c += w.shape[0]
+    return parts
 
 
 def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: list, values: list,
@@ -151,3 +157,23 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     _qkernels.rowwise(ROPE, x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out.reshape(rows, -1), rows,
                       n_head * hd, hd, 0.0, 0.0)
     return out
+
+
+def decode_block(x: np.ndarray, attn_norm: np.ndarray, qkv: list, o, ffn_norm: np.ndarray, gate_up: list, down,
+                 cos: np.ndarray, sin: np.ndarray, caches: list, lengths: list[int], layer: int, n_head: int,
+                 n_kv_head: int, head_dim: int, eps: float) -> np.ndarray:
+    """A Llama block (models/llama.py's `block`) for a decode step - one row per sequence - in one C call:
+    rms_norm, the Q/K/V products, rope, the cache write and attention (decode_attention), the output
+    product and residual, rms_norm, gate/up, silu_mul, down and residual: the functions of this module, in
+    that order, so the result is bit-identical to calling them one by one (tests/test_kernels.py); what goes
+    is ~12 Python calls per block. x [B, n_embd] (not modified); caches[b]: sequence b's KVCache, whose
+    layer `layer` gets the row's K, V at lengths[b] - 1 -> [B, n_embd]."""
+    x = np.array(x, dtype=np.float32, order="C")  # [B, n_embd] the block writes its output here
+    f16 = caches[0].k.dtype == np.float16
+    parts = lambda ws: (f.kernel_args(),) if (f := fused_parent(ws)) is not None else tuple(w.kernel_args() for w in ws)  # noqa: E731
+    _qkernels.decode_block(x, np.ascontiguousarray(attn_norm, dtype=np.float32), parts(qkv), o.kernel_args(),
+                           np.ascontiguousarray(ffn_norm, dtype=np.float32), parts(gate_up), down.kernel_args(),
+                           np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32),
+                           [c.k for c in caches], [c.v for c in caches], lengths, layer, n_head, n_kv_head, head_dim,
+                           gate_up[0].shape[0], eps, f16)
+    return x

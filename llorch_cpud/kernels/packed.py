@@ -89,15 +89,18 @@ class PackedMatrix:
     def nbytes(self) -> int:
         return self.w.nbytes
 
+    def kernel_args(self) -> tuple:
+        """(kind, q8, w, d, m, K, n_chunk, 16): this matrix as the C kernels take it (qkernels.c's Mat;
+        kinds 5-7 after quantized.KERNEL_KINDS: float32, float16, bfloat16 storage)."""
+        kind = 5 if self.w.dtype == np.float32 else 6 if self.w.dtype == np.float16 else 7
+        return (kind, False, self.w, None, None, self.shape[1], self.w.shape[0], LANES)
+
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T: [rows, n_in] -> [rows, n_out] float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_chunk = self.w.shape[0]
         out = np.empty((x.shape[0], n_chunk * LANES), np.float32)  # [rows, n_out padded to 16]
-        if self.w.dtype == np.float32:
-            _qkernels.f32_matmul(x, self.w, out, x.shape[0], self.shape[1], n_chunk)
-        else:  # float16, or uint16 holding bfloat16
-            _qkernels.f16_matmul(x, self.w, out, x.shape[0], self.shape[1], n_chunk, self.w.dtype == np.uint16)
+        _qkernels.matmul(x, out, x.shape[0], *self.kernel_args())
         return out[:, : self.shape[0]] if n_chunk * LANES != self.shape[0] else out
 
     def dequantize(self) -> np.ndarray:

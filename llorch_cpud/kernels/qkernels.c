@@ -1134,6 +1134,52 @@ static void attend_group16(const float *q, const void *k, const void *v, const i
     }
 }
 
+/* One new row per sequence b: its K and V (rows of k_new, v_new, ldk and ldv floats apart) written into the
+ * sequence's cache slabs kp[b], vp[b] ([Hkv][ms[b]][hd], float32 or float16) at position T[b] - 1 - what
+ * cache_write does - then softmax(q . K[0:T]^T / sqrt(hd)) . V[0:T] per query head: q [B][H*hd] -> out [B][H*hd]. */
+static void attend_rows(const float *q, const float *kn, int64_t ldk, const float *vn, int64_t ldv, void *const *kp,
+                        void *const *vp, const int64_t *ms, const int64_t *T, int64_t B, int64_t H, int64_t Hkv,
+                        int64_t hd, const int f16, float *out)
+{
+    const int64_t es = f16 ? 2 : 4, g = H / Hkv;
+    const float scale = 1.f / sqrtf((float)hd);
+    int64_t maxT = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (T[b] > maxT) maxT = T[b];
+        for (int64_t kvh = 0; kvh < Hkv; kvh++) { /* the new position's K, V into the cache (cache_write's job) */
+            size_t at = (size_t)((kvh * ms[b] + T[b] - 1) * hd);
+            const float *kr = kn + b * ldk + kvh * hd, *vr = vn + b * ldv + kvh * hd;
+            if (f16) { /* rounded to nearest even, as numpy's astype(float16) (cache_write) rounds */
+                for (int64_t i = 0; i < hd; i++) {
+                    ((uint16_t *)kp[b])[at + i] = float_to_half(kr[i]);
+                    ((uint16_t *)vp[b])[at + i] = float_to_half(vr[i]);
+                }
+            } else {
+                memcpy((float *)kp[b] + at, kr, hd * 4);
+                memcpy((float *)vp[b] + at, vr, hd * 4);
+            }
+        }
+    }
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * g * ((maxT + 15) & ~(int64_t)15));
+        float *kscratch = malloc(sizeof(float) * 16 * hd);
+        const int fast = hd % 16 == 0 && hd <= 128;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bk = 0; bk < B * Hkv; bk++) {
+            int64_t b = bk / Hkv, kvh = bk % Hkv; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
+            const void *k = (const char *)kp[b] + kvh * ms[b] * hd * es;
+            const void *v = (const char *)vp[b] + kvh * ms[b] * hd * es;
+            int64_t h0 = b * H + kvh * g;
+            if (fast) attend_group16(q + h0 * hd, k, v, f16, T[b], hd / 16, g, scale, scores, kscratch, out + h0 * hd);
+            else if (f16) attend_group(q + h0 * hd, k, v, 1, T[b], hd, g, scale, scores, out + h0 * hd);
+            else attend_group(q + h0 * hd, k, v, 0, T[b], hd, g, scale, scores, out + h0 * hd);
+        }
+        free(scores);
+        free(kscratch);
+    }
+}
+
 /* attend_decode(q, k_new, v_new, ks, vs, lengths, out, n_head, n_kv, hd[, f16])
  *   q [B, n_head, hd]; k_new, v_new [B, n_kv, hd]: the new position's K, V, written into the caches at
  *   position T_b - 1 first; ks[b], vs[b]: that sequence's layer slab [n_kv, max_seq_b, hd]
@@ -1151,7 +1197,7 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
     Py_ssize_t B = PySequence_Size(lens);
     Py_buffer *kb = NULL, *vb = NULL;
     int64_t *T = NULL, *ms = NULL;
-    Py_ssize_t nk = 0, nv = 0, maxT = 0;
+    Py_ssize_t nk = 0, nv = 0;
     if (B < 0 || PySequence_Size(ks) != B || PySequence_Size(vs) != B) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ks, vs and lengths differ in length");
         goto done;
@@ -1197,47 +1243,19 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
                          b, kb[b].len, (long long)T[b], Hkv, hd);
             goto done;
         }
-        if (T[b] > maxT) maxT = T[b];
     }
     {
-        float scale = 1.f / sqrtf((float)hd);
-        const float *qp = q.buf;
-        float *op = out.buf;
-        int64_t g = H / Hkv;
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t b = 0; b < B; b++) /* the new position's K, V into the cache (cache_write's job) */
-            for (Py_ssize_t kvh = 0; kvh < Hkv; kvh++) {
-                size_t at = (size_t)((kvh * ms[b] + T[b] - 1) * hd);
-                const float *kr = (const float *)kn.buf + (b * Hkv + kvh) * hd, *vr = (const float *)vn.buf + (b * Hkv + kvh) * hd;
-                if (f16) { /* rounded to nearest even, as numpy's astype(float16) (cache_write) rounds */
-                    for (Py_ssize_t i = 0; i < hd; i++) {
-                        ((uint16_t *)kb[b].buf)[at + i] = float_to_half(kr[i]);
-                        ((uint16_t *)vb[b].buf)[at + i] = float_to_half(vr[i]);
-                    }
-                } else {
-                    memcpy((float *)kb[b].buf + at, kr, hd * 4);
-                    memcpy((float *)vb[b].buf + at, vr, hd * 4);
-                }
-            }
-#pragma omp parallel
-        {
-            float *scores = malloc(sizeof(float) * g * ((maxT + 15) & ~(int64_t)15));
-            float *kscratch = malloc(sizeof(float) * 16 * hd);
-            const int fast = hd % 16 == 0 && hd <= 128;
-#pragma omp for schedule(dynamic, 1)
-            for (Py_ssize_t bk = 0; bk < B * Hkv; bk++) {
-                int64_t b = bk / Hkv, kvh = bk % Hkv; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
-                const void *kp = (const char *)kb[b].buf + kvh * ms[b] * hd * es;
-                const void *vp = (const char *)vb[b].buf + kvh * ms[b] * hd * es;
-                int64_t h0 = b * H + kvh * g;
-                if (fast) attend_group16(qp + h0 * hd, kp, vp, f16, T[b], hd / 16, g, scale, scores, kscratch, op + h0 * hd);
-                else if (f16) attend_group(qp + h0 * hd, kp, vp, 1, T[b], hd, g, scale, scores, op + h0 * hd);
-                else attend_group(qp + h0 * hd, kp, vp, 0, T[b], hd, g, scale, scores, op + h0 * hd);
-            }
-            free(scores);
-            free(kscratch);
+        void **kp = PyMem_Calloc(B ? B : 1, sizeof(void *)), **vp = PyMem_Calloc(B ? B : 1, sizeof(void *));
+        if (!kp || !vp) {
+            PyMem_Free(kp); PyMem_Free(vp);
+            PyErr_NoMemory();
+            goto done;
         }
+        for (Py_ssize_t b = 0; b < B; b++) kp[b] = kb[b].buf, vp[b] = vb[b].buf;
+        Py_BEGIN_ALLOW_THREADS
+        attend_rows(q.buf, kn.buf, Hkv * hd, vn.buf, Hkv * hd, kp, vp, ms, T, B, H, Hkv, hd, f16, out.buf);
         Py_END_ALLOW_THREADS
+        PyMem_Free(kp); PyMem_Free(vp);
     }
     ret = Py_None; Py_INCREF(ret);
 done:
@@ -1457,176 +1475,134 @@ done:
 
 /* ---- Python bindings -------------------------------------------------------------------- */
 
-static PyObject *q4_1_matmul_impl(PyObject *args, const int f32s)
+/* ---- one matrix product for every kernel kind ------------------------------------------------
+ * A weight matrix as kernels/quantized.py and packed.py hold it: its kind, its arrays, and whether its
+ * activations are quantized to 8 bits first (the `q8` numerics; quantized kinds only). */
+/* in the order of quantized.KERNEL_KINDS, then packed.PackedMatrix's three storages */
+enum { MK_Q4_1, MK_Q8_0, MK_Q4_1F, MK_Q8_S16, MK_Q8_DM, MK_F32, MK_F16, MK_BF16, MK_COUNT };
+
+typedef struct {
+    int kind, q8;
+    Py_buffer qs, d, m; /* .obj NULL when not acquired (d, m unused by the float kinds; m by Q8_0, Q8_S16) */
+    int64_t K, nc, L;
+} Mat;
+
+static void mat_release(Mat *w)
 {
-    Py_buffer x, qs, d, m, out;
-    Py_ssize_t M, K, nc, L;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)) return NULL;
-    PyObject *ret = NULL;
-    const Py_ssize_t sw = f32s ? 4 : 2; /* bytes per scale */
-    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") ||
-        check_size(&qs, nc * (K / 32) * 16 * L, "qs") || check_size(&d, nc * (K / 32) * L * sw, "d") ||
-        check_size(&m, nc * (K / 32) * L * sw, "m") || check_size(&out, M * nc * L * 4, "out")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++) {
-        if (f32s) q4_1f_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
-        else q4_1_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
-    }
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    PyBuffer_Release(&x); PyBuffer_Release(&qs);
-    PyBuffer_Release(&d); PyBuffer_Release(&m); PyBuffer_Release(&out);
-    return ret;
+    if (w->qs.obj) PyBuffer_Release(&w->qs);
+    if (w->d.obj) PyBuffer_Release(&w->d);
+    if (w->m.obj) PyBuffer_Release(&w->m);
 }
 
-/* q4_1_matmul(x, qs, d, m, out, M, K, n_chunk, L) ; out [M, n_chunk*L]; d, m float16 */
-static PyObject *py_q4_1_matmul(PyObject *self, PyObject *args) { return q4_1_matmul_impl(args, 0); }
-
-/* q4_1f_matmul: the same with float32 d, m (a rewritten Q4_K matrix) */
-static PyObject *py_q4_1f_matmul(PyObject *self, PyObject *args) { return q4_1_matmul_impl(args, 1); }
-
-/* q8_s16_matmul(x, qs, d, out, M, K, n_chunk, L): int8 Q8_0-layout weights, d [n_chunk][K/32][2][L] float32
- * q8_dm_matmul(x, qs, d, m, out, M, K, n_chunk, L): the same with d, m [n_chunk][K/32][L] float32 */
-static PyObject *q8f_matmul_impl(PyObject *args, const int with_m)
+static int mat_buffer(PyObject *o, Py_buffer *b, Py_ssize_t need, const char *what)
 {
-    Py_buffer x, qs, d, m = {0}, out;
-    Py_ssize_t M, K, nc, L;
-    int ok = with_m ? PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)
-                    : PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L);
-    if (!ok) return NULL;
-    PyObject *ret = NULL;
-    const Py_ssize_t S = with_m ? 1 : 2;
-    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
-        check_size(&d, nc * (K / 32) * S * L * 4, "d") || (with_m && check_size(&m, nc * (K / 32) * L * 4, "m")) ||
-        check_size(&out, M * nc * L * 4, "out")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
-        goto done;
+    if (o == Py_None) {
+        PyErr_Format(PyExc_ValueError, "%s: missing", what);
+        return -1;
     }
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++) {
-        if (with_m) q8_dm_chunk(x.buf, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
-        else q8_s16_chunk(x.buf, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
-    }
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
-    if (with_m) PyBuffer_Release(&m);
-    return ret;
+    if (PyObject_GetBuffer(o, b, PyBUF_SIMPLE) < 0) return -1; /* C-contiguous bytes */
+    return check_size(b, need, what);
 }
 
-static PyObject *py_q8_s16_matmul(PyObject *self, PyObject *args) { return q8f_matmul_impl(args, 0); }
-static PyObject *py_q8_dm_matmul(PyObject *self, PyObject *args) { return q8f_matmul_impl(args, 1); }
-
-/* q8_0_matmul(x, qs, d, out, M, K, n_chunk, L) */
-static PyObject *py_q8_0_matmul(PyObject *self, PyObject *args)
+/* Acquire a matrix's buffers, checking each holds what the kernel reads; -1 with an exception set. */
+static int mat_get(Mat *w, int kind, int q8, PyObject *qs, PyObject *d, PyObject *m, Py_ssize_t K, Py_ssize_t nc,
+                   Py_ssize_t L)
 {
-    Py_buffer x, qs, d, out;
-    Py_ssize_t M, K, nc, L;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L)) return NULL;
-    PyObject *ret = NULL;
-    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
-        check_size(&d, nc * (K / 32) * L * 2, "d") || check_size(&out, M * nc * L * 4, "out")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
-        goto done;
+    memset(w, 0, sizeof *w);
+    w->kind = kind, w->q8 = q8 && kind < MK_F32, w->K = K, w->nc = nc, w->L = L;
+    if (kind < 0 || kind >= MK_COUNT) {
+        PyErr_Format(PyExc_ValueError, "unknown matrix kind %d", kind);
+        return -1;
     }
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++)
-        q8_0_chunk(x.buf, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
-    return ret;
+    if (K <= 0 || nc <= 0 || (kind < MK_F32 && (K % 32 || L % 16)) || (kind >= MK_F32 && L != 16)) {
+        PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16 (16 for a float matrix)");
+        return -1;
+    }
+    const Py_ssize_t NB = K / 32;
+    switch (kind) {
+    case MK_Q4_1: case MK_Q4_1F: {
+        const Py_ssize_t sw = kind == MK_Q4_1 ? 2 : 4;
+        return mat_buffer(qs, &w->qs, nc * NB * 16 * L, "qs") || mat_buffer(d, &w->d, nc * NB * L * sw, "d") ||
+               mat_buffer(m, &w->m, nc * NB * L * sw, "m") ? -1 : 0;
+    }
+    case MK_Q8_0: return mat_buffer(qs, &w->qs, nc * K * L, "qs") || mat_buffer(d, &w->d, nc * NB * L * 2, "d") ? -1 : 0;
+    case MK_Q8_S16: return mat_buffer(qs, &w->qs, nc * K * L, "qs") || mat_buffer(d, &w->d, nc * NB * 2 * L * 4, "d") ? -1 : 0;
+    case MK_Q8_DM:
+        return mat_buffer(qs, &w->qs, nc * K * L, "qs") || mat_buffer(d, &w->d, nc * NB * L * 4, "d") ||
+               mat_buffer(m, &w->m, nc * NB * L * 4, "m") ? -1 : 0;
+    default: return mat_buffer(qs, &w->qs, nc * K * 16 * (kind == MK_F32 ? 4 : 2), "w");
+    }
 }
 
-/* The block kinds whose weights are the unsigned operand, with Q8_1 activations (d and s = d·Σq). */
-enum { K_Q4_1, K_Q4_1F, K_Q8_DM };
-
-static PyObject *q8_1_matmul_impl(PyObject *args, const int kind)
+/* out [M, nc*L] = x [M, K] @ W.T (GIL released by the caller). With q8, x is first quantized per 32-block:
+ * Q8_1 (d and s = d·Σq) for the kinds whose weights are the unsigned operand (Q4_1, Q4_1F, Q8_DM), Q8_0
+ * with the bytes offset by 128 for the signed ones (Q8_0, Q8_S16). Returns -1 when out of memory. */
+static int mat_run(const Mat *w, const float *x, int64_t M, float *out)
 {
-    Py_buffer x, qs, d, m, out;
-    Py_ssize_t M, K, nc, L;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnn", &x, &qs, &d, &m, &out, &M, &K, &nc, &L)) return NULL;
-    PyObject *ret = NULL;
-    uint8_t *xq = NULL;
-    float *dx = NULL, *sx = NULL;
-    const Py_ssize_t qbytes = kind == K_Q8_DM ? 32 : 16, sbytes = kind == K_Q4_1 ? 2 : 4;
-    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") ||
-        check_size(&qs, nc * (K / 32) * qbytes * L, "qs") || check_size(&d, nc * (K / 32) * L * sbytes, "d") ||
-        check_size(&m, nc * (K / 32) * L * sbytes, "m") || check_size(&out, M * nc * L * 4, "out")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
-        goto done;
-    }
-    xq = PyMem_Malloc(M * K + 1);
-    dx = PyMem_Malloc(sizeof(float) * (M * (K / 32) + 1));
-    sx = PyMem_Malloc(sizeof(float) * (M * (K / 32) + 1));
-    if (!xq || !dx || !sx) { PyErr_NoMemory(); goto done; }
-    Py_BEGIN_ALLOW_THREADS
-    quantize_rows_q8(x.buf, M, K, xq, dx, sx, 0);
+    const int64_t K = w->K, nc = w->nc, L = w->L, ldo = nc * L;
+    const void *qs = w->qs.buf, *d = w->d.buf, *m = w->m.buf;
+    if (!w->q8) {
 #pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++) {
-        if (kind == K_Q4_1) q4_1_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
-        else if (kind == K_Q4_1F) q4_1f_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
-        else q8_dm_q8_chunk((const int8_t *)xq, dx, sx, qs.buf, d.buf, m.buf, out.buf, M, K, nc * L, L, c);
+        for (int64_t c = 0; c < nc; c++) switch (w->kind) {
+            case MK_Q4_1: q4_1_chunk(x, qs, d, m, out, M, K, ldo, L, c); break;
+            case MK_Q4_1F: q4_1f_chunk(x, qs, d, m, out, M, K, ldo, L, c); break;
+            case MK_Q8_0: q8_0_chunk(x, qs, d, out, M, K, ldo, L, c); break;
+            case MK_Q8_S16: q8_s16_chunk(x, qs, d, out, M, K, ldo, L, c); break;
+            case MK_Q8_DM: q8_dm_chunk(x, qs, d, m, out, M, K, ldo, L, c); break;
+            case MK_F32: f32_chunk(x, qs, out, M, K, ldo, c); break;
+            case MK_F16: f16_chunk(x, qs, out, M, K, ldo, c); break;
+            default: bf16_chunk(x, qs, out, M, K, ldo, c); break;
+            }
+        return 0;
     }
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    PyMem_Free(xq); PyMem_Free(dx); PyMem_Free(sx);
-    PyBuffer_Release(&x); PyBuffer_Release(&qs);
-    PyBuffer_Release(&d); PyBuffer_Release(&m); PyBuffer_Release(&out);
-    return ret;
+    const int signed_w = w->kind == MK_Q8_0 || w->kind == MK_Q8_S16;
+    uint8_t *xq = malloc(M * K + 1);
+    float *dx = malloc(sizeof(float) * (M * (K / 32) + 1)), *sx = signed_w ? NULL : malloc(sizeof(float) * (M * (K / 32) + 1));
+    if (!xq || !dx || (!signed_w && !sx)) {
+        free(xq); free(dx); free(sx);
+        return -1;
+    }
+    quantize_rows_q8(x, M, K, xq, dx, sx, signed_w);
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < nc; c++) switch (w->kind) {
+        case MK_Q4_1: q4_1_q8_chunk((const int8_t *)xq, dx, sx, qs, d, m, out, M, K, ldo, L, c); break;
+        case MK_Q4_1F: q4_1f_q8_chunk((const int8_t *)xq, dx, sx, qs, d, m, out, M, K, ldo, L, c); break;
+        case MK_Q8_DM: q8_dm_q8_chunk((const int8_t *)xq, dx, sx, qs, d, m, out, M, K, ldo, L, c); break;
+        case MK_Q8_0: q8_0_q8_chunk(xq, dx, qs, d, out, M, K, ldo, L, c); break;
+        default: q8_s16_q8_chunk(xq, dx, qs, d, out, M, K, ldo, L, c); break;
+        }
+    free(xq); free(dx); free(sx);
+    return 0;
 }
 
-/* q4_1_matmul_q8(x, qs, d, m, out, M, K, n_chunk, L): as q4_1_matmul, with x quantized to 8 bits per
- * 32-block first (Q8_1); q4_1f_matmul_q8 / q8_dm_matmul_q8: the same for Q4_1F / Q8_DM matrices. */
-static PyObject *py_q4_1_matmul_q8(PyObject *self, PyObject *args) { return q8_1_matmul_impl(args, K_Q4_1); }
-static PyObject *py_q4_1f_matmul_q8(PyObject *self, PyObject *args) { return q8_1_matmul_impl(args, K_Q4_1F); }
-static PyObject *py_q8_dm_matmul_q8(PyObject *self, PyObject *args) { return q8_1_matmul_impl(args, K_Q8_DM); }
-
-static PyObject *q8_0_matmul_impl(PyObject *args, const int s16)
+/* matmul(x, out, M, kind, q8, qs, d, m, K, n_chunk, L): out [M, n_chunk*L] = x [M, K] @ W.T for a matrix
+ * of kernel kind `kind` (MK_*: Q4_1, Q8_0, Q4_1F, Q8_S16, Q8_DM; F32, F16, BF16 packed [n_chunk][K][16] in qs,
+ * d and m None), with 8-bit activations when q8 (quantized kinds). */
+static PyObject *py_matmul(PyObject *self, PyObject *args)
 {
-    Py_buffer x, qs, d, out;
+    Py_buffer x, out;
+    PyObject *qs, *d, *m, *ret = NULL;
     Py_ssize_t M, K, nc, L;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &x, &qs, &d, &out, &M, &K, &nc, &L)) return NULL;
-    PyObject *ret = NULL;
-    uint8_t *xu = NULL;
-    float *dx = NULL;
-    if (K % 32 || L % 16 || check_size(&x, M * K * 4, "x") || check_size(&qs, nc * K * L, "qs") ||
-        check_size(&d, nc * (K / 32) * L * (s16 ? 8 : 2), "d") || check_size(&out, M * nc * L * 4, "out")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32 and L of 16");
+    int kind, q8;
+    if (!PyArg_ParseTuple(args, "y*w*niiOOOnnn", &x, &out, &M, &kind, &q8, &qs, &d, &m, &K, &nc, &L)) return NULL;
+    Mat w;
+    if (mat_get(&w, kind, q8, qs, d, m, K, nc, L) || check_size(&x, M * K * 4, "x") ||
+        check_size(&out, M * nc * L * 4, "out"))
+        goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mat_run(&w, x.buf, M, out.buf);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_NoMemory();
         goto done;
     }
-    xu = PyMem_Malloc(M * K + 1);
-    dx = PyMem_Malloc(sizeof(float) * (M * (K / 32) + 1));
-    if (!xu || !dx) { PyErr_NoMemory(); goto done; }
-    Py_BEGIN_ALLOW_THREADS
-    quantize_rows_q8(x.buf, M, K, xu, dx, NULL, 1);
-#pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++) {
-        if (s16) q8_s16_q8_chunk(xu, dx, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
-        else q8_0_q8_chunk(xu, dx, qs.buf, d.buf, out.buf, M, K, nc * L, L, c);
-    }
-    Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
-    PyMem_Free(xu); PyMem_Free(dx);
-    PyBuffer_Release(&x); PyBuffer_Release(&qs); PyBuffer_Release(&d); PyBuffer_Release(&out);
+    mat_release(&w);
+    PyBuffer_Release(&x); PyBuffer_Release(&out);
     return ret;
 }
-
-/* q8_0_matmul_q8(x, qs, d, out, M, K, n_chunk, L): x quantized as ggml's Q8_0 first; q8_s16_matmul_q8:
- * the same for a Q8_S16 matrix (float32 d per 16). */
-static PyObject *py_q8_0_matmul_q8(PyObject *self, PyObject *args) { return q8_0_matmul_impl(args, 0); }
-static PyObject *py_q8_s16_matmul_q8(PyObject *self, PyObject *args) { return q8_0_matmul_impl(args, 1); }
 
 /* quantize_q8(x, xq, dx, sx, M, K, offset): the activation quantization alone (for tests) */
 static PyObject *py_quantize_q8(PyObject *self, PyObject *args)
@@ -1695,66 +1671,159 @@ done:
     return ret;
 }
 
-/* f32_matmul(x, w, out, M, K, n_chunk) ; w packed [n_chunk, K, 16]; out [M, n_chunk*16] */
-static PyObject *py_f32_matmul(PyObject *self, PyObject *args)
+/* ---- a whole Llama block for decode rows, one call ----------------------------------------------
+ * decode_block(x, attn_norm, qkv, o, ffn_norm, gu, down, cos, sin, ks, vs, lengths, layer, n_head, n_kv, hd,
+ *              n_ff, eps, f16)
+ *   x [B, E] float32, C-contiguous: one row per sequence, replaced by the block's output
+ *   qkv: 1 matrix (Q|K|V fused) or 3; gu: 1 (gate|up fused) or 2; o, down: 1 each - a matrix is the tuple
+ *        (kind, q8, qs, d, m, K, n_chunk, L) of kernels.ops.kernel_args
+ *   cos, sin [B, hd]; ks[b], vs[b]: sequence b's whole cache [n_layer, Hkv, max_seq, hd] (float32, or float16
+ *   when f16); lengths[b] = T_b, positions to attend after this row's K, V are written at T_b - 1.
+ * The stages run in the order models/llama.py's block runs their kernels.ops versions - rms_norm, the
+ * products (mat_run), rope, attend_rows, the residual add, rms_norm, silu_mul, the residual add - with the
+ * same functions, so the result is bit-identical to that path; only the Python between them is gone. */
+#define DB_MATS 7
+
+static int db_mat(Mat *w, PyObject *t, Py_ssize_t *n_out)
 {
-    Py_buffer x, w, out;
-    Py_ssize_t M, K, nc;
-    if (!PyArg_ParseTuple(args, "y*y*w*nnn", &x, &w, &out, &M, &K, &nc)) return NULL;
-    PyObject *ret = NULL;
-    if (check_size(&x, M * K * 4, "x") || check_size(&w, nc * K * 16 * 4, "w") ||
-        check_size(&out, M * nc * 16 * 4, "out"))
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++)
-        f32_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
-    Py_END_ALLOW_THREADS
-    ret = Py_None; Py_INCREF(ret);
-done:
-    PyBuffer_Release(&x); PyBuffer_Release(&w); PyBuffer_Release(&out);
-    return ret;
+    int kind, q8;
+    PyObject *qs, *d, *m;
+    Py_ssize_t K, nc, L;
+    if (!PyTuple_Check(t) || !PyArg_ParseTuple(t, "iiOOOnnn", &kind, &q8, &qs, &d, &m, &K, &nc, &L)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a matrix is (kind, q8, qs, d, m, K, n_chunk, L)");
+        return -1;
+    }
+    *n_out = nc * L;
+    return mat_get(w, kind, q8, qs, d, m, K, nc, L);
 }
 
-/* f16_matmul(x, w, out, M, K, n_chunk[, bf16]): as f32_matmul, w [n_chunk][K][16] float16 (or bfloat16) */
-static PyObject *py_f16_matmul(PyObject *self, PyObject *args)
+static PyObject *py_decode_block(PyObject *self, PyObject *args)
 {
-    Py_buffer x, w, out;
-    Py_ssize_t M, K, nc;
-    int bf = 0;
-    if (!PyArg_ParseTuple(args, "y*y*w*nnn|p", &x, &w, &out, &M, &K, &nc, &bf)) return NULL;
-    PyObject *ret = NULL;
-    if (check_size(&x, M * K * 4, "x") || check_size(&w, nc * K * 16 * 2, "w") ||
-        check_size(&out, M * nc * 16 * 4, "out"))
+    Py_buffer x, an, fn, cs, sn;
+    PyObject *qkv, *o, *gu, *down, *ks, *vs, *lens, *ret = NULL;
+    Py_ssize_t layer, H, Hkv, hd, F;
+    float eps;
+    int f16;
+    if (!PyArg_ParseTuple(args, "w*y*OOy*OOy*y*OOOnnnnnfp", &x, &an, &qkv, &o, &fn, &gu, &down, &cs, &sn, &ks, &vs,
+                          &lens, &layer, &H, &Hkv, &hd, &F, &eps, &f16))
+        return NULL;
+    Mat mats[DB_MATS];
+    Py_ssize_t width[DB_MATS];
+    memset(mats, 0, sizeof mats);
+    Py_buffer *kb = NULL, *vb = NULL;
+    void **kp = NULL, **vp = NULL;
+    int64_t *T = NULL, *ms = NULL;
+    float *scratch = NULL;
+    const Py_ssize_t E = an.len / 4, B = PySequence_Size(lens), es = f16 ? 2 : 4;
+    const Py_ssize_t nq = H * hd, nkv = Hkv * hd;
+    if (B < 1 || PySequence_Size(ks) != B || PySequence_Size(vs) != B || !PyTuple_Check(qkv) || !PyTuple_Check(gu) ||
+        (PyTuple_GET_SIZE(qkv) != 1 && PyTuple_GET_SIZE(qkv) != 3) || (PyTuple_GET_SIZE(gu) != 1 && PyTuple_GET_SIZE(gu) != 2)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "decode_block: qkv holds 1 or 3 matrices, gu 1 or 2; ks, vs, lengths one per row");
         goto done;
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static)
-    for (Py_ssize_t c = 0; c < nc; c++) {
-        if (bf) bf16_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
-        else f16_chunk(x.buf, w.buf, out.buf, M, K, nc * 16, c);
     }
-    Py_END_ALLOW_THREADS
+    if (H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0 || hd % 2 || check_size(&x, B * E * 4, "x") ||
+        check_size(&fn, E * 4, "ffn_norm") || check_size(&cs, B * hd * 4, "cos") || check_size(&sn, B * hd * 4, "sin")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "decode_block: bad head counts");
+        goto done;
+    }
+    { /* the matrices: [0..2] Q,K,V (or [0] fused), [3] o, [4..5] gate, up (or [4] fused), [6] down */
+        const int nqkv = (int)PyTuple_GET_SIZE(qkv), ngu = (int)PyTuple_GET_SIZE(gu);
+        PyObject *list[DB_MATS] = {PyTuple_GET_ITEM(qkv, 0), nqkv == 3 ? PyTuple_GET_ITEM(qkv, 1) : NULL,
+                                   nqkv == 3 ? PyTuple_GET_ITEM(qkv, 2) : NULL, o, PyTuple_GET_ITEM(gu, 0),
+                                   ngu == 2 ? PyTuple_GET_ITEM(gu, 1) : NULL, down};
+        const Py_ssize_t k_in[DB_MATS] = {E, E, E, nq, E, E, F};
+        const Py_ssize_t need[DB_MATS] = {nqkv == 3 ? nq : nq + 2 * nkv, nkv, nkv, E, ngu == 2 ? F : 2 * F, F, E};
+        for (int i = 0; i < DB_MATS; i++) {
+            width[i] = 0;
+            if (!list[i]) continue;
+            if (db_mat(&mats[i], list[i], &width[i])) goto done;
+            if (mats[i].K != k_in[i] || width[i] < need[i]) {
+                PyErr_Format(PyExc_ValueError, "decode_block: matrix %d is [%zd, %lld], the block needs [>= %zd, %zd]",
+                             i, width[i], (long long)mats[i].K, need[i], k_in[i]);
+                goto done;
+            }
+        }
+    }
+    kb = PyMem_Calloc(B, sizeof(Py_buffer)); vb = PyMem_Calloc(B, sizeof(Py_buffer));
+    kp = PyMem_Calloc(B, sizeof(void *)); vp = PyMem_Calloc(B, sizeof(void *));
+    T = PyMem_Calloc(B, sizeof(int64_t)); ms = PyMem_Calloc(B, sizeof(int64_t));
+    if (!kb || !vb || !kp || !vp || !T || !ms) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t b = 0; b < B; b++) { /* calloc'ed: a buffer not acquired keeps .obj NULL */
+        PyObject *ko = PySequence_GetItem(ks, b), *vo = PySequence_GetItem(vs, b), *lo = PySequence_GetItem(lens, b);
+        int bad = !ko || !vo || !lo || PyObject_GetBuffer(ko, &kb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0;
+        if (!bad && PyObject_GetBuffer(vo, &vb[b], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+            PyBuffer_Release(&kb[b]);
+            bad = 1;
+        }
+        if (!bad) T[b] = PyLong_AsLongLong(lo);
+        Py_XDECREF(ko); Py_XDECREF(vo); Py_XDECREF(lo);
+        if (bad || (T[b] == -1 && PyErr_Occurred())) goto done;
+        const int64_t per_layer_pos = Hkv * hd * es; /* bytes per position of one layer */
+        if (!kb[b].format || !vb[b].format || strcmp(kb[b].format, f16 ? "e" : "f") || strcmp(vb[b].format, f16 ? "e" : "f") ||
+            kb[b].len != vb[b].len || kb[b].ndim != 4 || kb[b].shape[1] != Hkv || kb[b].shape[3] != hd ||
+            layer < 0 || layer >= kb[b].shape[0] || T[b] < 1 || T[b] > kb[b].shape[2]) {
+            PyErr_Format(PyExc_ValueError, "sequence %zd: a cache [n_layer, %zd, max_seq, %zd] of %s holding layer %zd and "
+                         "position %lld is needed", b, Hkv, hd, f16 ? "float16" : "float32", layer, (long long)T[b]);
+            goto done;
+        }
+        ms[b] = kb[b].shape[2];
+        kp[b] = (char *)kb[b].buf + layer * ms[b] * per_layer_pos;
+        vp[b] = (char *)vb[b].buf + layer * ms[b] * per_layer_pos;
+    }
+    {
+        const int fused_qkv = !mats[1].qs.obj, fused_gu = !mats[5].qs.obj;
+        const Py_ssize_t n_scratch = B * (E + width[0] + width[1] + width[2] + nq + nkv + nq + width[3] + width[4] +
+                                          width[5] + F + width[6]);
+        scratch = malloc(sizeof(float) * (n_scratch + 1));
+        if (!scratch) { PyErr_NoMemory(); goto done; }
+        float *h = scratch, *y0 = h + B * E, *y1 = y0 + B * width[0], *y2 = y1 + B * width[1], *qr = y2 + B * width[2];
+        float *kr = qr + B * nq, *merged = kr + B * nkv, *ob = merged + B * nq, *g0 = ob + B * width[3];
+        float *g1 = g0 + B * width[4], *a = g1 + B * width[5], *db = a + B * F;
+        float *xp = x.buf;
+        int rc = 0;
+        Py_BEGIN_ALLOW_THREADS
+        /* attention: norm, Q K V, rotary, cache write + attention, output projection, residual */
+        rms_norm_rows(xp, E, an.buf, h, B, E, eps);
+        rc |= mat_run(&mats[0], h, B, y0);
+        if (!fused_qkv) rc |= mat_run(&mats[1], h, B, y1) | mat_run(&mats[2], h, B, y2);
+        const float *qy = y0, *ky = fused_qkv ? y0 + nq : y1, *vy = fused_qkv ? y0 + nq + nkv : y2;
+        const int64_t ldq = width[0], ldk = fused_qkv ? width[0] : width[1], ldv = fused_qkv ? width[0] : width[2];
+        rope_rows(qy, ldq, cs.buf, sn.buf, qr, B, H, hd);
+        rope_rows(ky, ldk, cs.buf, sn.buf, kr, B, Hkv, hd);
+        attend_rows(qr, kr, nkv, vy, ldv, kp, vp, ms, T, B, H, Hkv, hd, f16, merged);
+        rc |= mat_run(&mats[3], merged, B, ob);
+        for (Py_ssize_t b = 0; b < B; b++)
+            for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += ob[b * width[3] + i];
+        /* feed-forward: norm, gate and up, silu(gate) * up, down projection, residual */
+        rms_norm_rows(xp, E, fn.buf, h, B, E, eps);
+        rc |= mat_run(&mats[4], h, B, g0);
+        if (!fused_gu) rc |= mat_run(&mats[5], h, B, g1);
+        const float *gate = g0, *up = fused_gu ? g0 + F : g1;
+        silu_mul_rows(gate, width[4], up, fused_gu ? width[4] : width[5], a, B, F);
+        rc |= mat_run(&mats[6], a, B, db);
+        for (Py_ssize_t b = 0; b < B; b++)
+            for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += db[b * width[6] + i];
+        Py_END_ALLOW_THREADS
+        if (rc) { PyErr_NoMemory(); goto done; }
+    }
     ret = Py_None; Py_INCREF(ret);
 done:
-    PyBuffer_Release(&x); PyBuffer_Release(&w); PyBuffer_Release(&out);
+    free(scratch);
+    for (int i = 0; i < DB_MATS; i++) mat_release(&mats[i]);
+    for (Py_ssize_t b = 0; b < B && kb && vb; b++) {
+        if (kb[b].obj) PyBuffer_Release(&kb[b]);
+        if (vb[b].obj) PyBuffer_Release(&vb[b]);
+    }
+    PyMem_Free(kb); PyMem_Free(vb); PyMem_Free(kp); PyMem_Free(vp); PyMem_Free(T); PyMem_Free(ms);
+    PyBuffer_Release(&x); PyBuffer_Release(&an); PyBuffer_Release(&fn); PyBuffer_Release(&cs); PyBuffer_Release(&sn);
     return ret;
 }
 
 static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a kernel-held matrix of any kind"},
+    {"decode_block", py_decode_block, METH_VARARGS, "a Llama block for decode rows, one C call (kernels.ops.decode_block)"},
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
     {"rowwise", py_rowwise, METH_VARARGS, "a decode step's elementwise stages: norms, SiLU/GELU, RoPE (kernels.ops)"},
-    {"f32_matmul", py_f32_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float32 matrix"},
-    {"f16_matmul", py_f16_matmul, METH_VARARGS, "out[M, n_chunk*16] = x[M, K] @ W.T for a packed float16 (or bfloat16) matrix"},
-    {"q4_1_matmul", py_q4_1_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q4_1 matrix"},
-    {"q4_1f_matmul", py_q4_1f_matmul, METH_VARARGS, "q4_1_matmul with float32 scales (a rewritten Q4_K matrix)"},
-    {"q8_s16_matmul", py_q8_s16_matmul, METH_VARARGS, "int8 weights with a float32 scale per 16 (a rewritten Q6_K matrix)"},
-    {"q8_dm_matmul", py_q8_dm_matmul, METH_VARARGS, "int8 weights with float32 d, m per 32 (a rewritten Q5_K matrix)"},
-    {"q8_0_matmul", py_q8_0_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a repacked Q8_0 matrix"},
-    {"q4_1_matmul_q8", py_q4_1_matmul_q8, METH_VARARGS, "q4_1_matmul with x quantized to 8 bits per block (ggml Q8_1)"},
-    {"q8_0_matmul_q8", py_q8_0_matmul_q8, METH_VARARGS, "q8_0_matmul with x quantized to 8 bits per block (ggml Q8_0)"},
-    {"q4_1f_matmul_q8", py_q4_1f_matmul_q8, METH_VARARGS, "q4_1f_matmul with x quantized to 8 bits per block (Q8_1)"},
-    {"q8_dm_matmul_q8", py_q8_dm_matmul_q8, METH_VARARGS, "q8_dm_matmul with x quantized to 8 bits per block (Q8_1)"},
-    {"q8_s16_matmul_q8", py_q8_s16_matmul_q8, METH_VARARGS, "q8_s16_matmul with x quantized to 8 bits per block (Q8_0)"},
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "x -> 8-bit blocks, scales (float16-rounded), scaled sums"},
     {"q4_1_dequant_t", py_q4_1_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q4_1 matrix, float32, transposed"},
     {"q8_0_dequant_t", py_q8_0_dequant_t, METH_VARARGS, "chunks c0..c1 of a repacked Q8_0 matrix, float32, transposed"},

@@ -248,24 +248,16 @@ class QuantMatrix:
     def _padded(self) -> int:
         return self.d.shape[0] * self.d.shape[2]
 
+    def kernel_args(self) -> tuple:
+        """(kind, q8, qs, d, m, K, n_chunk, L): this matrix as the C kernels take it (qkernels.c's Mat)."""
+        n_chunk, L = self.d.shape[0], self.d.shape[2]
+        return (KERNEL_KINDS.index(self.kind), self.numerics == "q8", self.qs, self.d, self.m, self.shape[1], n_chunk, L)
+
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T: [rows, n_in] -> [rows, n_out] float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        rows = x.shape[0]
-        n_chunk, L = self.d.shape[0], self.d.shape[2]
-        out = np.empty((rows, self._padded), np.float32)  # [rows, N padded to the chunk]
-        q8 = self.numerics == "q8"
-        args = (out, rows, self.shape[1], n_chunk, L)
-        if self.kind == "Q4_1":
-            (_qkernels.q4_1_matmul_q8 if q8 else _qkernels.q4_1_matmul)(x, self.qs, self.d, self.m, *args)
-        elif self.kind == "Q8_0":
-            (_qkernels.q8_0_matmul_q8 if q8 else _qkernels.q8_0_matmul)(x, self.qs, self.d, *args)
-        elif self.kind == "Q4_1F":
-            (_qkernels.q4_1f_matmul_q8 if q8 else _qkernels.q4_1f_matmul)(x, self.qs, self.d, self.m, *args)
-        elif self.kind == "Q8_DM":
-            (_qkernels.q8_dm_matmul_q8 if q8 else _qkernels.q8_dm_matmul)(x, self.qs, self.d, self.m, *args)
-        else:
-            (_qkernels.q8_s16_matmul_q8 if q8 else _qkernels.q8_s16_matmul)(x, self.qs, self.d, *args)
+        out = np.empty((x.shape[0], self._padded), np.float32)  # [rows, N padded to the chunk]
+        _qkernels.matmul(x, out, x.shape[0], *self.kernel_args())
         return out[:, : self.shape[0]] if self._padded != self.shape[0] else out
 
     def _dequant_t(self, c0: int, c1: int) -> np.ndarray:

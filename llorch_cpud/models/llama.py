@@ -270,10 +270,17 @@ def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos
     return out
 
 
+_BLOCK_MATRICES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+                   "ffn_up.weight", "ffn_down.weight")
+FUSED_DECODE = True  # decode steps run each block as one C call (False: its kernels.ops calls one by one - same numbers)
+
+
 def block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
     """Checkpoint 7. One decoder block: pre-norm attention and SwiGLU FFN, each with its residual."""
     p = f"blk.{i}."
     fast = decode_step(trace, w[p + "attn_output.weight"], segments)
+    if fast and FUSED_DECODE and all(isinstance(w[p + n], KernelMatrix) for n in _BLOCK_MATRICES):
+        return decode_block(x, w, i, cfg, segments, cos, sin)  # [rows, n_embd]
     norm = ops.rms_norm if fast else rms_norm
     trace_put(trace, i, "block_in", x)
     h = norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
@@ -307,6 +314,16 @@ def lm_head(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
     """Checkpoint 8 (last step). Final RMSNorm, then the head (token_embd when output.weight is absent)."""
     h = final_norm(x, w, cfg)  # [rows, n_embd]
     return linear(h, head_weight(w))  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
+
+
+def decode_block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin) -> np.ndarray:
+    """`block` for a decode step (every segment one row, kernel weights, no trace) as one C call: the
+    kernels.ops versions of its stage functions in its order (kernels.ops.decode_block)."""
+    p = f"blk.{i}."
+    return ops.decode_block(x, w[p + "attn_norm.weight"], [w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]],
+                            w[p + "attn_output.weight"], w[p + "ffn_norm.weight"], [w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"]],
+                            w[p + "ffn_down.weight"], cos, sin, [s.cache for s in segments], [s.start + 1 for s in segments], i,
+                            cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rms_norm_eps)  # [B, n_embd] -> [B, n_embd]
 
 
 # ---------------------------------------------------------------- the model

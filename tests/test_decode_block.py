@@ -1,0 +1,106 @@
+"""The fused decode block (kernels.ops.decode_block, one C call per Llama block in a decode step) against
+the same block run as its kernels.ops calls one by one: bit-identical logits and KV caches, step after
+step, for batches of sequences at different positions, on the real SmolLM2 (fused Q4_1 Q/K/V and
+gate/up) and on synthetic files holding every other kernel kind (Q8_0, F16, F32, Q4_0/Q4_1, Q5_0/Q5_1
+unfused; Q4_K/Q5_K/Q6_K rewritten), in both numerics (float32 and float16 caches)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llorch_cpud import kernels
+from llorch_cpud.engine import Engine, Request
+from llorch_cpud.formats import apply_numerics, load_model
+from llorch_cpud.models import llama
+from llorch_cpud.sampling import SamplingParams
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+
+from make_llama_gguf import TOKENIZER_KEYS, write_llama_gguf  # noqa: E402 (scripts/)
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="C kernels not built")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, smollm2_gguf):
+    from llorch_cpud.formats.gguf import GGUFFile
+
+    f = GGUFFile.open(smollm2_gguf)
+    tok_meta = {k: f.metadata[k] for k in TOKENIZER_KEYS}
+    d = tmp_path_factory.mktemp("fused")
+    k4, k5, k6 = QT.Q4_K, QT.Q5_K, QT.Q6_K
+    kquant = {"attn_q": k4, "attn_k": k6, "attn_v": k5, "attn_output": k6, "ffn_gate": k4, "ffn_up": k5,
+              "ffn_down": k4, "token_embd": k6, "output": k4}
+    write_llama_gguf(d / "mixed.gguf", tok_meta, n_head=4, n_kv_head=2, seed=3)
+    write_llama_gguf(d / "mqa.gguf", tok_meta, n_embd=96, n_head=4, n_kv_head=1, n_ff=128, seed=4, tied=False)
+    write_llama_gguf(d / "kquant.gguf", tok_meta, n_layer=2, n_embd=256, n_head=4, n_kv_head=2, n_ff=512,
+                     tied=False, types=kquant)
+    return {"smollm2": smollm2_gguf, "mixed": d / "mixed.gguf", "mqa": d / "mqa.gguf", "kquant": d / "kquant.gguf"}
+
+
+def run_steps(engine, fused: bool, n_steps: int = 5):
+    """Three sequences of different prompt lengths, prefilled, then decoded together; every decode
+    step's logits and, at the end, every cache."""
+    llama.FUSED_DECODE = fused
+    try:
+        seqs = [engine.start(Request(prompt=p, max_tokens=n_steps + 3, sampling=SamplingParams(temperature=0.0), seed=0))
+                for p in ("Hello", "The quick brown fox jumps over", "1, 2, 3,")]
+        for s in seqs:
+            s.keep_logits = True
+        engine.step(seqs)  # the prefill (numpy stage functions either way)
+        logits = []
+        for _ in range(n_steps):
+            engine.step(seqs)
+            logits.append(np.stack([s.last_logits for s in seqs]))
+        return logits, [(s.cache.k.copy(), s.cache.v.copy()) for s in seqs]
+    finally:
+        llama.FUSED_DECODE = True
+
+
+@pytest.mark.parametrize("name", ["smollm2", "mixed", "mqa", "kquant"])
+@pytest.mark.parametrize("numerics", ["float32", "q8"])
+def test_fused_block_is_bit_identical_to_the_ops_path(models, name, numerics, monkeypatch):
+    model, tok, _ = load_model(str(models[name]))
+    apply_numerics(model, numerics)
+    engine = Engine(model, tok)
+    engine.eos_token_id = None
+    calls = []
+    fused_call = kernels.ops.decode_block
+    monkeypatch.setattr(kernels.ops, "decode_block", lambda *a: calls.append(1) or fused_call(*a))
+    fused_logits, fused_caches = run_steps(engine, True)
+    assert len(calls) == 5 * model.config.n_layer  # every block of every decode step took the fused call
+    ops_logits, ops_caches = run_steps(engine, False)
+    assert len(calls) == 5 * model.config.n_layer
+    for a, b in zip(fused_logits, ops_logits):
+        np.testing.assert_array_equal(a, b)
+    for (ka, va), (kb, vb) in zip(fused_caches, ops_caches):
+        np.testing.assert_array_equal(ka, kb)
+        np.testing.assert_array_equal(va, vb)
+
+
+def test_fused_block_takes_its_arguments_seriously(models):
+    """Negative controls: a different eps or layer changes the result; a wrong cache is refused by name."""
+    model, tok, _ = load_model(str(models["mixed"]))
+    w, cfg = model.weights, model.config
+    cache = model.new_cache(8)
+    x = np.random.default_rng(0).standard_normal((1, cfg.n_embd)).astype(np.float32)
+    cos, sin = model.rope.rows(np.array([0]))
+
+    def run(eps=cfg.rms_norm_eps, layer=0, caches=None):
+        p = f"blk.{layer}."
+        return kernels.ops.decode_block(
+            x, w[p + "attn_norm.weight"], [w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]],
+            w[p + "attn_output.weight"], w[p + "ffn_norm.weight"], [w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"]],
+            w[p + "ffn_down.weight"], cos, sin, caches or [cache], [1], layer, cfg.n_head, cfg.n_kv_head,
+            cfg.head_dim, eps)
+
+    base = run()
+    assert np.isfinite(base).all() and not np.array_equal(base, x)
+    assert not np.array_equal(run(eps=1e-2), base)
+    assert not np.array_equal(run(layer=1), base)
+    bad = model.new_cache(8)
+    bad.k = bad.k[:, :1].copy()  # one KV head where the model has two
+    with pytest.raises(ValueError, match="sequence 0: a cache"):
+        run(caches=[bad])
