@@ -89,12 +89,12 @@ def build_parser() -> Parser:
     return p
 
 
-def load_engine(spec: str | None, numerics: str = "float32"):
+def load_engine(spec: str | None, numerics: str = "float32", tokenizer=None):
     from llorch_cpud.engine import Engine
     from llorch_cpud.formats import load_model, resolve
 
     path = resolve(spec)
-    model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics)
+    model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics, tokenizer=tokenizer)
     return Engine(model, tokenizer, name=name), path
 
 

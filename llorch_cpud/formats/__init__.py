@@ -40,10 +40,11 @@ def resolve(spec: str | None) -> Path:
     raise ModelLoadError(f"{spec}: no such file or folder")
 
 
-def load_model(spec: str | None, numerics: str = "float32"):
+def load_model(spec: str | None, numerics: str = "float32", tokenizer=None):
     """(model, tokenizer, name) for a --model value, its quantized products in `numerics`
-    (kernels.quantized.NUMERICS: "float32", the default, or "q8", llama.cpp's 8-bit activations)."""
-    model, tok, name = _load_model(spec)
+    (kernels.quantized.NUMERICS: "float32", the default, or "q8", llama.cpp's 8-bit activations).
+    `tokenizer`: one load_tokenizer(spec) already built (the worker builds it before it listens)."""
+    model, tok, name = _load_model(spec, tokenizer)
     apply_numerics(model, numerics, name)
     return model, tok, name
 
@@ -61,7 +62,34 @@ def apply_numerics(model, numerics: str, name: str = "model") -> None:
     model.numerics = numerics
 
 
-def _load_model(spec: str | None):
+def load_tokenizer(spec: str | None):
+    """The tokenizer of the model a --model value names, without its weights.
+
+    Building one is a few long calls into `tokenizers` and `json` that hold the GIL (~100 ms for
+    GPT-2's 50k vocabulary and merges): the worker does it before /health answers."""
+    path = resolve(spec)
+    if path.is_dir() and (raw := read_config_if_gpt2(path)) is not None:
+        from llorch_cpud.models.gpt2 import GPT2Config
+        from llorch_cpud.tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path, eos_token_id=GPT2Config.from_hf(raw).eos_token_id)
+    if path.suffix == ".gguf" and path.is_file():
+        from llorch_cpud.formats.gguf import GGUFFile
+        from llorch_cpud.models.llama import gguf_tokenizer
+
+        return gguf_tokenizer(GGUFFile.open(path))
+    _load_model(spec)  # raises the precise error for what this path is
+    raise AssertionError("unreachable")
+
+
+def read_config_if_gpt2(folder: Path) -> dict | None:
+    from llorch_cpud.formats.hf import read_config
+
+    raw = read_config(folder)
+    return raw if raw.get("model_type") == "gpt2" else None
+
+
+def _load_model(spec: str | None, tokenizer=None):
     path = resolve(spec)
     name = spec or path.stem
     if path.is_dir():
@@ -69,7 +97,7 @@ def _load_model(spec: str | None):
 
         model_type = read_config(path).get("model_type")
         if model_type == "gpt2":
-            model, tok = load_gpt2_folder(path)
+            model, tok = load_gpt2_folder(path, tokenizer)
             return model, tok, name
         raise ModelLoadError(f"{path / 'config.json'}: model_type {model_type!r} unsupported in a folder (gpt2 is; Llama-family models load from .gguf)")
     if path.suffix == ".gguf":
@@ -77,7 +105,7 @@ def _load_model(spec: str | None):
             from llorch_cpud.models.llama import load_gguf_model
         except ImportError:
             raise ModelLoadError(f"{path}: GGUF models are not supported by this build") from None
-        model, tok = load_gguf_model(path)
+        model, tok = load_gguf_model(path, tokenizer)
         return model, tok, name
     if path.name in ("pytorch_model.bin",) or path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         raise ModelLoadError(f"{path}: pickle checkpoints are refused (unpickling can run arbitrary code); use safetensors or GGUF")

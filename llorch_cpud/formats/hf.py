@@ -99,8 +99,8 @@ def load_safetensors(files: list[Path], strip_prefixes: tuple[str, ...] = ()) ->
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def load_gpt2_folder(folder: Path):
-    """A GPT2 model and its tokenizer from a Hugging Face folder."""
+def load_gpt2_folder(folder: Path, tokenizer=None):
+    """A GPT2 model and its tokenizer from a Hugging Face folder (`tokenizer`: one already built from it)."""
     from llorch_cpud.models.gpt2 import GPT2, GPT2Config
     from llorch_cpud.tokenizer import load_hf_tokenizer
 
@@ -131,7 +131,8 @@ def load_gpt2_folder(folder: Path):
                 weights[name] = np.asfortranarray(weights[name])
     if packed:  # the tied head [vocab, n_embd] (also the embedding: rows are looked up in the packed form)
         weights["wte.weight"] = kernels.PackedMatrix.from_dense(weights["wte.weight"])
-    tokenizer = load_hf_tokenizer(folder, eos_token_id=cfg.eos_token_id)
+    if tokenizer is None:
+        tokenizer = load_hf_tokenizer(folder, eos_token_id=cfg.eos_token_id)
     return GPT2(cfg, weights), tokenizer
 
 

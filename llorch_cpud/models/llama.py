@@ -516,21 +516,28 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
     return Llama(cfg, weights, rope=rope, gguf=f, qk_row_order=order)
 
 
-def load_gguf_model(path) -> tuple[Llama, "object"]:
-    """(model, tokenizer) from a .gguf file: weights dequantized to float32, tokenizer from its metadata."""
-    from llorch_cpud.formats.gguf import GGUFFile
+def gguf_tokenizer(f) -> "object":
+    """The Tokenizer a GGUFFile's metadata describes."""
     from llorch_cpud.tokenizer import Tokenizer
     from llorch_cpud.tokenizer.gguf import load_gguf_tokenizer
 
+    info = load_gguf_tokenizer(f)
+    return Tokenizer(inner=info.tokenizer, eos_token_id=info.eos_id, bos_token_id=info.bos_id, add_bos=info.add_bos,
+                     chat_template=info.chat_template)
+
+
+def load_gguf_model(path, tokenizer=None) -> tuple[Llama, "object"]:
+    """(model, tokenizer) from a .gguf file: weights held as the kernels need them, tokenizer from its
+    metadata (`tokenizer`: one already built from this file)."""
+    from llorch_cpud.formats.gguf import GGUFFile
+
     f = GGUFFile.open(Path(path))
     model = load_llama(f)
-    info = load_gguf_tokenizer(f)
-    n_tok = info.tokenizer.get_vocab_size(with_added_tokens=True)
+    tok = tokenizer if tokenizer is not None else gguf_tokenizer(f)
+    n_tok = tok.vocab_size
     if n_tok > model.vocab_size:
         raise ModelLoadError(f"{f.path}: tokenizer has {n_tok} tokens but token_embd.weight only "
                              f"{model.vocab_size} rows")
-    tok = Tokenizer(inner=info.tokenizer, eos_token_id=info.eos_id, bos_token_id=info.bos_id, add_bos=info.add_bos,
-                    chat_template=info.chat_template)
     if model.eos_token_id is None:
-        model.eos_token_id = info.eos_id
+        model.eos_token_id = tok.eos_token_id
     return model, tok

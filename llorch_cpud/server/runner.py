@@ -148,8 +148,9 @@ async def post_callback(state: WorkerState, server) -> None:
     server.begin_shutdown()
 
 
-def load_in_background(state: WorkerState, server) -> None:
-    """Load the model off the event loop; hand the engine to the loop when done."""
+def load_in_background(state: WorkerState, server, tokenizer=None) -> None:
+    """Load the model off the event loop; hand the engine to the loop when done (`tokenizer`: the
+    model's, built before the worker listened)."""
     from llorch_cpud.cli import load_engine
     from llorch_cpud.engine import EndEvent, Request
     from llorch_cpud.sampling import SamplingParams
@@ -166,7 +167,7 @@ def load_in_background(state: WorkerState, server) -> None:
     def run():
         try:
             log("loading model", model=cfg.model, elapsed_s=0.0)
-            engine, path = load_engine(cfg.model, numerics=cfg.numerics)
+            engine, path = load_engine(cfg.model, numerics=cfg.numerics, tokenizer=tokenizer)
             t_load = time.perf_counter() - t0
             warm = Request(prompt_ids=[engine.eos_token_id or 0], max_tokens=1,
                            sampling=SamplingParams(temperature=0.0), seed=0)
@@ -218,15 +219,33 @@ async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> 
         await post_callback(state, server)
 
 
+def preload_modules() -> None:
+    """Import what the loader thread will use (module bodies and C extensions' init hold the GIL)."""
+    import importlib
+
+    for name in ("llorch_cpud.cli", "llorch_cpud.engine", "llorch_cpud.formats.hf", "llorch_cpud.models.gpt2",
+                 "llorch_cpud.models.llama", "llorch_cpud.kernels.ops", "llorch_cpud.kernels.screen",
+                 "llorch_cpud.tokenizer", "llorch_cpud.sampling", "tokenizers", "safetensors.numpy", "gguf",
+                 "numpy.random", "threadpoolctl", "psutil"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional part; the loader reports it if the model needs it
+            pass
+
+
 def serve(cfg: ServeConfig) -> int:
     configure()
     import uvicorn
     from sse_starlette.sse import AppStatus
 
-    from llorch_cpud.formats import resolve
+    from llorch_cpud.formats import load_tokenizer, resolve
 
     AppStatus.disable_automatic_graceful_drain()  # we end streams ourselves, each with a terminal event
     resolve(cfg.model)  # a missing model fails before anything else
+    # Imports and the tokenizer's construction hold the GIL in long C calls (~100 ms for GPT-2):
+    # done before /health answers, so that it answers promptly while the weights load.
+    preload_modules()
+    tokenizer = load_tokenizer(cfg.model)
     sock = bind(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     state = WorkerState(config=cfg)
@@ -239,7 +258,7 @@ def serve(cfg: ServeConfig) -> int:
         state.loop = asyncio.get_running_loop()
         log("listening", uri=state.uri, host=cfg.host, port=port, worker_id=state.worker_id,
             auth=bool(cfg.api_key), max_batch=cfg.max_batch)
-        load_in_background(state, holder["server"])
+        load_in_background(state, holder["server"], tokenizer)
         yield
         if state.scheduler is not None:
             await asyncio.to_thread(state.scheduler.stop)
