@@ -52,6 +52,23 @@ def test_bound_holds_on_every_row():
         assert (b < 1e-2 * np.abs(e).max()).all()  # and it is a bound that selects
 
 
+def test_prefilter_keeps_every_candidate_of_the_full_bound():
+    """argmax bounds only rows within 2·max(B) of the best screen value: the candidates must be exactly
+    those the bound over every row selects (rows of very unequal norms make max(B) loose)."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((3000, 128)) * rng.choice([0.01, 0.1, 1.0, 5.0], size=(3000, 1))).astype(np.float32)
+    head = PackedMatrix.from_dense(w)
+    screen = HeadScreen.build(head)
+    for trial in range(30):
+        h = (rng.standard_normal((1 + trial % 8, 128)) * rng.choice([0.01, 1.0, 20.0])).astype(np.float32)
+        got = screen.argmax(h)
+        a = screen.screen.matmul(h).astype(np.float64)
+        b = screen.bounds(h) + 1e-12 * np.abs(a)
+        every = np.nonzero((a + b >= (a - b).max(axis=1, keepdims=True)).any(axis=0))[0]
+        assert screen.last_candidates == len(every)
+        np.testing.assert_array_equal(got, full_argmax(head, h))
+
+
 def adversarial_head(n_in=64, seed=0):
     """Rows A (index 40) and B (index 5) with exact A.h > B.h but float16 B > A, both far above the rest."""
     rng = np.random.default_rng(seed)
@@ -79,7 +96,7 @@ def test_a_screen_without_its_bound_would_pick_wrong(monkeypatch):
     w, h = adversarial_head()
     head = PackedMatrix.from_dense(w)
     screen = HeadScreen.build(head)
-    monkeypatch.setattr(screen, "bounds", lambda x: np.zeros((x.shape[0], head.shape[0])))
+    monkeypatch.setattr(screen, "bounds", lambda x, rows: np.zeros((x.shape[0], len(rows))))
     assert screen.argmax(h)[0] == 5  # control: with a zero bound only B is rescored, and the pick is wrong
 
 

@@ -40,6 +40,7 @@ class HeadScreen:
         self.head = head  # the float32 head whose product this reproduces
         self.screen = screen  # W': the same packing, every value rounded to float16
         self.norms = norms  # [6, n_out] float64: |W_j|_2, |W_j|_1, |W_j|_inf, then the same for D_j
+        self.norm_max = norms.max(axis=1, keepdims=True)  # [6, 1]
         n = head.shape[1] + 8
         self.gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
         self.last_candidates = 0  # rows rescored in the last call (for tests and profiling)
@@ -70,34 +71,52 @@ class HeadScreen:
     def nbytes(self) -> int:
         return self.screen.nbytes + self.norms.nbytes
 
-    def bounds(self, h: np.ndarray) -> np.ndarray:
-        """B [rows, n_out]: |screen value - full-product value| <= B, for activations h [rows, n_in]."""
-        h = np.abs(h.astype(np.float64))  # [rows, n_in]
-        a2 = np.sqrt((h * h).sum(axis=1))[:, None]  # [rows, 1]
+    def bounds(self, h: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """B [n_act, n_rows]: |screen value - full-product value| <= B, for activations h [n_act, n_in],
+        on the head's rows `rows` (default: all)."""
+        return self._bound(h, self.norms if rows is None else self.norms[:, rows])
+
+    def bound_max(self, h: np.ndarray) -> np.ndarray:
+        """[n_act, 1] >= every row's bound: B is increasing in each norm, so the norms' maxima bound it."""
+        return self._bound(h, self.norm_max)
+
+    def _bound(self, h: np.ndarray, n: np.ndarray) -> np.ndarray:
+        h = np.abs(h.astype(np.float64))  # [n_act, n_in]
+        a2 = np.sqrt((h * h).sum(axis=1))[:, None]  # [n_act, 1]
         a1, ainf = h.sum(axis=1)[:, None], h.max(axis=1)[:, None]
-        n = self.norms
-        s_w = np.minimum(np.minimum(a2 * n[0], ainf * n[1]), a1 * n[2])  # [rows, n_out] >= sum |h||W_j|
-        s_d = np.minimum(np.minimum(a2 * n[3], ainf * n[4]), a1 * n[5])  # [rows, n_out] >= sum |h||D_j|
+        s_w = np.minimum(np.minimum(a2 * n[0], ainf * n[1]), a1 * n[2])  # [n_act, n_rows] >= sum |h||W_j|
+        s_d = np.minimum(np.minimum(a2 * n[3], ainf * n[4]), a1 * n[5])  # [n_act, n_rows] >= sum |h||D_j|
         return (s_d + self.gamma * (2 * s_w + s_d)) * (1 + 1e-9) + 1e-300
 
     def argmax(self, h: np.ndarray) -> np.ndarray:
-        """argmax(h @ W.T, axis=1) for h [rows, n_in], equal to np.argmax of the head's full product."""
-        h = np.ascontiguousarray(h, dtype=np.float32)  # [rows, n_in]
+        """argmax(h @ W.T, axis=1) for h [n_act, n_in], equal to np.argmax of the head's full product."""
+        h = np.ascontiguousarray(h, dtype=np.float32)  # [n_act, n_in]
         n_out = self.head.shape[0]
         if not np.isfinite(h).all():
             return self._full(h)
-        a = self.screen.matmul(h).astype(np.float64)  # [rows, n_out] screen values
-        b = self.bounds(h)  # [rows, n_out]
-        if not np.isfinite(a).all() or not np.isfinite(b).all():
+        a32 = self.screen.matmul(h)  # [n_act, n_out] screen values
+        if not np.isfinite(a32).all():
             return self._full(h)
-        b += 1e-12 * np.abs(a)  # the float64 sums below round too
-        floor = (a - b).max(axis=1, keepdims=True)  # [rows, 1] the best guaranteed value
-        rows = np.nonzero((a + b >= floor).any(axis=0))[0]  # candidate rows, for any of the activations
+        # With b_j = B_j + 1e-12 |a_j| (the float64 sums below round too) and M >= every b_j, a candidate
+        # (a_j + b_j >= floor = max_m (a_m - b_m) >= max(a) - M) has a_j >= max(a) - 2M, and so has the
+        # row attaining the floor: only those rows need their own bound.
+        top = a32.max(axis=1, keepdims=True).astype(np.float64)  # [n_act, 1]
+        wide = (self.bound_max(h) + 1e-12 * np.abs(a32).max(axis=1, keepdims=True)) * (1 + 1e-9)  # [n_act, 1]
+        if not np.isfinite(wide).all():
+            return self._full(h)
+        thr = top - 2 * wide  # [n_act, 1] float64
+        thr32 = thr.astype(np.float32)
+        thr32 = np.where(thr32 > thr, np.nextafter(thr32, np.float32(-np.inf)), thr32)  # rounded down: no row lost
+        near = np.nonzero((a32 >= thr32).any(axis=0))[0]  # rows within 2M of some activation's best
+        a = a32[:, near].astype(np.float64)  # [n_act, n_near]
+        b = self.bounds(h, near) + 1e-12 * np.abs(a)  # [n_act, n_near]
+        floor = (a - b).max(axis=1, keepdims=True)  # [n_act, 1] the best guaranteed value
+        rows = near[(a + b >= floor).any(axis=0)]  # candidate rows, for any of the activations
         self.last_candidates = len(rows)
         if len(np.unique(rows // LANES)) * LANES * 4 > n_out:
             return self._full(h)
         sub, ids = chunks_of(self.head, rows)
-        vals = sub.matmul(h)  # [rows, c·16] bit-identical to those rows of the full product
+        vals = sub.matmul(h)  # [n_act, c·16] bit-identical to those rows of the full product
         vals[:, ids >= n_out] = -np.inf  # padding rows of the last chunk are not in the vocabulary
         if not np.isfinite(vals[:, ids < n_out]).all():
             return self._full(h)
