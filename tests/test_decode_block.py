@@ -1,8 +1,9 @@
-"""The fused decode block (kernels.ops.decode_block, one C call per Llama block in a decode step) against
-the same block run as its kernels.ops calls one by one: bit-identical logits and KV caches, step after
-step, for batches of sequences at different positions, on the real SmolLM2 (fused Q4_1 Q/K/V and
-gate/up) and on synthetic files holding every other kernel kind (Q8_0, F16, F32, Q4_0/Q4_1, Q5_0/Q5_1
-unfused; Q4_K/Q5_K/Q6_K rewritten), in both numerics (float32 and float16 caches)."""
+"""The fused decode block (kernels.ops.decode_block, one C call per block in a decode step) against the
+same block run as its kernels.ops calls one by one: bit-identical logits and KV caches, step after step,
+for batches of sequences at different positions, on the real SmolLM2 (fused Q4_1 Q/K/V and gate/up) and
+on synthetic files holding every other kernel kind (Q8_0, F16, F32, Q4_0/Q4_1, Q5_0/Q5_1 unfused;
+Q4_K/Q5_K/Q6_K rewritten), in both numerics (float32 and float16 caches), and on GPT-2 (LayerNorm,
+Conv1D biases, no rotary, gelu_new; packed float32)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from llorch_cpud import kernels
 from llorch_cpud.engine import Engine, Request
 from llorch_cpud.formats import apply_numerics, load_model
-from llorch_cpud.models import llama
+from llorch_cpud.models import base
 from llorch_cpud.sampling import SamplingParams
 
 gguf = pytest.importorskip("gguf")
@@ -43,7 +44,7 @@ def models(tmp_path_factory, smollm2_gguf):
 def run_steps(engine, fused: bool, n_steps: int = 5):
     """Three sequences of different prompt lengths, prefilled, then decoded together; every decode
     step's logits and, at the end, every cache."""
-    llama.FUSED_DECODE = fused
+    base.FUSED_DECODE = fused
     try:
         seqs = [engine.start(Request(prompt=p, max_tokens=n_steps + 3, sampling=SamplingParams(temperature=0.0), seed=0))
                 for p in ("Hello", "The quick brown fox jumps over", "1, 2, 3,")]
@@ -56,7 +57,7 @@ def run_steps(engine, fused: bool, n_steps: int = 5):
             logits.append(np.stack([s.last_logits for s in seqs]))
         return logits, [(s.cache.k.copy(), s.cache.v.copy()) for s in seqs]
     finally:
-        llama.FUSED_DECODE = True
+        base.FUSED_DECODE = True
 
 
 @pytest.mark.parametrize("name", ["smollm2", "mixed", "mqa", "kquant"])
@@ -66,18 +67,49 @@ def test_fused_block_is_bit_identical_to_the_ops_path(models, name, numerics, mo
     apply_numerics(model, numerics)
     engine = Engine(model, tok)
     engine.eos_token_id = None
+    check_fused_equals_ops(engine, model.config.n_layer, monkeypatch)
+
+
+def check_fused_equals_ops(engine, n_layer, monkeypatch):
     calls = []
     fused_call = kernels.ops.decode_block
-    monkeypatch.setattr(kernels.ops, "decode_block", lambda *a: calls.append(1) or fused_call(*a))
+    monkeypatch.setattr(kernels.ops, "decode_block", lambda *a, **k: calls.append(1) or fused_call(*a, **k))
     fused_logits, fused_caches = run_steps(engine, True)
-    assert len(calls) == 5 * model.config.n_layer  # every block of every decode step took the fused call
+    assert len(calls) == 5 * n_layer  # every block of every decode step took the fused call
     ops_logits, ops_caches = run_steps(engine, False)
-    assert len(calls) == 5 * model.config.n_layer
+    assert len(calls) == 5 * n_layer
     for a, b in zip(fused_logits, ops_logits):
         np.testing.assert_array_equal(a, b)
     for (ka, va), (kb, vb) in zip(fused_caches, ops_caches):
         np.testing.assert_array_equal(ka, kb)
         np.testing.assert_array_equal(va, vb)
+
+
+def test_fused_gpt2_block_is_bit_identical_to_the_ops_path(gpt2_small, monkeypatch):
+    model, tok, _ = load_model(str(gpt2_small))
+    engine = Engine(model, tok)
+    engine.eos_token_id = None
+    check_fused_equals_ops(engine, model.config.n_layer, monkeypatch)
+
+
+def test_fused_gpt2_block_takes_its_biases_seriously(gpt2_small):
+    """Negative controls: each bias, and the LayerNorm's, changes the result; a wrong-length bias is refused."""
+    from llorch_cpud.models import gpt2
+
+    model, _, _ = load_model(str(gpt2_small))
+    w, cfg = dict(model.weights), model.config
+    x = np.random.default_rng(0).standard_normal((2, cfg.n_embd)).astype(np.float32)
+    segments = [base.Segment(start=0, length=1, cache=model.new_cache(4)) for _ in range(2)]
+    base_out = gpt2.decode_block(x, w, 0, cfg, segments)
+    assert np.isfinite(base_out).all() and not np.array_equal(base_out, x)
+    for name in ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
+        changed = dict(w)
+        changed["h.0." + name] = w["h.0." + name] + np.float32(0.5)
+        assert not np.array_equal(gpt2.decode_block(x, changed, 0, cfg, segments), base_out), name
+    short = dict(w)
+    short["h.0.mlp.c_fc.bias"] = w["h.0.mlp.c_fc.bias"][:-1]
+    with pytest.raises(ValueError, match="up bias"):
+        gpt2.decode_block(x, short, 0, cfg, segments)
 
 
 def test_fused_block_takes_its_arguments_seriously(models):

@@ -159,21 +159,29 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_block(x: np.ndarray, attn_norm: np.ndarray, qkv: list, o, ffn_norm: np.ndarray, gate_up: list, down,
-                 cos: np.ndarray, sin: np.ndarray, caches: list, lengths: list[int], layer: int, n_head: int,
-                 n_kv_head: int, head_dim: int, eps: float) -> np.ndarray:
-    """A Llama block (models/llama.py's `block`) for a decode step - one row per sequence - in one C call:
-    rms_norm, the Q/K/V products, rope, the cache write and attention (decode_attention), the output
-    product and residual, rms_norm, gate/up, silu_mul, down and residual: the functions of this module, in
-    that order, so the result is bit-identical to calling them one by one (tests/test_kernels.py); what goes
-    is ~12 Python calls per block. x [B, n_embd] (not modified); caches[b]: sequence b's KVCache, whose
-    layer `layer` gets the row's K, V at lengths[b] - 1 -> [B, n_embd]."""
+def decode_block(x: np.ndarray, attn_norm: np.ndarray, qkv: list, o, ffn_norm: np.ndarray, up: list, down,
+                 cos: np.ndarray | None, sin: np.ndarray | None, caches: list, lengths: list[int], layer: int,
+                 n_head: int, n_kv_head: int, head_dim: int, eps: float, *, norm_biases=(None, None),
+                 biases=(None, None, None, None), gelu: tuple[float, float] | None = None) -> np.ndarray:
+    """A pre-norm block for a decode step - one row per sequence - in one C call: the norm, the Q/K/V
+    products, rope, the cache write and attention (decode_attention), the output product and residual, the
+    norm, the up products and activation, down and residual: the functions of this module, in the order the
+    models' `block` calls them, so the result is bit-identical to calling them one by one
+    (tests/test_decode_block.py); what goes is ~12 Python calls per block.
+
+    Llama: RMSNorm, rotary (cos, sin [B, head_dim]), up = [gate, up] with silu(gate) * up. GPT-2:
+    `norm_biases` (ln_1, ln_2 biases: LayerNorm), `biases` of the (fused) qkv, o, up and down products
+    (Conv1D), cos = sin = None, up = [c_fc] with gelu_new, `gelu` = its constants (c, k).
+    x [B, n_embd] (not modified); caches[b]: sequence b's KVCache, whose layer `layer` gets the row's K, V
+    at lengths[b] - 1 -> [B, n_embd]."""
     x = np.array(x, dtype=np.float32, order="C")  # [B, n_embd] the block writes its output here
     f16 = caches[0].k.dtype == np.float16
     parts = lambda ws: (f.kernel_args(),) if (f := fused_parent(ws)) is not None else tuple(w.kernel_args() for w in ws)  # noqa: E731
-    _qkernels.decode_block(x, np.ascontiguousarray(attn_norm, dtype=np.float32), parts(qkv), o.kernel_args(),
-                           np.ascontiguousarray(ffn_norm, dtype=np.float32), parts(gate_up), down.kernel_args(),
-                           np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32),
-                           [c.k for c in caches], [c.v for c in caches], lengths, layer, n_head, n_kv_head, head_dim,
-                           gate_up[0].shape[0], eps, f16)
+    vec = lambda v: None if v is None else np.ascontiguousarray(v, dtype=np.float32)  # noqa: E731
+    (b_qkv, b_o, b_up, b_down), (b_an, b_fn) = biases, norm_biases
+    gc, gk = gelu if gelu is not None else (0.0, 0.0)
+    _qkernels.decode_block(x, vec(attn_norm), vec(b_an), parts(qkv), vec(b_qkv), o.kernel_args(), vec(b_o),
+                           vec(ffn_norm), vec(b_fn), parts(up), vec(b_up), down.kernel_args(), vec(b_down), vec(cos),
+                           vec(sin), [c.k for c in caches], [c.v for c in caches], lengths, layer, n_head, n_kv_head,
+                           head_dim, up[0].shape[0], eps, f16, 0 if gelu is None else 1, gc, gk)
     return x

@@ -1671,17 +1671,22 @@ done:
     return ret;
 }
 
-/* ---- a whole Llama block for decode rows, one call ----------------------------------------------
- * decode_block(x, attn_norm, qkv, o, ffn_norm, gu, down, cos, sin, ks, vs, lengths, layer, n_head, n_kv, hd,
- *              n_ff, eps, f16)
+/* ---- a whole pre-norm block for decode rows, one call --------------------------------------------
+ * decode_block(x, attn_norm, attn_norm_b, qkv, qkv_b, o, o_b, ffn_norm, ffn_norm_b, gu, gu_b, down, down_b, cos, sin,
+ *              ks, vs, lengths, layer, n_head, n_kv, hd, n_ff, eps, f16, act, gelu_c, gelu_k)
  *   x [B, E] float32, C-contiguous: one row per sequence, replaced by the block's output
- *   qkv: 1 matrix (Q|K|V fused) or 3; gu: 1 (gate|up fused) or 2; o, down: 1 each - a matrix is the tuple
- *        (kind, q8, qs, d, m, K, n_chunk, L) of kernels.ops.kernel_args
- *   cos, sin [B, hd]; ks[b], vs[b]: sequence b's whole cache [n_layer, Hkv, max_seq, hd] (float32, or float16
- *   when f16); lengths[b] = T_b, positions to attend after this row's K, V are written at T_b - 1.
- * The stages run in the order models/llama.py's block runs their kernels.ops versions - rms_norm, the
- * products (mat_run), rope, attend_rows, the residual add, rms_norm, silu_mul, the residual add - with the
- * same functions, so the result is bit-identical to that path; only the Python between them is gone. */
+ *   qkv: 1 matrix (Q|K|V fused) or 3; gu: 1 (gate|up fused, or GPT-2's c_fc) or 2; o, down: 1 each - a matrix
+ *        is the tuple (kind, q8, qs, d, m, K, n_chunk, L) of kernels.ops.kernel_args
+ *   *_norm_b: None (RMSNorm, Llama) or the LayerNorm bias [E] (GPT-2); qkv_b [nq + 2 nkv], o_b [E], gu_b [n_ff],
+ *        down_b [E]: None or each product's bias (GPT-2's Conv1D), added to the product as conv1d adds it
+ *   cos, sin [B, hd] (rotary, Llama) or both None (GPT-2: positions are in the embedding)
+ *   ks[b], vs[b]: sequence b's whole cache [n_layer, Hkv, max_seq, hd] (float32, or float16 when f16);
+ *        lengths[b] = T_b, positions to attend after this row's K, V are written at T_b - 1
+ *   act: 0 silu(gate) * up (Llama), 1 gelu_new(up) with constants gelu_c, gelu_k (GPT-2)
+ * The stages run in the order the models' `block` runs their kernels.ops versions - the norm, the products
+ * (mat_run) and their biases, rope, attend_rows, the residual add, the norm, the activation, the residual
+ * add - with the same functions, so the result is bit-identical to that path; only the Python between them
+ * is gone. */
 #define DB_MATS 7
 
 static int db_mat(Mat *w, PyObject *t, Py_ssize_t *n_out)
@@ -1697,15 +1702,45 @@ static int db_mat(Mat *w, PyObject *t, Py_ssize_t *n_out)
     return mat_get(w, kind, q8, qs, d, m, K, nc, L);
 }
 
+/* An optional float32 vector of n values: None leaves b->obj NULL. */
+static int opt_vec(PyObject *o, Py_buffer *b, Py_ssize_t n, const char *what)
+{
+    memset(b, 0, sizeof *b);
+    if (o == Py_None) return 0;
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    if (!b->format || strcmp(b->format, "f") || b->len != n * 4) {
+        PyErr_Format(PyExc_ValueError, "decode_block: %s must be %zd float32 values", what, n);
+        PyBuffer_Release(b);
+        b->obj = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+/* y[b, 0:n] += bias for each of B rows ld apart (conv1d's `y + b`), if there is a bias. */
+static void add_bias(float *y, int64_t ld, const Py_buffer *bias, int64_t B, int64_t n)
+{
+    if (!bias->obj) return;
+    const float *bv = bias->buf;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < n; i++) y[b * ld + i] += bv[i];
+}
+
+enum { ACT_SILU_MUL, ACT_GELU_NEW };
+
 static PyObject *py_decode_block(PyObject *self, PyObject *args)
 {
-    Py_buffer x, an, fn, cs, sn;
+    Py_buffer x, an, fn, cs, sn, anb, fnb, bias[4];
+    PyObject *anb_o, *fnb_o, *bias_o[4], *cs_o, *sn_o;
     PyObject *qkv, *o, *gu, *down, *ks, *vs, *lens, *ret = NULL;
     Py_ssize_t layer, H, Hkv, hd, F;
-    float eps;
-    int f16;
-    if (!PyArg_ParseTuple(args, "w*y*OOy*OOy*y*OOOnnnnnfp", &x, &an, &qkv, &o, &fn, &gu, &down, &cs, &sn, &ks, &vs,
-                          &lens, &layer, &H, &Hkv, &hd, &F, &eps, &f16))
+    float eps, gelu_c, gelu_k;
+    int f16, act;
+    memset(&cs, 0, sizeof cs); memset(&sn, 0, sizeof sn); memset(&anb, 0, sizeof anb); memset(&fnb, 0, sizeof fnb);
+    memset(bias, 0, sizeof bias);
+    if (!PyArg_ParseTuple(args, "w*y*OOOOOy*OOOOOOOOOOnnnnnfpiff", &x, &an, &anb_o, &qkv, &bias_o[0], &o, &bias_o[1],
+                          &fn, &fnb_o, &gu, &bias_o[2], &down, &bias_o[3], &cs_o, &sn_o, &ks, &vs, &lens, &layer, &H,
+                          &Hkv, &hd, &F, &eps, &f16, &act, &gelu_c, &gelu_k))
         return NULL;
     Mat mats[DB_MATS];
     Py_ssize_t width[DB_MATS];
@@ -1716,23 +1751,35 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args)
     float *scratch = NULL;
     const Py_ssize_t E = an.len / 4, B = PySequence_Size(lens), es = f16 ? 2 : 4;
     const Py_ssize_t nq = H * hd, nkv = Hkv * hd;
+    const int rope = cs_o != Py_None;
     if (B < 1 || PySequence_Size(ks) != B || PySequence_Size(vs) != B || !PyTuple_Check(qkv) || !PyTuple_Check(gu) ||
-        (PyTuple_GET_SIZE(qkv) != 1 && PyTuple_GET_SIZE(qkv) != 3) || (PyTuple_GET_SIZE(gu) != 1 && PyTuple_GET_SIZE(gu) != 2)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "decode_block: qkv holds 1 or 3 matrices, gu 1 or 2; ks, vs, lengths one per row");
+        (PyTuple_GET_SIZE(qkv) != 1 && PyTuple_GET_SIZE(qkv) != 3) || (PyTuple_GET_SIZE(gu) != 1 && PyTuple_GET_SIZE(gu) != 2) ||
+        (act != ACT_SILU_MUL && act != ACT_GELU_NEW) || (act == ACT_GELU_NEW && PyTuple_GET_SIZE(gu) != 1) ||
+        (bias_o[0] != Py_None && PyTuple_GET_SIZE(qkv) != 1) || (bias_o[2] != Py_None && act != ACT_GELU_NEW) ||
+        (cs_o == Py_None) != (sn_o == Py_None)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "decode_block: qkv holds 1 or 3 matrices, gu 1 or 2 (1 for "
+                                               "gelu_new), biases on fused qkv and gelu's up only, cos and sin both or "
+                                               "neither; ks, vs, lengths one per row");
         goto done;
     }
     if (H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0 || hd % 2 || check_size(&x, B * E * 4, "x") ||
-        check_size(&fn, E * 4, "ffn_norm") || check_size(&cs, B * hd * 4, "cos") || check_size(&sn, B * hd * 4, "sin")) {
+        check_size(&fn, E * 4, "ffn_norm") || opt_vec(anb_o, &anb, E, "attn_norm bias") ||
+        opt_vec(fnb_o, &fnb, E, "ffn_norm bias") || opt_vec(bias_o[0], &bias[0], nq + 2 * nkv, "qkv bias") ||
+        opt_vec(bias_o[1], &bias[1], E, "o bias") || opt_vec(bias_o[2], &bias[2], F, "up bias") ||
+        opt_vec(bias_o[3], &bias[3], E, "down bias") ||
+        (rope && (PyObject_GetBuffer(cs_o, &cs, PyBUF_C_CONTIGUOUS) < 0 || check_size(&cs, B * hd * 4, "cos") ||
+                  PyObject_GetBuffer(sn_o, &sn, PyBUF_C_CONTIGUOUS) < 0 || check_size(&sn, B * hd * 4, "sin")))) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "decode_block: bad head counts");
         goto done;
     }
-    { /* the matrices: [0..2] Q,K,V (or [0] fused), [3] o, [4..5] gate, up (or [4] fused), [6] down */
+    { /* the matrices: [0..2] Q,K,V (or [0] fused), [3] o, [4..5] gate, up (or [4] fused, or gelu's up), [6] down */
         const int nqkv = (int)PyTuple_GET_SIZE(qkv), ngu = (int)PyTuple_GET_SIZE(gu);
         PyObject *list[DB_MATS] = {PyTuple_GET_ITEM(qkv, 0), nqkv == 3 ? PyTuple_GET_ITEM(qkv, 1) : NULL,
                                    nqkv == 3 ? PyTuple_GET_ITEM(qkv, 2) : NULL, o, PyTuple_GET_ITEM(gu, 0),
                                    ngu == 2 ? PyTuple_GET_ITEM(gu, 1) : NULL, down};
         const Py_ssize_t k_in[DB_MATS] = {E, E, E, nq, E, E, F};
-        const Py_ssize_t need[DB_MATS] = {nqkv == 3 ? nq : nq + 2 * nkv, nkv, nkv, E, ngu == 2 ? F : 2 * F, F, E};
+        const Py_ssize_t need[DB_MATS] = {nqkv == 3 ? nq : nq + 2 * nkv, nkv, nkv, E,
+                                          ngu == 2 || act == ACT_GELU_NEW ? F : 2 * F, F, E};
         for (int i = 0; i < DB_MATS; i++) {
             width[i] = 0;
             if (!list[i]) continue;
@@ -1782,25 +1829,40 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args)
         float *xp = x.buf;
         int rc = 0;
         Py_BEGIN_ALLOW_THREADS
-        /* attention: norm, Q K V, rotary, cache write + attention, output projection, residual */
-        rms_norm_rows(xp, E, an.buf, h, B, E, eps);
+        /* attention: norm, Q K V (+ bias), rotary, cache write + attention, output projection (+ bias), residual */
+        if (anb.obj) layer_norm_rows(xp, E, an.buf, anb.buf, h, B, E, eps);
+        else rms_norm_rows(xp, E, an.buf, h, B, E, eps);
         rc |= mat_run(&mats[0], h, B, y0);
         if (!fused_qkv) rc |= mat_run(&mats[1], h, B, y1) | mat_run(&mats[2], h, B, y2);
+        add_bias(y0, width[0], &bias[0], B, nq + 2 * nkv);
         const float *qy = y0, *ky = fused_qkv ? y0 + nq : y1, *vy = fused_qkv ? y0 + nq + nkv : y2;
         const int64_t ldq = width[0], ldk = fused_qkv ? width[0] : width[1], ldv = fused_qkv ? width[0] : width[2];
-        rope_rows(qy, ldq, cs.buf, sn.buf, qr, B, H, hd);
-        rope_rows(ky, ldk, cs.buf, sn.buf, kr, B, Hkv, hd);
-        attend_rows(qr, kr, nkv, vy, ldv, kp, vp, ms, T, B, H, Hkv, hd, f16, merged);
+        if (rope) {
+            rope_rows(qy, ldq, cs.buf, sn.buf, qr, B, H, hd);
+            rope_rows(ky, ldk, cs.buf, sn.buf, kr, B, Hkv, hd);
+            attend_rows(qr, kr, nkv, vy, ldv, kp, vp, ms, T, B, H, Hkv, hd, f16, merged);
+        } else {
+            for (Py_ssize_t b = 0; b < B; b++) memcpy(qr + b * nq, qy + b * ldq, nq * 4); /* attend_rows reads q dense */
+            attend_rows(qr, ky, ldk, vy, ldv, kp, vp, ms, T, B, H, Hkv, hd, f16, merged);
+        }
         rc |= mat_run(&mats[3], merged, B, ob);
+        add_bias(ob, width[3], &bias[1], B, E);
         for (Py_ssize_t b = 0; b < B; b++)
             for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += ob[b * width[3] + i];
-        /* feed-forward: norm, gate and up, silu(gate) * up, down projection, residual */
-        rms_norm_rows(xp, E, fn.buf, h, B, E, eps);
+        /* feed-forward: norm, gate and up (+ bias), the activation, down projection (+ bias), residual */
+        if (fnb.obj) layer_norm_rows(xp, E, fn.buf, fnb.buf, h, B, E, eps);
+        else rms_norm_rows(xp, E, fn.buf, h, B, E, eps);
         rc |= mat_run(&mats[4], h, B, g0);
         if (!fused_gu) rc |= mat_run(&mats[5], h, B, g1);
-        const float *gate = g0, *up = fused_gu ? g0 + F : g1;
-        silu_mul_rows(gate, width[4], up, fused_gu ? width[4] : width[5], a, B, F);
+        if (act == ACT_GELU_NEW) {
+            add_bias(g0, width[4], &bias[2], B, F);
+            gelu_new_rows(g0, width[4], a, B, F, gelu_c, gelu_k);
+        } else {
+            const float *gate = g0, *up = fused_gu ? g0 + F : g1;
+            silu_mul_rows(gate, width[4], up, fused_gu ? width[4] : width[5], a, B, F);
+        }
         rc |= mat_run(&mats[6], a, B, db);
+        add_bias(db, width[6], &bias[3], B, E);
         for (Py_ssize_t b = 0; b < B; b++)
             for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += db[b * width[6] + i];
         Py_END_ALLOW_THREADS
@@ -1815,13 +1877,19 @@ done:
         if (vb[b].obj) PyBuffer_Release(&vb[b]);
     }
     PyMem_Free(kb); PyMem_Free(vb); PyMem_Free(kp); PyMem_Free(vp); PyMem_Free(T); PyMem_Free(ms);
-    PyBuffer_Release(&x); PyBuffer_Release(&an); PyBuffer_Release(&fn); PyBuffer_Release(&cs); PyBuffer_Release(&sn);
+    PyBuffer_Release(&x); PyBuffer_Release(&an); PyBuffer_Release(&fn);
+    if (cs.obj) PyBuffer_Release(&cs);
+    if (sn.obj) PyBuffer_Release(&sn);
+    if (anb.obj) PyBuffer_Release(&anb);
+    if (fnb.obj) PyBuffer_Release(&fnb);
+    for (int i = 0; i < 4; i++)
+        if (bias[i].obj) PyBuffer_Release(&bias[i]);
     return ret;
 }
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a kernel-held matrix of any kind"},
-    {"decode_block", py_decode_block, METH_VARARGS, "a Llama block for decode rows, one C call (kernels.ops.decode_block)"},
+    {"decode_block", py_decode_block, METH_VARARGS, "a Llama or GPT-2 block for decode rows, one C call (kernels.ops.decode_block)"},
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},
     {"rowwise", py_rowwise, METH_VARARGS, "a decode step's elementwise stages: norms, SiLU/GELU, RoPE (kernels.ops)"},
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "x -> 8-bit blocks, scales (float16-rounded), scaled sums"},

@@ -90,6 +90,15 @@ def kernel_path(trace: dict | None, weight) -> bool:
     return trace is None and isinstance(weight, KernelMatrix)
 
 
+FUSED_DECODE = True  # decode steps run each block as one C call (False: its kernels.ops calls one by one - same numbers)
+
+
+def fused_block(fast: bool, matrices) -> bool:
+    """Whether a decode-step block (`fast`: decode_step) runs as one C call, kernels.ops.decode_block: when
+    FUSED_DECODE and every matrix of the block is kernel-held."""
+    return fast and FUSED_DECODE and all(isinstance(m, KernelMatrix) for m in matrices)
+
+
 def decode_step(trace: dict | None, weight, segments: list[Segment]) -> bool:
     """Whether a block runs its elementwise stages (norms, activation, RoPE) as the C calls of
     kernels.ops: in an untraced decode step with kernel weights (every segment one row), where numpy's

@@ -20,7 +20,7 @@ from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.kernels import PackedMatrix, linear, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
-from llorch_cpud.models.base import Segment, attend_segments, decode_step, kernel_path, trace_put
+from llorch_cpud.models.base import Segment, attend_segments, decode_step, fused_block, kernel_path, trace_put
 
 
 @dataclass(frozen=True)
@@ -149,10 +149,15 @@ def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trac
     return out
 
 
+_BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
     """Checkpoint 7. One transformer block: pre-norm attention and FFN, each with its residual."""
     p = f"h.{i}."
     fast = decode_step(trace, w[p + "mlp.c_proj.weight"], segments)
+    if fused_block(fast, [w[p + n] for n in _BLOCK_MATRICES]):
+        return decode_block(x, w, i, cfg, segments)  # [rows, n_embd]
     norm = ops.layer_norm if fast else layer_norm
     trace_put(trace, i, "block_in", x)
     h = norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
@@ -166,6 +171,20 @@ def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=No
     x = x + f  # [rows, n_embd]
     trace_put(trace, i, "block_out", x)
     return x
+
+
+def decode_block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment]) -> np.ndarray:
+    """`block` for a decode step (every segment one row, packed weights, no trace) as one C call: the
+    kernels.ops versions of its stage functions in its order (kernels.ops.decode_block)."""
+    p = f"h.{i}."
+    return ops.decode_block(x, w[p + "ln_1.weight"], [w[p + "attn.c_attn.weight"]], w[p + "attn.c_proj.weight"],
+                            w[p + "ln_2.weight"], [w[p + "mlp.c_fc.weight"]], w[p + "mlp.c_proj.weight"], None, None,
+                            [s.cache for s in segments], [s.start + 1 for s in segments], i, cfg.n_head, cfg.n_head,
+                            cfg.head_dim, cfg.layer_norm_epsilon,
+                            norm_biases=(w[p + "ln_1.bias"], w[p + "ln_2.bias"]),
+                            biases=(w[p + "attn.c_attn.bias"], w[p + "attn.c_proj.bias"], w[p + "mlp.c_fc.bias"],
+                                    w[p + "mlp.c_proj.bias"]),
+                            gelu=(GELU_C, GELU_K))  # [B, n_embd] -> [B, n_embd]
 
 
 def embed(w: dict, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from llorch_cpud import kernels
 from llorch_cpud.kernels import KernelMatrix, PackedMatrix, QuantMatrix, as_dense, linear, linear_many, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
-from llorch_cpud.models.base import Segment, attend_segments, decode_step, kernel_path, trace_put
+from llorch_cpud.models.base import Segment, attend_segments, decode_step, fused_block, kernel_path, trace_put
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -272,14 +272,13 @@ def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos
 
 _BLOCK_MATRICES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
                    "ffn_up.weight", "ffn_down.weight")
-FUSED_DECODE = True  # decode steps run each block as one C call (False: its kernels.ops calls one by one - same numbers)
 
 
 def block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
     """Checkpoint 7. One decoder block: pre-norm attention and SwiGLU FFN, each with its residual."""
     p = f"blk.{i}."
     fast = decode_step(trace, w[p + "attn_output.weight"], segments)
-    if fast and FUSED_DECODE and all(isinstance(w[p + n], KernelMatrix) for n in _BLOCK_MATRICES):
+    if fused_block(fast, [w[p + n] for n in _BLOCK_MATRICES]):
         return decode_block(x, w, i, cfg, segments, cos, sin)  # [rows, n_embd]
     norm = ops.rms_norm if fast else rms_norm
     trace_put(trace, i, "block_in", x)
