@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llorch_cpud.errors import ModelLoadError
-from llorch_cpud.formats import load_model, resolve
+from llorch_cpud.formats import load_model, load_tokenizer, resolve
 from llorch_cpud.formats.hub import looks_like_hub_name
 
 
@@ -25,6 +25,18 @@ def test_loads_single_and_sharded(gpt2_small, gpt2_medium_ish):
     m2, _, _ = load_model(str(gpt2_medium_ish))
     assert m2.config.n_layer == 4 and m2.n_ctx == 64
     assert "h.0.attn.bias" not in m2.weights  # buffers are dropped
+
+
+def test_tokenizer_alone_is_the_models_and_can_be_handed_to_the_loader(gpt2_small, smollm2_gguf, tmp_path):
+    text = "Hello, world! Ünïcode and  spaces."
+    for spec in (str(gpt2_small), str(smollm2_gguf)):
+        _, tok, _ = load_model(spec)
+        alone = load_tokenizer(spec)
+        assert alone.encode(text) == tok.encode(text) and alone.eos_token_id == tok.eos_token_id
+        _, handed, _ = load_model(spec, tokenizer=alone)
+        assert handed is alone  # the loader does not build a second one
+    with pytest.raises(ModelLoadError, match="not a model folder or a .gguf file"):
+        load_tokenizer(str(tmp_path / "x.txt") if (tmp_path / "x.txt").write_text("x") else None)
 
 
 def test_weights_equal_transformers_state_dict(gpt2_small):

@@ -65,8 +65,8 @@ def apply_numerics(model, numerics: str, name: str = "model") -> None:
 def load_tokenizer(spec: str | None):
     """The tokenizer of the model a --model value names, without its weights.
 
-    Building one is a few long calls into `tokenizers` and `json` that hold the GIL (~100 ms for
-    GPT-2's 50k vocabulary and merges): the worker does it before /health answers."""
+    Building a folder's is a few long calls into `tokenizers` and `json` that hold the GIL (~100 ms for
+    GPT-2's 50k vocabulary and merges): the worker does that before /health answers."""
     path = resolve(spec)
     if path.is_dir() and (raw := read_config_if_gpt2(path)) is not None:
         from llorch_cpud.models.gpt2 import GPT2Config

@@ -241,11 +241,13 @@ def serve(cfg: ServeConfig) -> int:
     from llorch_cpud.formats import load_tokenizer, resolve
 
     AppStatus.disable_automatic_graceful_drain()  # we end streams ourselves, each with a terminal event
-    resolve(cfg.model)  # a missing model fails before anything else
-    # Imports and the tokenizer's construction hold the GIL in long C calls (~100 ms for GPT-2):
-    # done before /health answers, so that it answers promptly while the weights load.
+    path = resolve(cfg.model)  # a missing model fails before anything else
+    # Imports and a folder's tokenizer hold the GIL in long C calls (~100 ms for GPT-2's vocabulary and
+    # merges): done before /health answers, so that it answers promptly while the weights load. A GGUF's
+    # tokenizer comes from the metadata the loader parses anyway (parsing it twice costs ~0.3 s; its
+    # build holds the GIL ~25 ms).
     preload_modules()
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model) if path.is_dir() else None
     sock = bind(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     state = WorkerState(config=cfg)
