@@ -85,3 +85,23 @@ def test_runner_ratio_is_the_median_of_per_round_ratios():
     result = {"samples": samples, "runners": runners}
     assert ratio(result, "peer", "decode_tok_s") == 2.5  # not 90 / 40 = 2.25, the ratio of the medians
     assert ratio({"runners": runners}, "peer", "decode_tok_s") == 90.0 / 40.0  # no samples: medians
+
+
+def test_time_generate_script_times_both_whole_commands(gpt2_small):
+    """scripts/time_generate.py (the README's whole-command timing): both sides produce the tokens asked
+    for, and the medians and ratios it prints are those of its own rounds."""
+    pytest.importorskip("transformers")
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "time_generate.py"
+    r = subprocess.run([sys.executable, str(script), str(gpt2_small), "--max-tokens", "5", "--rounds", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    rounds = [ln for ln in lines if ln.startswith("round ")]
+    assert len(rounds) == 2 and all("(5 tokens" in ln.split("|")[1] for ln in rounds)  # transformers: exactly 5
+    walls = [(float(ln.split("ours ")[1].split(" s")[0]), float(ln.split("transformers ")[1].split(" s")[0]))
+             for ln in rounds]
+    expect = statistics.median(h / o for o, h in walls)
+    got = float(next(ln for ln in lines if ln.startswith("median wall")).rsplit("-> ", 1)[1].rstrip("x"))
+    assert abs(got - expect) <= 0.01 * expect + 0.006  # the rounds print milliseconds, the ratio two decimals
