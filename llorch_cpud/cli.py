@@ -76,7 +76,11 @@ def build_parser() -> Parser:
     v.add_argument("--model", default=None, help=model_help)
     v.add_argument("--prompt", default="Hello.")
     v.add_argument("--references", default="transformers", help="comma-separated, e.g. transformers,candle,tinygrad,jax,llamacpp")
-    v.add_argument("--tokens", type=ranged(int, 1, 512, "--tokens"), default=16, help="greedy tokens for checkpoint 12")
+    v.add_argument("--tokens", type=ranged(int, 1, 512, "--tokens"), default=64,
+                   help="greedy tokens compared end to end (checkpoint 12), and decode steps teacher-forced on the "
+                        "reference's tokens through every path (checkpoints 1-10 at decode positions)")
+    v.add_argument("--paths", default=None, help="decode paths to check, comma-separated from fused,stages,numpy "
+                   "(default: every one this build has)")
     v.add_argument("--report", type=Path, default=None, help="folder for report.json and report.md (default llorch-report; "
                    "with --isolated, reports are written only when given)")
     add_numerics_argument(v)
@@ -89,12 +93,13 @@ def build_parser() -> Parser:
     return p
 
 
-def load_engine(spec: str | None, numerics: str = "float32", tokenizer=None):
+def load_engine(spec: str | None, numerics: str = "float32", tokenizer=None, decode_path: str | None = None):
     from llorch_cpud.engine import Engine
     from llorch_cpud.formats import load_model, resolve
 
     path = resolve(spec)
-    model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics, tokenizer=tokenizer)
+    model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics, tokenizer=tokenizer,
+                                        decode_path=decode_path)
     return Engine(model, tokenizer, name=name), path
 
 
@@ -134,6 +139,37 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def path_engines(engine, spec, numerics: str, paths: str | None) -> list:
+    """One engine per decode path `validate` checks (models.base.PATHS): the production engine's own, the others
+    built from it (stages: the same weights) or loaded again (numpy: float32 arrays, as without the extension)."""
+    from llorch_cpud.engine import Engine
+    from llorch_cpud.kernels import enabled
+    from llorch_cpud.models.base import PATHS
+
+    if paths is None:
+        names = list(PATHS) if enabled() and engine.model.path != "numpy" else ["numpy"]
+        if numerics != "float32":
+            names = [p for p in names if p != "numpy"]  # the numpy path has no quantized products to run in q8
+    else:
+        names = [p.strip() for p in paths.split(",") if p.strip()]
+        bad = [p for p in names if p not in PATHS]
+        if bad or not names:
+            raise LlorchError(f"--paths: unknown path {bad[0]!r} (known: {', '.join(PATHS)})" if bad
+                              else "--paths: give at least one path")
+    out = []
+    for p in names:
+        if p == engine.model.path:
+            out.append(engine)
+        elif p == "numpy":
+            out.append(load_engine(spec, numerics=numerics, tokenizer=engine.tokenizer, decode_path="numpy")[0])
+        else:
+            try:
+                out.append(Engine(engine.model.with_path(p), engine.tokenizer, name=engine.name))
+            except ValueError as e:
+                raise LlorchError(f"--paths: {e}") from None
+    return out
+
+
 def cmd_validate(a) -> int:
     if a.isolated:
         from llorch_cpud.validate import isolated
@@ -144,10 +180,12 @@ def cmd_validate(a) -> int:
 
     refs = parse_references(a.references)
     a.report = a.report or Path("llorch-report")
-    engine, path = load_engine(a.model, numerics=a.numerics)
     t0 = time.perf_counter()
+    engine, path = load_engine(a.model, numerics=a.numerics)
+    engines = path_engines(engine, a.model, a.numerics, a.paths)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    result = validate(engine, path, engine.model.family, a.prompt, refs, n_tokens=a.tokens, log=log)
+    result = validate(engine, path, engine.model.family, a.prompt, refs, n_tokens=a.tokens, log=log,
+                      path_engines=engines)
     j, m = rep.write(result, a.report)
     print(rep.comparison(result))
     print(rep.table(result))

@@ -35,6 +35,9 @@ class Request:
     seed: int | None = None  # None: the engine picks one and reports it
     stop: list[str] = field(default_factory=list)
     job_id: str = ""
+    # Teacher forcing (the validator's decode checkpoints): generated token i is forced_tokens[i], whatever the
+    # sampler picked (`Sequence.picks` keeps its picks); past the list, generation goes on as usual.
+    forced_tokens: list[int] | None = None
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Sequence:
         self.pos = 0  # tokens already in the cache
         self.pending = list(self.prompt_ids)  # tokens to feed in the next step
         self.generated: list[int] = []
+        self.picks: list[int] = []  # what the sampler (or the model's greedy pick) chose at each step
         self.stream = TextStream(engine.tokenizer, request.stop)
         self.n_events = 0
         self.cancelled = threading.Event()
@@ -193,6 +197,10 @@ class Sequence:
         if token is None:
             token = sample(logits, self.request.sampling, self.rng, history=self.prompt_ids + self.generated)
         token = int(token)
+        self.picks.append(token)
+        forced = self.request.forced_tokens
+        if forced is not None and len(self.generated) < len(forced):
+            token = int(forced[len(self.generated)])
         if self.t_first is None:
             self.t_first = time.perf_counter()
         self.generated.append(token)

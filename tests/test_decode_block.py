@@ -41,23 +41,25 @@ def models(tmp_path_factory, smollm2_gguf):
     return {"smollm2": smollm2_gguf, "mixed": d / "mixed.gguf", "mqa": d / "mqa.gguf", "kquant": d / "kquant.gguf"}
 
 
-def run_steps(engine, fused: bool, n_steps: int = 5):
-    """Three sequences of different prompt lengths, prefilled, then decoded together; every decode
-    step's logits and, at the end, every cache."""
-    base.FUSED_DECODE = fused
-    try:
-        seqs = [engine.start(Request(prompt=p, max_tokens=n_steps + 3, sampling=SamplingParams(temperature=0.0), seed=0))
-                for p in ("Hello", "The quick brown fox jumps over", "1, 2, 3,")]
-        for s in seqs:
-            s.keep_logits = True
-        engine.step(seqs)  # the prefill (numpy stage functions either way)
-        logits = []
-        for _ in range(n_steps):
-            engine.step(seqs)
-            logits.append(np.stack([s.last_logits for s in seqs]))
-        return logits, [(s.cache.k.copy(), s.cache.v.copy()) for s in seqs]
-    finally:
-        base.FUSED_DECODE = True
+def run_steps(engine, path: str, n_steps: int = 5, traces: list | None = None):
+    """Three sequences of different prompt lengths, prefilled, then decoded together on the model's decode
+    `path`; every decode step's logits and, at the end, every cache. `traces`: a list that receives each decode
+    step's trace (the step is then traced)."""
+    engine = Engine(engine.model.with_path(path), engine.tokenizer)
+    engine.eos_token_id = None
+    seqs = [engine.start(Request(prompt=p, max_tokens=n_steps + 3, sampling=SamplingParams(temperature=0.0), seed=0))
+            for p in ("Hello", "The quick brown fox jumps over", "1, 2, 3,")]
+    for s in seqs:
+        s.keep_logits = True
+    engine.step(seqs)  # the prefill (numpy stage functions either way)
+    logits = []
+    for _ in range(n_steps):
+        trace = {} if traces is not None else None
+        engine.step(seqs, trace)
+        if traces is not None:
+            traces.append(trace)
+        logits.append(np.stack([s.last_logits for s in seqs]))
+    return logits, [(s.cache.k.copy(), s.cache.v.copy()) for s in seqs]
 
 
 @pytest.mark.parametrize("name", ["smollm2", "mixed", "mqa", "kquant"])
@@ -74,13 +76,32 @@ def check_fused_equals_ops(engine, n_layer, monkeypatch):
     calls = []
     fused_call = kernels.ops.decode_block
     monkeypatch.setattr(kernels.ops, "decode_block", lambda *a, **k: calls.append(1) or fused_call(*a, **k))
-    fused_logits, fused_caches = run_steps(engine, True)
+    fused_logits, fused_caches = run_steps(engine, "fused")
     assert len(calls) == 5 * n_layer  # every block of every decode step took the fused call
-    ops_logits, ops_caches = run_steps(engine, False)
+    ops_logits, ops_caches = run_steps(engine, "stages")
     assert len(calls) == 5 * n_layer
-    for a, b in zip(fused_logits, ops_logits):
-        np.testing.assert_array_equal(a, b)
-    for (ka, va), (kb, vb) in zip(fused_caches, ops_caches):
+    assert_same_steps((fused_logits, fused_caches), (ops_logits, ops_caches))
+    # traced: the same numbers (the C block copies its stage tensors out), and the fused block's stage tensors
+    # are the stage path's, bit for bit
+    fused_traces, ops_traces = [], []
+    assert_same_steps(run_steps(engine, "fused", traces=fused_traces), (fused_logits, fused_caches))
+    assert_same_steps(run_steps(engine, "stages", traces=ops_traces), (fused_logits, fused_caches))
+    names = {"block_in", "ln_1", "q", "k", "v", "scores", "attn_out", "ln_2", "ffn_out", "block_out"}
+    for tf, to in zip(fused_traces, ops_traces):
+        assert set(tf) == set(to) == names
+        for name in names - {"scores"}:
+            np.testing.assert_array_equal(tf[name], to[name], err_msg=name)
+        assert len(tf["scores"]) == 3
+        for sf, so in zip(tf["scores"], to["scores"]):
+            assert sf.shape[:2] == (sf.shape[0], 1) and np.isfinite(sf).all()
+            np.testing.assert_array_equal(sf, so)
+
+
+def assert_same_steps(a, b):
+    (la, ca), (lb, cb) = a, b
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+    for (ka, va), (kb, vb) in zip(ca, cb):
         np.testing.assert_array_equal(ka, kb)
         np.testing.assert_array_equal(va, vb)
 

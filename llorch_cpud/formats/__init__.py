@@ -40,11 +40,21 @@ def resolve(spec: str | None) -> Path:
     raise ModelLoadError(f"{spec}: no such file or folder")
 
 
-def load_model(spec: str | None, numerics: str = "float32", tokenizer=None):
+def load_model(spec: str | None, numerics: str = "float32", tokenizer=None, decode_path: str | None = None):
     """(model, tokenizer, name) for a --model value, its quantized products in `numerics`
     (kernels.quantized.NUMERICS: "float32", the default, or "q8", llama.cpp's 8-bit activations).
-    `tokenizer`: one load_tokenizer(spec) already built (the worker builds it before it listens)."""
-    model, tok, name = _load_model(spec, tokenizer)
+    `tokenizer`: one load_tokenizer(spec) already built (the worker builds it before it listens).
+    `decode_path`: how decode steps run (models.base.PATHS; None: fused with the C kernels, else numpy)."""
+    if decode_path is not None:
+        from llorch_cpud.kernels import enabled
+        from llorch_cpud.models.base import PATHS
+
+        if decode_path not in PATHS:
+            raise ModelLoadError(f"decode path must be one of {', '.join(PATHS)}, not {decode_path!r}")
+        if decode_path != "numpy" and not enabled():
+            raise ModelLoadError(f"decode path {decode_path!r} needs the C kernels, which this install lacks "
+                                 "(or LLORCH_KERNELS=numpy)")
+    model, tok, name = _load_model(spec, tokenizer, decode_path)
     apply_numerics(model, numerics, name)
     return model, tok, name
 
@@ -89,7 +99,7 @@ def read_config_if_gpt2(folder: Path) -> dict | None:
     return raw if raw.get("model_type") == "gpt2" else None
 
 
-def _load_model(spec: str | None, tokenizer=None):
+def _load_model(spec: str | None, tokenizer=None, decode_path: str | None = None):
     path = resolve(spec)
     name = spec or path.stem
     if path.is_dir():
@@ -97,7 +107,7 @@ def _load_model(spec: str | None, tokenizer=None):
 
         model_type = read_config(path).get("model_type")
         if model_type == "gpt2":
-            model, tok = load_gpt2_folder(path, tokenizer)
+            model, tok = load_gpt2_folder(path, tokenizer, decode_path)
             return model, tok, name
         raise ModelLoadError(f"{path / 'config.json'}: model_type {model_type!r} unsupported in a folder (gpt2 is; Llama-family models load from .gguf)")
     if path.suffix == ".gguf":
@@ -105,7 +115,7 @@ def _load_model(spec: str | None, tokenizer=None):
             from llorch_cpud.models.llama import load_gguf_model
         except ImportError:
             raise ModelLoadError(f"{path}: GGUF models are not supported by this build") from None
-        model, tok = load_gguf_model(path, tokenizer)
+        model, tok = load_gguf_model(path, tokenizer, decode_path)
         return model, tok, name
     if path.name in ("pytorch_model.bin",) or path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         raise ModelLoadError(f"{path}: pickle checkpoints are refused (unpickling can run arbitrary code); use safetensors or GGUF")

@@ -99,8 +99,9 @@ def load_safetensors(files: list[Path], strip_prefixes: tuple[str, ...] = ()) ->
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def load_gpt2_folder(folder: Path, tokenizer=None):
-    """A GPT2 model and its tokenizer from a Hugging Face folder (`tokenizer`: one already built from it)."""
+def load_gpt2_folder(folder: Path, tokenizer=None, decode_path: str | None = None):
+    """A GPT2 model and its tokenizer from a Hugging Face folder (`tokenizer`: one already built from it);
+    `decode_path` (models.base.PATHS; None: the best this build has) - "numpy" keeps numpy arrays."""
     from llorch_cpud.models.gpt2 import GPT2, GPT2Config
     from llorch_cpud.tokenizer import load_hf_tokenizer
 
@@ -120,7 +121,7 @@ def load_gpt2_folder(folder: Path, tokenizer=None):
     weights = {k: weights[k] for k in expected}  # drop buffers like h.0.attn.bias and an untied lm_head copy
     from llorch_cpud import kernels
 
-    packed = kernels.enabled()
+    packed = kernels.enabled() and decode_path != "numpy"
     for name in weights:
         if name.endswith(CONV1D_WEIGHTS):
             if packed:  # Conv1D [in, out] = Wᵀ: packed as W [out, in] for the C kernel (models/gpt2.conv1d)
@@ -133,7 +134,7 @@ def load_gpt2_folder(folder: Path, tokenizer=None):
         weights["wte.weight"] = kernels.PackedMatrix.from_dense(weights["wte.weight"])
     if tokenizer is None:
         tokenizer = load_hf_tokenizer(folder, eos_token_id=cfg.eos_token_id)
-    return GPT2(cfg, weights), tokenizer
+    return GPT2(cfg, weights, path=decode_path), tokenizer
 
 
 def gpt2_weight_shapes(cfg) -> dict[str, tuple[int, ...]]:

@@ -67,7 +67,7 @@ def linear_many(x: np.ndarray, weights) -> list[np.ndarray]:
 
 
 def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: list, values: list,
-                     lengths: list[int], out: np.ndarray | None = None) -> np.ndarray:
+                     lengths: list[int], out: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
     """One new query row per sequence: its K/V row written into the sequence's cache at position
     length-1 (what `cache_write` does), then attention over the cached positions - the math of
     `attention_scores` + `attention_heads` for a single row (the causal mask is then just the length),
@@ -76,7 +76,8 @@ def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: 
     q [B, H, hd]; k_new, v_new [B, Hkv, hd]; keys[b], values[b]: [Hkv, max_seq_b, hd] (one layer of a
     KVCache, float32 or float16 - all the same); lengths[b] = T_b -> [B, H·hd]. A float16 cache stores the
     new row rounded to nearest even, as cache_write's assignment does. tests/test_kernels.py holds it to the
-    numpy functions. `out`: a C-contiguous float32 [B, H·hd] to write into (else a new array)."""
+    numpy functions. `out`: a C-contiguous float32 [B, H·hd] to write into (else a new array). `scores`: None, or
+    a float32 [B, H, >= max T_b] that receives each row's scaled scores before the softmax (a traced step)."""
     B, n_head, head_dim = q.shape
     if out is None:
         out = np.empty((B, n_head * head_dim), np.float32)  # [B, H·hd]
@@ -86,8 +87,13 @@ def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, keys: 
     f16 = keys[0].dtype == np.float16  # the kernel checks every K/V buffer's format against it
     _qkernels.attend_decode(np.ascontiguousarray(q, dtype=f32), np.ascontiguousarray(k_new, dtype=f32),
                             np.ascontiguousarray(v_new, dtype=f32), keys, values, lengths, out,
-                            n_head, keys[0].shape[0], head_dim, f16)
+                            n_head, keys[0].shape[0], head_dim, f16, scores)
     return out
+
+
+def scores_buffer(batch: int, n_head: int, lengths: list[int]) -> np.ndarray:
+    """A traced decode step's scores [B, H, max T_b], NaN where a row has fewer positions."""
+    return np.full((batch, n_head, max(lengths)), np.nan, np.float32)
 
 
 def as_dense(weight) -> np.ndarray:
@@ -162,7 +168,8 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def decode_block(x: np.ndarray, attn_norm: np.ndarray, qkv: list, o, ffn_norm: np.ndarray, up: list, down,
                  cos: np.ndarray | None, sin: np.ndarray | None, caches: list, lengths: list[int], layer: int,
                  n_head: int, n_kv_head: int, head_dim: int, eps: float, *, norm_biases=(None, None),
-                 biases=(None, None, None, None), gelu: tuple[float, float] | None = None) -> np.ndarray:
+                 biases=(None, None, None, None), gelu: tuple[float, float] | None = None,
+                 trace: dict | None = None) -> np.ndarray:
     """A pre-norm block for a decode step - one row per sequence - in one C call: the norm, the Q/K/V
     products, rope, the cache write and attention (decode_attention), the output product and residual, the
     norm, the up products and activation, down and residual: the functions of this module, in the order the
@@ -173,15 +180,27 @@ def decode_block(x: np.ndarray, attn_norm: np.ndarray, qkv: list, o, ffn_norm: n
     `norm_biases` (ln_1, ln_2 biases: LayerNorm), `biases` of the (fused) qkv, o, up and down products
     (Conv1D), cos = sin = None, up = [c_fc] with gelu_new, `gelu` = its constants (c, k).
     x [B, n_embd] (not modified); caches[b]: sequence b's KVCache, whose layer `layer` gets the row's K, V
-    at lengths[b] - 1 -> [B, n_embd]."""
+    at lengths[b] - 1 -> [B, n_embd].
+
+    `trace`: a dict that receives the stage tensors this very call computes (copied out by the C code as it
+    goes; the result is bit-identical either way): ln_1, q [B, H, hd] (after rotary), k, v [B, Hkv, hd],
+    scores [B, H, max T_b] (scaled, before the softmax; NaN past a row's length), attn_out, ln_2, ffn_out."""
     x = np.array(x, dtype=np.float32, order="C")  # [B, n_embd] the block writes its output here
     f16 = caches[0].k.dtype == np.float16
     parts = lambda ws: (f.kernel_args(),) if (f := fused_parent(ws)) is not None else tuple(w.kernel_args() for w in ws)  # noqa: E731
     vec = lambda v: None if v is None else np.ascontiguousarray(v, dtype=np.float32)  # noqa: E731
     (b_qkv, b_o, b_up, b_down), (b_an, b_fn) = biases, norm_biases
     gc, gk = gelu if gelu is not None else (0.0, 0.0)
+    buffers = None
+    if trace is not None:
+        B, E = x.shape
+        shapes = {"ln_1": (B, E), "q": (B, n_head, head_dim), "k": (B, n_kv_head, head_dim),
+                  "v": (B, n_kv_head, head_dim), "attn_out": (B, E), "ln_2": (B, E), "ffn_out": (B, E)}
+        trace.update({name: np.empty(shape, np.float32) for name, shape in shapes.items()})
+        trace["scores"] = scores_buffer(B, n_head, lengths)
+        buffers = tuple(trace[n] for n in ("ln_1", "q", "k", "v", "scores", "attn_out", "ln_2", "ffn_out"))
     _qkernels.decode_block(x, vec(attn_norm), vec(b_an), parts(qkv), vec(b_qkv), o.kernel_args(), vec(b_o),
                            vec(ffn_norm), vec(b_fn), parts(up), vec(b_up), down.kernel_args(), vec(b_down), vec(cos),
                            vec(sin), [c.k for c in caches], [c.v for c in caches], lengths, layer, n_head, n_kv_head,
-                           head_dim, up[0].shape[0], eps, f16, 0 if gelu is None else 1, gc, gk)
+                           head_dim, up[0].shape[0], eps, f16, 0 if gelu is None else 1, gc, gk, buffers)
     return x

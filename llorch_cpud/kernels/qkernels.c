@@ -29,6 +29,21 @@
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
+/* Negative controls for `validate` (tests/test_faults.py): a test build with -DLLORCH_FAULT=FAULT_<NAME>
+ * computes one decode-path stage wrongly, and the validator must fail at the checkpoint of that stage.
+ * Without LLORCH_FAULT (every build pip makes) FAULT(x) is the constant 0 and each faulty branch is
+ * compiled away: the production binary holds no fault code. The names are listed in validate/faults.py. */
+enum {
+    FAULT_NONE, FAULT_ATTN_RESIDUAL, FAULT_NORM_EPS, FAULT_ROPE_SIN, FAULT_SILU_SLOPE, FAULT_GELU_SLOPE,
+    FAULT_ATTN_SCALE, FAULT_ROW_TILE_DROP_BLOCK, FAULT_BATCH_OTHER_CACHE, FAULT_KV_SLOT_PAST_40,
+    FAULT_ATTN_BLOCK_OFF_BY_ONE, FAULT_SOFTMAX_SUM, FAULT_Q8_DROP_BLOCK, FAULT_FFN_RESIDUAL,
+};
+#ifdef LLORCH_FAULT
+#define FAULT(name) (LLORCH_FAULT == FAULT_##name)
+#else
+#define FAULT(name) 0
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -168,7 +183,7 @@ q4_1_row_tile(const float *x, const uint8_t *qs, const void *d, const void *m, c
     f32x16 acc[4];
     for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
     const float *xr = x + r0 * K;
-    for (int64_t b = 0; b < NB; b++) {
+    for (int64_t b = 0; b < NB - FAULT(ROW_TILE_DROP_BLOCK); b++) {
         f32x16 dv[4], mv[4], tl[4], th[4];
         for (int u = 0; u < NL; u++) {
             dv[u] = load_scales(d, (c * NB + b) * L + 16 * u, f32s);
@@ -502,7 +517,7 @@ q4_1_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8
 {
     f32x16 acc[4];
     for (int u = 0; u < NL; u++) acc[u] = (f32x16){0};
-    for (int64_t b = 0; b < NB; b++) {
+    for (int64_t b = 0; b < NB - FAULT(Q8_DROP_BLOCK); b++) {
         i32x16 s0[4], s1[4];
         for (int u = 0; u < NL; u++) s0[u] = s1[u] = (i32x16){0};
         const uint8_t *xb = (const uint8_t *)xq + r0 * K + b * 32;
@@ -911,12 +926,23 @@ static inline const void *kv_at(const void *p, int64_t i, const int f16)
     return (const char *)p + i * (f16 ? 2 : 4);
 }
 
+/* The g heads' scaled scores (before the softmax) copied to sout, rows lds floats apart: a traced decode
+ * step's checkpoint-4 tensor, taken from the very buffer the softmax then reads (sout NULL: not traced). */
+static inline void trace_scores(const float *scores, int64_t Tp, int64_t T, int64_t g, float *sout, int64_t lds)
+{
+    if (sout)
+        for (int64_t h = 0; h < g; h++) memcpy(sout + h * lds, scores + h * Tp, sizeof(float) * T);
+}
+
+/* Softmax denominators: 1 / sum (FAULT_SOFTMAX_SUM: weights that do not sum to 1). */
+static inline float inv_sum(float sum) { return 1.f / (FAULT(SOFTMAX_SUM) ? 1.02f * sum : sum); }
+
 /* One (sequence, KV head) with its g query heads: softmax(q . K[0:T]^T * scale) . V[0:T].
  * k, v point at this KV head's [max_seq][hd] slab (float32, or float16 when f16); q at g consecutive
- * query rows [g][hd]; scores scratch holds g * T floats (T rounded up to 16). */
+ * query rows [g][hd]; scores scratch holds g * T floats (T rounded up to 16); sout, lds: trace_scores. */
 static inline __attribute__((always_inline)) void
 attend_group(const float *q, const void *k, const void *v, const int f16, int64_t T, int64_t hd, int64_t g,
-             float scale, float *scores, float *out)
+             float scale, float *scores, float *out, float *sout, int64_t lds)
 {
     const int64_t pf = f16 ? 2 * ATT_PF : ATT_PF; /* positions ahead: the same bytes ahead either way */
     int64_t Tp = (T + 15) & ~(int64_t)15;
@@ -959,6 +985,7 @@ attend_group(const float *q, const void *k, const void *v, const int f16, int64_
             scores[h * Tp + t] = s * scale;
         }
     }
+    trace_scores(scores, Tp, T, g, sout, lds);
     for (int64_t h = 0; h < g; h++) {
         float *sh = scores + h * Tp;
         float mx = -INFINITY;
@@ -971,7 +998,7 @@ attend_group(const float *q, const void *k, const void *v, const int f16, int64_
             acc += load16(sh + t);
         }
         float sum = hsum16(acc); /* 16 partial sums and a fixed tree: vectorised, deterministic */
-        float inv = 1.f / sum;
+        float inv = inv_sum(sum);
         for (int64_t t = 0; t < T; t++) sh[t] *= inv; /* the softmax weights */
         float *oh = out + h * hd;
         if (wide) {
@@ -1090,12 +1117,12 @@ static void values_dispatch(const float *p, int64_t Tp, const void *v, const int
 
 /* attend_group for hd = 16*nv, nv = 1..8; kscratch holds 16*hd floats. */
 static void attend_group16(const float *q, const void *k, const void *v, const int f16, int64_t T, int64_t nv,
-                           int64_t g, float scale, float *scores, float *kscratch, float *out)
+                           int64_t g, float scale, float *scores, float *kscratch, float *out, float *sout, int64_t lds)
 {
     const int64_t hd = 16 * nv, pf = f16 ? 2 * ATT_PF : ATT_PF, Tp = (T + 15) & ~(int64_t)15;
     for (int64_t t = 0; t < Tp; t += 16) {
         const float *kb;
-        int64_t n = T - t < 16 ? T - t : 16;
+        int64_t n = T - t < 16 ? T - t - FAULT(ATTN_BLOCK_OFF_BY_ONE) : 16;
         for (int64_t i = 0; i < 16 * hd * (f16 ? 2 : 4); i += 64) /* the block pf positions ahead */
             __builtin_prefetch((const char *)kv_at(k, (t + pf) * hd, f16) + i, 0, 3);
         if (f16 || n < 16) { /* widened, or the last rows zero-padded to a whole block */
@@ -1108,6 +1135,7 @@ static void attend_group16(const float *q, const void *k, const void *v, const i
         }
         for (int64_t h = 0; h < g; h++) scores16(q + h * hd, kb, nv, scale, scores + h * Tp + t);
     }
+    trace_scores(scores, Tp, T, g, sout, lds);
     for (int64_t h = 0; h < g; h++) { /* softmax over the T scores of each head */
         float *sh = scores + h * Tp;
         for (int64_t t = T; t < Tp; t++) sh[t] = -INFINITY;
@@ -1124,7 +1152,7 @@ static void attend_group16(const float *q, const void *k, const void *v, const i
             exp16(sh + t);
             acc += load16(sh + t);
         }
-        float inv = 1.f / hsum16(acc);
+        float inv = inv_sum(hsum16(acc));
         for (int64_t t = 0; t < Tp; t += 16) store16(sh + t, load16(sh + t) * inv); /* the softmax weights */
     }
     const int gh = values_heads((int)nv);
@@ -1136,18 +1164,20 @@ static void attend_group16(const float *q, const void *k, const void *v, const i
 
 /* One new row per sequence b: its K and V (rows of k_new, v_new, ldk and ldv floats apart) written into the
  * sequence's cache slabs kp[b], vp[b] ([Hkv][ms[b]][hd], float32 or float16) at position T[b] - 1 - what
- * cache_write does - then softmax(q . K[0:T]^T / sqrt(hd)) . V[0:T] per query head: q [B][H*hd] -> out [B][H*hd]. */
+ * cache_write does - then softmax(q . K[0:T]^T / sqrt(hd)) . V[0:T] per query head: q [B][H*hd] -> out [B][H*hd].
+ * sout: NULL, or [B][H][lds] floats (lds >= max T) that receive each head's scaled scores (a traced step). */
 static void attend_rows(const float *q, const float *kn, int64_t ldk, const float *vn, int64_t ldv, void *const *kp,
                         void *const *vp, const int64_t *ms, const int64_t *T, int64_t B, int64_t H, int64_t Hkv,
-                        int64_t hd, const int f16, float *out)
+                        int64_t hd, const int f16, float *out, float *sout, int64_t lds)
 {
     const int64_t es = f16 ? 2 : 4, g = H / Hkv;
-    const float scale = 1.f / sqrtf((float)hd);
+    const float scale = (FAULT(ATTN_SCALE) ? 1.02f : 1.f) / sqrtf((float)hd);
     int64_t maxT = 0;
     for (int64_t b = 0; b < B; b++) {
         if (T[b] > maxT) maxT = T[b];
         for (int64_t kvh = 0; kvh < Hkv; kvh++) { /* the new position's K, V into the cache (cache_write's job) */
-            size_t at = (size_t)((kvh * ms[b] + T[b] - 1) * hd);
+            const int64_t slot = FAULT(KV_SLOT_PAST_40) && T[b] > 40 && T[b] < ms[b] ? T[b] : T[b] - 1;
+            size_t at = (size_t)((kvh * ms[b] + slot) * hd);
             const float *kr = kn + b * ldk + kvh * hd, *vr = vn + b * ldv + kvh * hd;
             if (f16) { /* rounded to nearest even, as numpy's astype(float16) (cache_write) rounds */
                 for (int64_t i = 0; i < hd; i++) {
@@ -1168,30 +1198,55 @@ static void attend_rows(const float *q, const float *kn, int64_t ldk, const floa
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bk = 0; bk < B * Hkv; bk++) {
             int64_t b = bk / Hkv, kvh = bk % Hkv; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
-            const void *k = (const char *)kp[b] + kvh * ms[b] * hd * es;
-            const void *v = (const char *)vp[b] + kvh * ms[b] * hd * es;
+            const int64_t c = FAULT(BATCH_OTHER_CACHE) && b > 0 && T[b] <= ms[b - 1] ? b - 1 : b; /* the cache read */
+            const void *k = (const char *)kp[c] + kvh * ms[c] * hd * es;
+            const void *v = (const char *)vp[c] + kvh * ms[c] * hd * es;
             int64_t h0 = b * H + kvh * g;
-            if (fast) attend_group16(q + h0 * hd, k, v, f16, T[b], hd / 16, g, scale, scores, kscratch, out + h0 * hd);
-            else if (f16) attend_group(q + h0 * hd, k, v, 1, T[b], hd, g, scale, scores, out + h0 * hd);
-            else attend_group(q + h0 * hd, k, v, 0, T[b], hd, g, scale, scores, out + h0 * hd);
+            float *so = sout ? sout + h0 * lds : NULL;
+            if (fast) attend_group16(q + h0 * hd, k, v, f16, T[b], hd / 16, g, scale, scores, kscratch, out + h0 * hd, so, lds);
+            else if (f16) attend_group(q + h0 * hd, k, v, 1, T[b], hd, g, scale, scores, out + h0 * hd, so, lds);
+            else attend_group(q + h0 * hd, k, v, 0, T[b], hd, g, scale, scores, out + h0 * hd, so, lds);
         }
         free(scores);
         free(kscratch);
     }
 }
 
-/* attend_decode(q, k_new, v_new, ks, vs, lengths, out, n_head, n_kv, hd[, f16])
+/* A traced step's scores buffer: None, or float32 [B, H, lds] C-contiguous with lds >= every T_b (the caller's
+ * array, its padding untouched); *lds receives its last dimension. */
+static int scores_arg(PyObject *o, Py_buffer *b, Py_ssize_t B, Py_ssize_t H, const int64_t *T, int64_t *lds)
+{
+    memset(b, 0, sizeof *b);
+    *lds = 0;
+    if (!o || o == Py_None) return 0;
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_ND) < 0) return -1;
+    int ok = b->format && !strcmp(b->format, "f") && b->ndim == 3 && b->shape[0] == B && b->shape[1] == H;
+    for (Py_ssize_t i = 0; ok && i < B; i++) ok = T[i] <= b->shape[2];
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "scores must be float32 [%zd, %zd, >= max length]", B, H);
+        PyBuffer_Release(b);
+        b->obj = NULL;
+        return -1;
+    }
+    *lds = b->shape[2];
+    return 0;
+}
+
+/* attend_decode(q, k_new, v_new, ks, vs, lengths, out, n_head, n_kv, hd[, f16[, scores]])
  *   q [B, n_head, hd]; k_new, v_new [B, n_kv, hd]: the new position's K, V, written into the caches at
  *   position T_b - 1 first; ks[b], vs[b]: that sequence's layer slab [n_kv, max_seq_b, hd]
  *   (C-contiguous, writable; float16 when f16, else float32); lengths[b]: positions to attend (T_b);
- *   out [B, n_head * hd]. */
+ *   out [B, n_head * hd]; scores: None or [B, n_head, >= max T_b] for the scaled scores (scores_arg). */
 static PyObject *py_attend_decode(PyObject *self, PyObject *args)
 {
-    Py_buffer q, kn, vn, out;
-    PyObject *ks, *vs, *lens;
+    Py_buffer q, kn, vn, out, sb;
+    PyObject *ks, *vs, *lens, *so = NULL;
     Py_ssize_t H, Hkv, hd;
+    int64_t lds = 0;
     int f16 = 0;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOOw*nnn|p", &q, &kn, &vn, &ks, &vs, &lens, &out, &H, &Hkv, &hd, &f16)) return NULL;
+    memset(&sb, 0, sizeof sb);
+    if (!PyArg_ParseTuple(args, "y*y*y*OOOw*nnn|pO", &q, &kn, &vn, &ks, &vs, &lens, &out, &H, &Hkv, &hd, &f16, &so))
+        return NULL;
     const Py_ssize_t es = f16 ? 2 : 4; /* bytes per cached element */
     PyObject *ret = NULL;
     Py_ssize_t B = PySequence_Size(lens);
@@ -1244,6 +1299,7 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
             goto done;
         }
     }
+    if (scores_arg(so, &sb, B, H, T, &lds)) goto done;
     {
         void **kp = PyMem_Calloc(B ? B : 1, sizeof(void *)), **vp = PyMem_Calloc(B ? B : 1, sizeof(void *));
         if (!kp || !vp) {
@@ -1253,12 +1309,13 @@ static PyObject *py_attend_decode(PyObject *self, PyObject *args)
         }
         for (Py_ssize_t b = 0; b < B; b++) kp[b] = kb[b].buf, vp[b] = vb[b].buf;
         Py_BEGIN_ALLOW_THREADS
-        attend_rows(q.buf, kn.buf, Hkv * hd, vn.buf, Hkv * hd, kp, vp, ms, T, B, H, Hkv, hd, f16, out.buf);
+        attend_rows(q.buf, kn.buf, Hkv * hd, vn.buf, Hkv * hd, kp, vp, ms, T, B, H, Hkv, hd, f16, out.buf, sb.buf, lds);
         Py_END_ALLOW_THREADS
         PyMem_Free(kp); PyMem_Free(vp);
     }
     ret = Py_None; Py_INCREF(ret);
 done:
+    if (sb.obj) PyBuffer_Release(&sb);
     for (Py_ssize_t b = 0; b < nk; b++) PyBuffer_Release(&kb[b]);
     for (Py_ssize_t b = 0; b < nv; b++) PyBuffer_Release(&vb[b]);
     PyMem_Free(kb); PyMem_Free(vb); PyMem_Free(T); PyMem_Free(ms);
@@ -1343,7 +1400,7 @@ static void rms_norm_rows(const float *x, Py_ssize_t ldx, const float *w, float 
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * ldx;
         float ms = row_sum(xr, n, 0.f, 1) / (float)n;
-        float inv = 1.f / sqrtf(ms + eps);
+        float inv = 1.f / sqrtf(ms + (FAULT(NORM_EPS) ? 1e-3f : eps));
         for (int64_t i = 0; i < n; i += 16)
             store_n(y + r * n + i, load_n(w + i, n - i) * (load_n(xr + i, n - i) * inv), n - i);
     }
@@ -1358,7 +1415,7 @@ static void layer_norm_rows(const float *x, Py_ssize_t ldx, const float *w, cons
         const float *xr = x + r * ldx;
         float mean = row_sum(xr, n, 0.f, 0) / (float)n;
         float var = row_sum(xr, n, mean, 1) / (float)n;
-        float s = sqrtf(var + eps);
+        float s = sqrtf(var + (FAULT(NORM_EPS) ? 1e-3f : eps));
         for (int64_t i = 0; i < n; i += 16) {
             f32x16 xc = load_n(xr + i, n - i) - mean;
             f32x16 t = xc / s;
@@ -1376,7 +1433,7 @@ static void silu_mul_rows(const float *g, Py_ssize_t ldg, const float *u, Py_ssi
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < n; i += 16) {
             f32x16 x = load_n(g + r * ldg + i, n - i);
-            f32x16 d = (one + 1.f) + expv16(-x);
+            f32x16 d = (one + 1.f) + expv16(FAULT(SILU_SLOPE) ? -1.01f * x : -x);
             f32x16 s = x / d;
             store_n(y + r * n + i, s * load_n(u + r * ldu + i, n - i), n - i);
         }
@@ -1395,7 +1452,7 @@ static void gelu_new_rows(const float *x, Py_ssize_t ldx, float *y, int64_t rows
             cube = cube * v;
             f32x16 kc = cube * k;
             f32x16 u = v + kc;
-            u = u * c;
+            u = u * (FAULT(GELU_SLOPE) ? 1.01f * c : c);
             f32x16 d = (one + 1.f) + expv16(-2.f * u);
             store_n(y + r * n + i, v / d, n - i);
         }
@@ -1412,7 +1469,7 @@ static void rope_rows(const float *x, Py_ssize_t ldx, const float *cs, const flo
             float *yh = y + (r * heads + h) * hd;
             const float *c = cs + r * hd, *s = sn + r * hd;
             for (int64_t i = 0; i < half; i++) {
-                float a = xh[i] * c[i], b = -xh[i + half] * s[i];
+                float a = xh[i] * c[i], b = (FAULT(ROPE_SIN) ? xh[i + half] : -xh[i + half]) * s[i];
                 yh[i] = a + b;
             }
             for (int64_t i = half; i < hd; i++) {
@@ -1683,6 +1740,11 @@ done:
  *   ks[b], vs[b]: sequence b's whole cache [n_layer, Hkv, max_seq, hd] (float32, or float16 when f16);
  *        lengths[b] = T_b, positions to attend after this row's K, V are written at T_b - 1
  *   act: 0 silu(gate) * up (Llama), 1 gelu_new(up) with constants gelu_c, gelu_k (GPT-2)
+ *   trace (optional): None, or 8 writable float32 C-contiguous arrays that receive the stage tensors as this
+ *        very call computes them (the validator's checkpoints at decode rows): ln_1 [B, E], q [B, H*hd] (after
+ *        rotary), k, v [B, Hkv*hd], scores [B, H, >= max T_b] (scaled, before the softmax), attn_out [B, E]
+ *        (after the output product and its bias), ln_2 [B, E], ffn_out [B, E]. Copies only: the result is
+ *        bit-identical with or without it (tests/test_decode_block.py).
  * The stages run in the order the models' `block` runs their kernels.ops versions - the norm, the products
  * (mat_run) and their biases, rope, attend_rows, the residual add, the norm, the activation, the residual
  * add - with the same functions, so the result is bit-identical to that path; only the Python between them
@@ -1717,6 +1779,15 @@ static int opt_vec(PyObject *o, Py_buffer *b, Py_ssize_t n, const char *what)
     return 0;
 }
 
+/* dst[b, 0:n] = src[b, 0:n] for B rows (dst dense, src rows lds apart): a traced stage tensor; dst NULL: none. */
+static void trace_rows(float *dst, int64_t n, const float *src, int64_t lds, int64_t B)
+{
+    if (dst)
+        for (int64_t b = 0; b < B; b++) memcpy(dst + b * n, src + b * lds, sizeof(float) * n);
+}
+
+#define DB_TRACE 8 /* ln_1, q, k, v, scores, attn_out, ln_2, ffn_out */
+
 /* y[b, 0:n] += bias for each of B rows ld apart (conv1d's `y + b`), if there is a bias. */
 static void add_bias(float *y, int64_t ld, const Py_buffer *bias, int64_t B, int64_t n)
 {
@@ -1730,17 +1801,18 @@ enum { ACT_SILU_MUL, ACT_GELU_NEW };
 
 static PyObject *py_decode_block(PyObject *self, PyObject *args)
 {
-    Py_buffer x, an, fn, cs, sn, anb, fnb, bias[4];
-    PyObject *anb_o, *fnb_o, *bias_o[4], *cs_o, *sn_o;
+    Py_buffer x, an, fn, cs, sn, anb, fnb, bias[4], tb[DB_TRACE];
+    PyObject *anb_o, *fnb_o, *bias_o[4], *cs_o, *sn_o, *trace_o = Py_None;
     PyObject *qkv, *o, *gu, *down, *ks, *vs, *lens, *ret = NULL;
     Py_ssize_t layer, H, Hkv, hd, F;
     float eps, gelu_c, gelu_k;
     int f16, act;
+    int64_t lds = 0;
     memset(&cs, 0, sizeof cs); memset(&sn, 0, sizeof sn); memset(&anb, 0, sizeof anb); memset(&fnb, 0, sizeof fnb);
-    memset(bias, 0, sizeof bias);
-    if (!PyArg_ParseTuple(args, "w*y*OOOOOy*OOOOOOOOOOnnnnnfpiff", &x, &an, &anb_o, &qkv, &bias_o[0], &o, &bias_o[1],
+    memset(bias, 0, sizeof bias); memset(tb, 0, sizeof tb);
+    if (!PyArg_ParseTuple(args, "w*y*OOOOOy*OOOOOOOOOOnnnnnfpiff|O", &x, &an, &anb_o, &qkv, &bias_o[0], &o, &bias_o[1],
                           &fn, &fnb_o, &gu, &bias_o[2], &down, &bias_o[3], &cs_o, &sn_o, &ks, &vs, &lens, &layer, &H,
-                          &Hkv, &hd, &F, &eps, &f16, &act, &gelu_c, &gelu_k))
+                          &Hkv, &hd, &F, &eps, &f16, &act, &gelu_c, &gelu_k, &trace_o))
         return NULL;
     Mat mats[DB_MATS];
     Py_ssize_t width[DB_MATS];
@@ -1817,6 +1889,25 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args)
         kp[b] = (char *)kb[b].buf + layer * ms[b] * per_layer_pos;
         vp[b] = (char *)vb[b].buf + layer * ms[b] * per_layer_pos;
     }
+    if (trace_o != Py_None) { /* the stage tensors' buffers, each checked against its shape */
+        const Py_ssize_t n[DB_TRACE] = {E, nq, nkv, nkv, 0, E, E, E};
+        if (!PyTuple_Check(trace_o) || PyTuple_GET_SIZE(trace_o) != DB_TRACE) {
+            PyErr_SetString(PyExc_ValueError, "decode_block: trace is None or a tuple of 8 arrays");
+            goto done;
+        }
+        for (int i = 0; i < DB_TRACE; i++) {
+            if (i == 4) {
+                if (scores_arg(PyTuple_GET_ITEM(trace_o, i), &tb[i], B, H, T, &lds)) goto done;
+                continue;
+            }
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(trace_o, i), &tb[i], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+                goto done;
+            if (!tb[i].format || strcmp(tb[i].format, "f") || tb[i].len != B * n[i] * 4) {
+                PyErr_Format(PyExc_ValueError, "decode_block: trace array %d must be %zd x %zd float32", i, B, n[i]);
+                goto done;
+            }
+        }
+    }
     {
         const int fused_qkv = !mats[1].qs.obj, fused_gu = !mats[5].qs.obj;
         const Py_ssize_t n_scratch = B * (E + width[0] + width[1] + width[2] + nq + nkv + nq + width[3] + width[4] +
@@ -1832,6 +1923,7 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args)
         /* attention: norm, Q K V (+ bias), rotary, cache write + attention, output projection (+ bias), residual */
         if (anb.obj) layer_norm_rows(xp, E, an.buf, anb.buf, h, B, E, eps);
         else rms_norm_rows(xp, E, an.buf, h, B, E, eps);
+        trace_rows(tb[0].buf, E, h, E, B);
         rc |= mat_run(&mats[0], h, B, y0);
         if (!fused_qkv) rc |= mat_run(&mats[1], h, B, y1) | mat_run(&mats[2], h, B, y2);
         add_bias(y0, width[0], &bias[0], B, nq + 2 * nkv);
@@ -1840,18 +1932,24 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args)
         if (rope) {
             rope_rows(qy, ldq, cs.buf, sn.buf, qr, B, H, hd);
             rope_rows(ky, ldk, cs.buf, sn.buf, kr, B, Hkv, hd);
-            attend_rows(qr, kr, nkv, vy, ldv, kp, vp, ms, T, B, H, Hkv, hd, f16, merged);
         } else {
             for (Py_ssize_t b = 0; b < B; b++) memcpy(qr + b * nq, qy + b * ldq, nq * 4); /* attend_rows reads q dense */
-            attend_rows(qr, ky, ldk, vy, ldv, kp, vp, ms, T, B, H, Hkv, hd, f16, merged);
         }
+        const float *kn = rope ? kr : ky; /* K as written into the cache */
+        const int64_t ldkn = rope ? nkv : ldk;
+        trace_rows(tb[1].buf, nq, qr, nq, B);
+        trace_rows(tb[2].buf, nkv, kn, ldkn, B);
+        trace_rows(tb[3].buf, nkv, vy, ldv, B);
+        attend_rows(qr, kn, ldkn, vy, ldv, kp, vp, ms, T, B, H, Hkv, hd, f16, merged, tb[4].buf, lds);
         rc |= mat_run(&mats[3], merged, B, ob);
         add_bias(ob, width[3], &bias[1], B, E);
+        trace_rows(tb[5].buf, E, ob, width[3], B);
         for (Py_ssize_t b = 0; b < B; b++)
-            for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += ob[b * width[3] + i];
+            for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += FAULT(ATTN_RESIDUAL) ? 0.99f * ob[b * width[3] + i] : ob[b * width[3] + i];
         /* feed-forward: norm, gate and up (+ bias), the activation, down projection (+ bias), residual */
         if (fnb.obj) layer_norm_rows(xp, E, fn.buf, fnb.buf, h, B, E, eps);
         else rms_norm_rows(xp, E, fn.buf, h, B, E, eps);
+        trace_rows(tb[6].buf, E, h, E, B);
         rc |= mat_run(&mats[4], h, B, g0);
         if (!fused_gu) rc |= mat_run(&mats[5], h, B, g1);
         if (act == ACT_GELU_NEW) {
@@ -1863,8 +1961,9 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args)
         }
         rc |= mat_run(&mats[6], a, B, db);
         add_bias(db, width[6], &bias[3], B, E);
+        trace_rows(tb[7].buf, E, db, width[6], B);
         for (Py_ssize_t b = 0; b < B; b++)
-            for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += db[b * width[6] + i];
+            for (Py_ssize_t i = 0; i < E; i++) xp[b * E + i] += FAULT(FFN_RESIDUAL) ? 0.99f * db[b * width[6] + i] : db[b * width[6] + i];
         Py_END_ALLOW_THREADS
         if (rc) { PyErr_NoMemory(); goto done; }
     }
@@ -1884,6 +1983,8 @@ done:
     if (fnb.obj) PyBuffer_Release(&fnb);
     for (int i = 0; i < 4; i++)
         if (bias[i].obj) PyBuffer_Release(&bias[i]);
+    for (int i = 0; i < DB_TRACE; i++)
+        if (tb[i].obj) PyBuffer_Release(&tb[i]);
     return ret;
 }
 
@@ -1901,4 +2002,11 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", "Quantized matrix kernels (see qkernels.c).",
                                     -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__qkernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__qkernels(void)
+{
+    PyObject *m = PyModule_Create(&module);
+#ifdef LLORCH_FAULT
+    if (m && PyModule_AddIntConstant(m, "FAULT", LLORCH_FAULT) < 0) { Py_DECREF(m); return NULL; }
+#endif
+    return m;
+}

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from llorch_cpud.cache import KVCache
-from llorch_cpud.kernels.ops import KernelMatrix, decode_attention
+from llorch_cpud.kernels.ops import KernelMatrix, decode_attention, scores_buffer
 
 
 @dataclass
@@ -32,11 +32,14 @@ class Model(Protocol):
 
     def new_cache(self, max_seq: int) -> KVCache: ...
 
+    path: str  # how decode steps run (PATHS), chosen when the model is built
+
     def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
         """[rows] token ids -> [rows, n_embd] final hidden states (before the final norm).
 
-        Writes K/V of every row into its segment's cache. When `trace` is a dict, the
-        block-0 stage tensors of the first segment are stored in it by checkpoint name."""
+        Writes K/V of every row into its segment's cache. When `trace` is a dict, the block-0 stage
+        tensors of every row are stored in it by checkpoint name ("scores": one per segment), as the
+        path that runs computes them: tracing never changes the path or the numbers."""
         ...
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -49,66 +52,96 @@ class Model(Protocol):
         ...
 
 
-def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, fast: bool, trace,
+#: How a model runs its blocks, chosen when the model is built (`Model.path`):
+#:   fused   a decode step (every segment one row) runs each block as one C call (kernels.ops.decode_block) -
+#:           the default with the C extension; any other step (a prefill, alone or beside decode rows) runs
+#:           as `stages` does
+#:   stages  each block as its kernels.ops C calls one by one (the same numbers as fused, bit for bit); a prefill
+#:           segment's attention runs the numpy stage functions (per sequence), one-row segments' one C call
+#:   numpy   the numpy stage functions - the path without the C extension (weights held as float32 arrays)
+#: On the C paths every row's result is independent of the other rows of its step (the kernels sum each row
+#: in a fixed order), so a sequence's numbers do not depend on what it is batched with; numpy's BLAS sums in
+#: an order that depends on the number of rows, so on the numpy path they may, in the last bits.
+PATHS = ("fused", "stages", "numpy")
+PATH_NAMES = {"fused": "fused C block", "stages": "per-stage C ops", "numpy": "numpy stage functions"}
+
+
+def choose_path(path: str | None, matrices) -> str:
+    """The decode path a model is built with: `path` (None: fused when every matrix is held for the C kernels,
+    else numpy). fused and stages need kernel-held matrices."""
+    kernel = all(isinstance(m, KernelMatrix) for m in matrices)
+    if path is None:
+        return "fused" if kernel else "numpy"
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, not {path!r}")
+    if path != "numpy" and not kernel:
+        raise ValueError(f"path {path!r} needs the matrices held for the C kernels (this model's are numpy arrays)")
+    return path
+
+
+def step_path(path: str, segments: list[Segment]) -> str:
+    """How one forward runs its blocks: fused only in a decode step (every segment one row), else stages (PATHS)."""
+    if path == "fused" and any(s.length > 1 for s in segments):
+        return "stages"
+    return path
+
+
+def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, c_decode: bool, trace,
                     cache_write, cache_read, attention_scores, attention_heads) -> np.ndarray:
     """Attention of every segment over its own KV cache, heads merged into `merged` [rows, H·hd].
 
     q [rows, H, hd], k, v [rows, Hkv, hd]: the batched projections of all segments' rows. A segment of
-    several rows (a prefill) writes its K/V, reads its cache and runs the model's stage functions; when
-    `fast` (kernel weights, no trace), the one-row (decode) segments of every sequence go through one
+    several rows (a prefill) writes its K/V, reads its cache and runs the model's stage functions; with
+    `c_decode` (the model's path is not numpy) the one-row (decode) segments of every sequence go through one
     C call instead, which also writes their K/V. The stage functions are passed by the model module at
-    each call, so the validator's injected bugs (which replace them there) take effect."""
-    one_row: list[tuple[int, Segment]] = []
+    each call, so the validator's injected bugs (which replace them there) take effect. A trace records
+    each segment's scores (trace_scores)."""
+    one_row: list[tuple[int, int, Segment]] = []
+    seg_scores: list = [None] * len(segments)
     row = 0
-    for seg in segments:  # attention is per sequence (its own cache); the projections are batched
+    for j, seg in enumerate(segments):  # attention is per sequence (its own cache); the projections are batched
         rows = slice(row, row + seg.length)
-        if fast and seg.length == 1:
-            one_row.append((row, seg))  # its cache write happens in decode_attention
+        if c_decode and seg.length == 1:
+            one_row.append((j, row, seg))  # its cache write happens in decode_attention
         else:
             cache_write(seg.cache, layer, seg.start, k[rows], v[rows])
             k_all, v_all = cache_read(seg.cache, layer, seg.start + seg.length)  # 2 × [Hkv, T, hd]
             scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
-            if row == 0:
-                trace_put(trace, layer, "scores", scores)
+            if trace is not None and layer == 0:
+                seg_scores[j] = scores.copy()
             merged[rows] = attention_heads(scores, v_all)  # [n, H·hd]
         row += seg.length
     if one_row:
-        caches = ([s.cache.k[layer] for _, s in one_row], [s.cache.v[layer] for _, s in one_row],
-                  [s.start + 1 for _, s in one_row])
+        caches = ([s.cache.k[layer] for _, _, s in one_row], [s.cache.v[layer] for _, _, s in one_row],
+                  [s.start + 1 for _, _, s in one_row])
+        scores = scores_buffer(len(one_row), q.shape[1], caches[2]) if trace is not None and layer == 0 else None
         if len(one_row) == q.shape[0]:  # a decode step (every row one sequence's): no gather, no scatter
-            decode_attention(q, k, v, *caches, out=merged)  # [B, H, hd] -> [B, H·hd]
+            decode_attention(q, k, v, *caches, out=merged, scores=scores)  # [B, H, hd] -> [B, H·hd]
         else:
-            idx = [r for r, _ in one_row]
-            merged[idx] = decode_attention(q[idx], k[idx], v[idx], *caches)  # [B, H, hd] -> [B, H·hd]
+            idx = [r for _, r, _ in one_row]
+            merged[idx] = decode_attention(q[idx], k[idx], v[idx], *caches, scores=scores)  # [B, H, hd] -> [B, H·hd]
+        if scores is not None:
+            for i, (j, _, s) in enumerate(one_row):
+                seg_scores[j] = scores[i, :, None, : s.start + 1]  # [H, 1, T]
+    trace_put(trace, layer, "scores", seg_scores)
     return merged
 
 
-def kernel_path(trace: dict | None, weight) -> bool:
-    """Whether a block's one-row segments take the C decode attention: with kernel weights and no
-    validation trace. A traced forward - the validator's stage checks, and the bugs it injects into the
-    stage functions - runs the numpy stage functions; tests/test_kernels.py holds the paths to each other."""
-    return trace is None and isinstance(weight, KernelMatrix)
-
-
-FUSED_DECODE = True  # decode steps run each block as one C call (False: its kernels.ops calls one by one - same numbers)
-
-
-def fused_block(fast: bool, matrices) -> bool:
-    """Whether a decode-step block (`fast`: decode_step) runs as one C call, kernels.ops.decode_block: when
-    FUSED_DECODE and every matrix of the block is kernel-held."""
-    return fast and FUSED_DECODE and all(isinstance(m, KernelMatrix) for m in matrices)
-
-
-def decode_step(trace: dict | None, weight, segments: list[Segment]) -> bool:
-    """Whether a block runs its elementwise stages (norms, activation, RoPE) as the C calls of
-    kernels.ops: in an untraced decode step with kernel weights (every segment one row), where numpy's
-    per-call cost, not arithmetic, is their price. A prefill keeps the numpy stage functions, so the
-    logits of a request's first token are bit-identical to the validator's traced forward of its prompt
-    (checkpoint 9)."""
-    return kernel_path(trace, weight) and all(s.length == 1 for s in segments)
+def trace_decode_block(trace: dict | None, layer: int, x_in: np.ndarray, stages: dict, out: np.ndarray,
+                       segments: list[Segment]) -> None:
+    """Record what a fused decode block computed (kernels.ops.decode_block's trace) under the names a traced
+    block uses: the same tensors the stage path records, taken from the compiled block itself."""
+    if trace is None or layer != 0:
+        return
+    trace_put(trace, layer, "block_in", x_in)
+    for name in ("ln_1", "q", "k", "v", "attn_out", "ln_2", "ffn_out"):
+        trace_put(trace, layer, name, stages[name])
+    trace_put(trace, layer, "scores", [stages["scores"][b, :, None, : s.start + 1] for b, s in enumerate(segments)])
+    trace_put(trace, layer, "block_out", out)
 
 
 def trace_put(trace: dict | None, layer: int, name: str, value) -> None:
-    """Record a block-0 stage tensor for validation (a copy, so later in-place work cannot change it)."""
+    """Record a block-0 stage tensor of every row for validation (a copy, so later in-place work cannot change
+    it). "scores" is a list, one [H, n, T] per segment."""
     if trace is not None and layer == 0:
         trace[name] = value.copy() if isinstance(value, np.ndarray) else value

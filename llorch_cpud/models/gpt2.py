@@ -10,6 +10,7 @@ weight as the checkpoint's float32 array.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,8 @@ from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.kernels import PackedMatrix, linear, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
-from llorch_cpud.models.base import Segment, attend_segments, decode_step, fused_block, kernel_path, trace_put
+from llorch_cpud.models.base import (Segment, attend_segments, choose_path, step_path, trace_decode_block,
+                                     trace_put)
 
 
 @dataclass(frozen=True)
@@ -133,16 +135,16 @@ def ffn(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias, fast: bool = Fals
     return conv1d(a, c_proj_weight, c_proj_bias)  # [rows, n_inner] -> [rows, n_embd]
 
 
-def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
-    """Self-attention of block i over every segment, writing K/V into each segment's cache."""
+def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], path: str = "numpy",
+              trace=None) -> np.ndarray:
+    """Self-attention of block i over every segment, writing K/V into each segment's cache (`path`: the model's)."""
     p = f"h.{i}.attn."
     q, k, v = qkv_projection(x, w[p + "c_attn.weight"], w[p + "c_attn.bias"], cfg.n_head)  # 3 × [rows, H, hd]
     trace_put(trace, i, "q", q)
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
     merged = np.empty_like(x)  # [rows, n_embd]
-    fast = kernel_path(trace, w[p + "c_proj.weight"])  # decode rows: one C call for all
-    attend_segments(q, k, v, segments, i, merged, fast, trace, cache_write, cache_read, attention_scores,
+    attend_segments(q, k, v, segments, i, merged, path != "numpy", trace, cache_write, cache_read, attention_scores,
                     attention_heads)  # [rows, H·hd]
     out = conv1d(merged, w[p + "c_proj.weight"], w[p + "c_proj.bias"])  # checkpoint 5, every row: [rows, n_embd]
     trace_put(trace, i, "attn_out", out)
@@ -152,17 +154,19 @@ def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trac
 _BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
-    """Checkpoint 7. One transformer block: pre-norm attention and FFN, each with its residual."""
+def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], path: str = "numpy", trace=None) -> np.ndarray:
+    """Checkpoint 7. One transformer block: pre-norm attention and FFN, each with its residual. `path`: the
+    model's (base.PATHS): fused runs decode steps as one C call, any other step as stages."""
     p = f"h.{i}."
-    fast = decode_step(trace, w[p + "mlp.c_proj.weight"], segments)
-    if fused_block(fast, [w[p + n] for n in _BLOCK_MATRICES]):
-        return decode_block(x, w, i, cfg, segments)  # [rows, n_embd]
+    step = step_path(path, segments)
+    if step == "fused":
+        return decode_block(x, w, i, cfg, segments, trace)  # [rows, n_embd]
+    fast = step == "stages"
     norm = ops.layer_norm if fast else layer_norm
     trace_put(trace, i, "block_in", x)
     h = norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
     trace_put(trace, i, "ln_1", h)
-    x = x + attention(h, w, i, cfg, segments, trace)  # [rows, n_embd]
+    x = x + attention(h, w, i, cfg, segments, path, trace)  # [rows, n_embd]
     h = norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
     trace_put(trace, i, "ln_2", h)
     f = ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"],
@@ -173,18 +177,22 @@ def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=No
     return x
 
 
-def decode_block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment]) -> np.ndarray:
-    """`block` for a decode step (every segment one row, packed weights, no trace) as one C call: the
-    kernels.ops versions of its stage functions in its order (kernels.ops.decode_block)."""
+def decode_block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
+    """`block` for a decode step on the fused path (every segment one row, packed weights) as one C call: the
+    kernels.ops versions of its stage functions in its order (kernels.ops.decode_block), which copies its
+    stage tensors out for a trace."""
     p = f"h.{i}."
-    return ops.decode_block(x, w[p + "ln_1.weight"], [w[p + "attn.c_attn.weight"]], w[p + "attn.c_proj.weight"],
+    stages = {} if trace is not None and i == 0 else None
+    out = ops.decode_block(x, w[p + "ln_1.weight"], [w[p + "attn.c_attn.weight"]], w[p + "attn.c_proj.weight"],
                             w[p + "ln_2.weight"], [w[p + "mlp.c_fc.weight"]], w[p + "mlp.c_proj.weight"], None, None,
                             [s.cache for s in segments], [s.start + 1 for s in segments], i, cfg.n_head, cfg.n_head,
                             cfg.head_dim, cfg.layer_norm_epsilon,
                             norm_biases=(w[p + "ln_1.bias"], w[p + "ln_2.bias"]),
                             biases=(w[p + "attn.c_attn.bias"], w[p + "attn.c_proj.bias"], w[p + "mlp.c_fc.bias"],
                                     w[p + "mlp.c_proj.bias"]),
-                            gelu=(GELU_C, GELU_K))  # [B, n_embd] -> [B, n_embd]
+                            gelu=(GELU_C, GELU_K), trace=stages)  # [B, n_embd] -> [B, n_embd]
+    trace_decode_block(trace, i, x, stages, out, segments)
+    return out
 
 
 def embed(w: dict, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -210,13 +218,23 @@ class GPT2:
     family = "gpt2"
     numerics = "float32"  # how quantized products treat activations (formats.apply_numerics); GPT-2 has none
 
-    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray]):
+    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], path: str | None = None):
         self.config = config
         self.weights = weights
+        self.path = choose_path(path, self._matrices())
         self.n_ctx = config.n_positions
         self.vocab_size = config.vocab_size
         self.eos_token_id = config.eos_token_id
         self.head_screen = HeadScreen.build(weights["wte.weight"])  # greedy picks at half the head's bytes
+
+    def _matrices(self) -> list:
+        return [self.weights[f"h.{i}.{n}"] for i in range(self.config.n_layer) for n in _BLOCK_MATRICES]
+
+    def with_path(self, path: str) -> "GPT2":
+        """The same model (same weight objects) running decode steps on another path (base.PATHS)."""
+        other = copy.copy(self)
+        other.path = choose_path(path, self._matrices())
+        return other
 
     @property
     def packed(self) -> bool:
@@ -242,7 +260,7 @@ class GPT2:
         with self._threads():  # the C kernels own the cores: numpy's BLAS stays on one thread
             x = embed(self.weights, tokens, positions)  # [rows, n_embd]
             for i in range(self.config.n_layer):
-                x = block(x, self.weights, i, self.config, segments, trace)  # [rows, n_embd]
+                x = block(x, self.weights, i, self.config, segments, self.path, trace)  # [rows, n_embd]
         return x
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -286,4 +304,4 @@ class GPT2Stages:
 
     def block(self, x):  # [seq, n_embd] -> [seq, n_embd], with a scratch cache
         cache = self.m.new_cache(x.shape[0])
-        return block(x, self.w, self.i, self.cfg, [Segment(cache, 0, x.shape[0])])
+        return block(x, self.w, self.i, self.cfg, [Segment(cache, 0, x.shape[0])], self.m.path)

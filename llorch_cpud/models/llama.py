@@ -21,6 +21,7 @@ read `Llama.gguf.raw(name)[qk_row_order[name]]` (rows of quantized blocks permut
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ from llorch_cpud import kernels
 from llorch_cpud.kernels import KernelMatrix, PackedMatrix, QuantMatrix, as_dense, linear, linear_many, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
-from llorch_cpud.models.base import Segment, attend_segments, decode_step, fused_block, kernel_path, trace_put
+from llorch_cpud.models.base import (Segment, attend_segments, choose_path, step_path, trace_decode_block,
+                                     trace_put)
 
 #: `general.architecture` values this module runs (same tensors, same math as Llama).
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -253,17 +255,17 @@ def ffn(x, gate_weight, up_weight, down_weight, fast: bool = False) -> np.ndarra
     return linear(h, down_weight)  # [rows, n_ff] -> [rows, n_embd]
 
 
-def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
-    """Self-attention of block i over every segment, writing K/V into each segment's cache."""
+def attention(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, path: str = "numpy",
+              trace=None) -> np.ndarray:
+    """Self-attention of block i over every segment, writing K/V into each segment's cache (`path`: the model's)."""
     p = f"blk.{i}."
     q, k, v = qkv_projection(x, w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], cfg.n_head,
-                             cfg.n_kv_head, cos, sin, decode_step(trace, w[p + "attn_output.weight"], segments))
+                             cfg.n_kv_head, cos, sin, step_path(path, segments) == "stages")
     trace_put(trace, i, "q", q)
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
     merged = np.empty((x.shape[0], cfg.n_head * cfg.head_dim), np.float32)  # [rows, H·hd]
-    fast = kernel_path(trace, w[p + "attn_output.weight"])  # decode rows: one C call for all
-    attend_segments(q, k, v, segments, i, merged, fast, trace, cache_write, cache_read, attention_scores,
+    attend_segments(q, k, v, segments, i, merged, path != "numpy", trace, cache_write, cache_read, attention_scores,
                     attention_heads)  # [rows, H·hd]
     out = linear(merged, w[p + "attn_output.weight"])  # checkpoint 5 for every row: [rows, H·hd] -> [rows, n_embd]
     trace_put(trace, i, "attn_out", out)
@@ -274,17 +276,20 @@ _BLOCK_MATRICES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_outp
                    "ffn_up.weight", "ffn_down.weight")
 
 
-def block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
-    """Checkpoint 7. One decoder block: pre-norm attention and SwiGLU FFN, each with its residual."""
+def block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, path: str = "numpy",
+          trace=None) -> np.ndarray:
+    """Checkpoint 7. One decoder block: pre-norm attention and SwiGLU FFN, each with its residual. `path`: the
+    model's (base.PATHS): fused runs decode steps as one C call, any other step as stages."""
     p = f"blk.{i}."
-    fast = decode_step(trace, w[p + "attn_output.weight"], segments)
-    if fused_block(fast, [w[p + n] for n in _BLOCK_MATRICES]):
-        return decode_block(x, w, i, cfg, segments, cos, sin)  # [rows, n_embd]
+    step = step_path(path, segments)
+    if step == "fused":
+        return decode_block(x, w, i, cfg, segments, cos, sin, trace)  # [rows, n_embd]
+    fast = step == "stages"
     norm = ops.rms_norm if fast else rms_norm
     trace_put(trace, i, "block_in", x)
     h = norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
     trace_put(trace, i, "ln_1", h)
-    x = x + attention(h, w, i, cfg, segments, cos, sin, trace)  # [rows, n_embd]
+    x = x + attention(h, w, i, cfg, segments, cos, sin, path, trace)  # [rows, n_embd]
     h = norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)  # [rows, n_embd]
     trace_put(trace, i, "ln_2", h)
     f = ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"], fast)  # [rows, n_embd]
@@ -315,14 +320,18 @@ def lm_head(x: np.ndarray, w: dict, cfg: LlamaConfig) -> np.ndarray:
     return linear(h, head_weight(w))  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
 
 
-def decode_block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin) -> np.ndarray:
-    """`block` for a decode step (every segment one row, kernel weights, no trace) as one C call: the
-    kernels.ops versions of its stage functions in its order (kernels.ops.decode_block)."""
+def decode_block(x, w: dict, i: int, cfg: LlamaConfig, segments: list[Segment], cos, sin, trace=None) -> np.ndarray:
+    """`block` for a decode step on the fused path (every segment one row, kernel weights) as one C call: the
+    kernels.ops versions of its stage functions in its order (kernels.ops.decode_block), which copies its
+    stage tensors out for a trace."""
     p = f"blk.{i}."
-    return ops.decode_block(x, w[p + "attn_norm.weight"], [w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]],
-                            w[p + "attn_output.weight"], w[p + "ffn_norm.weight"], [w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"]],
-                            w[p + "ffn_down.weight"], cos, sin, [s.cache for s in segments], [s.start + 1 for s in segments], i,
-                            cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rms_norm_eps)  # [B, n_embd] -> [B, n_embd]
+    stages = {} if trace is not None and i == 0 else None
+    out = ops.decode_block(x, w[p + "attn_norm.weight"], [w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]],
+                           w[p + "attn_output.weight"], w[p + "ffn_norm.weight"], [w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"]],
+                           w[p + "ffn_down.weight"], cos, sin, [s.cache for s in segments], [s.start + 1 for s in segments], i,
+                           cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rms_norm_eps, trace=stages)  # [B, n_embd]
+    trace_decode_block(trace, i, x, stages, out, segments)
+    return out
 
 
 # ---------------------------------------------------------------- the model
@@ -333,9 +342,10 @@ class Llama:
     numerics = "float32"  # quantized products' activations and the KV cache dtype (formats.apply_numerics)
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], rope: RopeTables | None = None,
-                 gguf=None, qk_row_order: dict[str, np.ndarray] | None = None):
+                 gguf=None, qk_row_order: dict[str, np.ndarray] | None = None, path: str | None = None):
         self.config = config
         self.weights = weights
+        self.path = choose_path(path, [weights[f"blk.{i}.{n}"] for i in range(config.n_layer) for n in _BLOCK_MATRICES])
         self.n_ctx = config.n_ctx
         self.vocab_size = config.vocab_size
         self.eos_token_id = config.eos_token_id
@@ -361,7 +371,7 @@ class Llama:
         with self._threads():  # quantized kernels own the cores: numpy's BLAS stays on one thread
             x = embed(self.weights, tokens)  # [rows, n_embd]
             for i in range(self.config.n_layer):
-                x = block(x, self.weights, i, self.config, segments, cos, sin, trace)  # [rows, n_embd]
+                x = block(x, self.weights, i, self.config, segments, cos, sin, self.path, trace)  # [rows, n_embd]
         return x
 
     def _threads(self):
@@ -385,6 +395,13 @@ class Llama:
 
     def stages(self, layer: int = 0) -> "LlamaStages":
         return LlamaStages(self, layer)
+
+    def with_path(self, path: str) -> "Llama":
+        """The same model (same weight objects) running decode steps on another path (base.PATHS)."""
+        other = copy.copy(self)
+        other.path = choose_path(path, [self.weights[f"blk.{i}.{n}"] for i in range(self.config.n_layer)
+                                        for n in _BLOCK_MATRICES])
+        return other
 
 
 class LlamaStages:
@@ -420,7 +437,7 @@ class LlamaStages:
         cache = self.m.new_cache(x.shape[0])
         positions = np.arange(x.shape[0])
         cos, sin = self.m.rope.rows(positions)  # 2 × [seq, hd]
-        return block(x, self.w, self.i, self.cfg, [Segment(cache, 0, x.shape[0])], cos, sin)
+        return block(x, self.w, self.i, self.cfg, [Segment(cache, 0, x.shape[0])], cos, sin, self.m.path)
 
 
 # ---------------------------------------------------------------- loading
@@ -451,7 +468,7 @@ def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def load_llama(f, quantized: bool | None = None) -> Llama:
+def load_llama(f, quantized: bool | None = None, path: str | None = None) -> Llama:
     """A Llama from an open GGUFFile: config from metadata. With the C kernels (unless `quantized=False`
     or LLORCH_KERNELS=numpy), Q4_1/Q8_0/Q4_0/Q5_0 matrices are kept quantized (`QuantMatrix`, products computed
     on the stored blocks) and other matrices packed (`PackedMatrix`: F16 as float16, others dequantized
@@ -512,7 +529,7 @@ def load_llama(f, quantized: bool | None = None) -> Llama:
         freq_factors = load("rope_freqs.weight", (cfg.head_dim // 2,))
     rope = RopeTables(cfg.head_dim, cfg.rope_base, min(cfg.n_ctx, 8192), cfg.rope_linear_factor, freq_factors)
     f.release_pages()  # every weight is copied out of the mapping: its pages need not stay resident
-    return Llama(cfg, weights, rope=rope, gguf=f, qk_row_order=order)
+    return Llama(cfg, weights, rope=rope, gguf=f, qk_row_order=order, path=path)
 
 
 def gguf_tokenizer(f) -> "object":
@@ -525,13 +542,14 @@ def gguf_tokenizer(f) -> "object":
                      chat_template=info.chat_template)
 
 
-def load_gguf_model(path, tokenizer=None) -> tuple[Llama, "object"]:
-    """(model, tokenizer) from a .gguf file: weights held as the kernels need them, tokenizer from its
-    metadata (`tokenizer`: one already built from this file)."""
+def load_gguf_model(path, tokenizer=None, decode_path: str | None = None) -> tuple[Llama, "object"]:
+    """(model, tokenizer) from a .gguf file: weights held as the kernels need them (`decode_path` "numpy": as
+    float32 arrays, the path without the C extension), tokenizer from its metadata (`tokenizer`: one already
+    built from this file)."""
     from llorch_cpud.formats.gguf import GGUFFile
 
     f = GGUFFile.open(Path(path))
-    model = load_llama(f)
+    model = load_llama(f, quantized=False if decode_path == "numpy" else None, path=decode_path)
     tok = tokenizer if tokenizer is not None else gguf_tokenizer(f)
     n_tok = tok.vocab_size
     if n_tok > model.vocab_size:

@@ -21,7 +21,7 @@ import numpy as np
 import llorch_cpud.models.gpt2 as gpt2
 import llorch_cpud.models.llama as llama
 import llorch_cpud.sampling as sampling
-from llorch_cpud.kernels import linear
+from llorch_cpud.kernels import KernelMatrix, PackedMatrix, linear
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ def _scores_no_mask(q, k, start):
     return q.transpose(1, 0, 2) @ k.transpose(0, 2, 1) / math.sqrt(head_dim)
 
 
-def _block_no_attn_residual(x, w, i, cfg, segments, trace=None):
+def _block_no_attn_residual(x, w, i, cfg, segments, path="numpy", trace=None):
     p = f"h.{i}."
     h = gpt2.layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)
-    x = gpt2.attention(h, w, i, cfg, segments, trace)  # the residual `x +` is dropped
+    x = gpt2.attention(h, w, i, cfg, segments, path, trace)  # the residual `x +` is dropped
     h = gpt2.layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)
     return x + gpt2.ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
 
@@ -210,10 +210,10 @@ def _silu_as_gelu(x):
     return gpt2.gelu_new(x)
 
 
-def _llama_block_no_attn_residual(x, w, i, cfg, segments, cos, sin, trace=None):
+def _llama_block_no_attn_residual(x, w, i, cfg, segments, cos, sin, path="numpy", trace=None):
     p = f"blk.{i}."
     h = llama.rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
-    x = llama.attention(h, w, i, cfg, segments, cos, sin, trace)  # the residual `x +` is dropped
+    x = llama.attention(h, w, i, cfg, segments, cos, sin, path, trace)  # the residual `x +` is dropped
     h = llama.rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
     return x + llama.ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
 
@@ -302,6 +302,15 @@ def bugs_for(family: str) -> dict[str, Bug]:
     return BUGS_BY_FAMILY.get(family, {})
 
 
+def _held_like(old, new, family: str):
+    """A replacement weight held as the model holds the one it replaces: a numpy matrix for a kernel-held one
+    is packed for the kernels (its products the same), so the model keeps running the path it was built with.
+    The bugs give matrices as the math reads them: GPT-2's Conv1D [in, out] (`x @ W`), Llama's [out, in]."""
+    if not (isinstance(old, KernelMatrix) and isinstance(new, np.ndarray) and new.ndim == 2):
+        return new
+    return PackedMatrix.from_dense(np.ascontiguousarray(new.T if family == "gpt2" else new, dtype=np.float32))
+
+
 @contextlib.contextmanager
 def inject(name: str, model):
     """Apply a bug (looked up in the table of the model's family) to the running model; undo it on exit."""
@@ -314,7 +323,7 @@ def inject(name: str, model):
     for obj, attr, new in patches:
         if isinstance(obj, dict):
             saved.append((obj, attr, obj[attr]))
-            obj[attr] = new
+            obj[attr] = _held_like(obj[attr], new, model.family)
         else:  # an attribute the object did not hold itself (a method) is deleted again, not pinned
             saved.append((obj, attr, getattr(obj, attr) if attr in getattr(obj, "__dict__", {attr: 0}) else _MISSING))
             setattr(obj, attr, new)

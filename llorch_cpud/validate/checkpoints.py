@@ -1,9 +1,14 @@
-"""The twelve checkpoints (SPEC §2): each stage of our forward pass against each reference.
+"""The twelve checkpoints (SPEC §2): each stage of our forward pass against each reference, on every path.
 
-Stage checkpoints (1, 2, 4-7) are isolated: our stage function gets the reference's own
+Stage checkpoints (1, 2, 4-7) are first isolated: our stage function gets the reference's own
 input to that stage and its output is compared with the reference's output, so an error
 shows up at the stage that makes it, not downstream. Checkpoints 3 and 8-12 run our engine
 as it runs in production (cache, full forward, selection, sampling, the generation loop).
+Then every checkpoint is taken again at decode positions, on each decode path (validate/decode.py:
+the reference's greedy tokens fed through the production step, alone, traced, as a row of a batch,
+on one thread, and served greedy): the block-0 stage tensors that code computed (1-7), the cache it
+wrote (3), the logits it served (8), their bit-identity across runs (9) and its picks (10). Each
+checkpoint's result is the worst of its parts; `paths` lists every part with the path behind it.
 
 A reference that cannot expose a quantity (its capture() lacks a block-0 tensor, or its cache()
 raises NotAvailable, as llama.cpp's API does) gets status "n/a" at the checkpoints that need it:
@@ -21,9 +26,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from llorch_cpud.engine import Engine, Request
-from llorch_cpud.models.base import Segment
+from llorch_cpud.models.base import PATH_NAMES, Segment
 import llorch_cpud.sampling as sampling
 from llorch_cpud.sampling import SamplingParams
+from llorch_cpud.validate.decode import BATCHED
 from llorch_cpud.validate.references.base import NotAvailable
 from llorch_cpud.validate.report import tol_text
 
@@ -54,6 +60,11 @@ NORM_NAME = {"gpt2": "LayerNorm", "llama": "RMSNorm"}
 # Checkpoints 1, 4 (no quantized product), 9-12 (our own rows, the tie rules at 8's tolerance) keep SPEC's.
 NUMERICS_TOLERANCES = {"q8": {2: 0.1, 3: 0.1, 5: 0.02, 6: 1.0, 7: 1.0, 8: 4.0}}
 NUMERICS_REASON = {"q8": "q8 numerics tolerance (8-bit activations)"}
+# At decode positions the stage tensors are the step's own (its inputs are our earlier stages, not the reference's),
+# so under q8 the 8-bit products before a stage move it too: scores and attention output get their own profile there.
+NUMERICS_DECODE_TOLERANCES = {"q8": {4: 0.5, 5: 0.1}}
+# Which block-0 tensors each stage checkpoint compares at decode rows (validate/decode.py)
+DECODE_STAGES = {1: ("ln_1",), 2: ("q", "k", "v"), 4: ("scores",), 5: ("attn_out",), 6: ("ffn_out",), 7: ("block_out",)}
 SOFTMAX_TEMPERATURES = (0.5, 1.0, 1.5)
 MASKED = -1e30  # a reference's masked score is at most this (transformers uses finfo.min)
 
@@ -94,6 +105,8 @@ class Result:
     status: str  # pass | fail | tie | error | n/a (the reference cannot expose it: not compared)
     stats: dict = field(default_factory=dict)
     note: str = ""
+    path: str = ""  # the code that computed "ours"
+    paths: list = field(default_factory=list)  # every part of a combined result: path, shape, diff, status, note
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -172,8 +185,50 @@ class Capture(dict):
         raise NotAvailable(f"{self.ref.name} does not expose {key!r}" + (f" ({why})" if why else ""))
 
 
-def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Result]:
-    """All twelve checkpoints of our side against one loaded reference."""
+STATUS_ORDER = ("error", "fail", "tie", "pass", "n/a")
+
+
+def combine(parts: list[Result]) -> Result:
+    """One checkpoint's result from its parts (one per path and run): passed only if every part passed; the
+    largest difference; the first part's shape and statistics; the failing parts named in the note."""
+    head = parts[0]
+    if len(parts) == 1:
+        head.paths = [_part(head)]
+        return head
+    diffs = [p.max_abs_diff for p in parts if p.max_abs_diff is not None]
+    status = next(st for st in STATUS_ORDER if any(p.status == st for p in parts) or st == "n/a")
+    bad = [f"{p.path}: {p.note}" for p in parts if not p.passed]
+    note = "; ".join(bad) if bad else f"{len(parts)} paths and runs: " + "; ".join(
+        f"{p.path} {'-' if p.max_abs_diff is None else format(p.max_abs_diff, '.3g')}" for p in parts)
+    return Result(head.id, head.name, head.reference, head.shape, max(diffs) if diffs else None, head.tolerance,
+                  all(p.passed for p in parts), status, head.stats, note, head.path, [_part(p) for p in parts])
+
+
+def _part(r: Result) -> dict:
+    d = max_abs_diff_json(r.max_abs_diff)
+    return {"path": r.path, "shape": r.shape, "max_abs_diff": d, "tolerance": r.tolerance, "status": r.status,
+            "note": r.note}
+
+
+def max_abs_diff_json(d):
+    return str(d) if d is not None and not math.isfinite(d) else d
+
+
+@dataclass
+class DecodeSide:
+    """The decode-position comparison for one reference: our runs on every path (validate/decode.py), fed
+    `forced`, and the reference's full forward over prompt + forced (`full`: its capture())."""
+
+    prompt_ids: list[int]
+    forced: list[int]
+    runs: list  # [decode.PathRuns]
+    full: dict
+
+
+def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str, decode: DecodeSide | None = None,
+                    theirs_greedy: list[int] | None = None) -> list[Result]:
+    """All twelve checkpoints of our side against one loaded reference; `decode`: the same at decode positions
+    on every path; `theirs_greedy`: the reference's greedy tokens when already asked for."""
     results: list[Result] = []
     name = ref.name
     numerics = getattr(engine.model, "numerics", "float32")
@@ -189,23 +244,36 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
     tol8 = declared.get(8, spec8)  # checkpoint 8, the vs-reference part of 9, the tie rules of 10 and 12
     tol8_note = f"{reason[8]}, SPEC {tol_text(spec8)}" if 8 in declared else ""
 
-    def record(cid, fn):
+    in_situ = NUMERICS_DECODE_TOLERANCES.get(numerics, {})
+
+    def attempt(cid, title, tol, path, fn) -> Result:
+        try:
+            res = fn(cid, title, tol)
+        except NotAvailable as e:  # the reference cannot expose it: shown as N/A, not a failure
+            res = Result(cid, title, name, [], None, tol, True, "n/a", {}, f"n/a: not compared: {e}")
+        except Exception as e:  # a stage that crashes fails its checkpoint, with the reason
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            note = f"{type(e).__name__}: {e} (at {tb.filename.rsplit('/', 1)[-1]}:{tb.lineno})"
+            res = Result(cid, title, name, [], None, tol, False, "error", {}, note)
+        res.path = path
+        return res
+
+    def record(cid, fn, path):
         title, tol = CHECKPOINTS[cid]
         title = title.format(norm=NORM_NAME.get(family, "norm"))
         spec = tol
         if cid in declared:
             tol = declared[cid]
-        try:
-            res = fn(cid, title, tol)
-            if cid in declared and cid != 8 and res.status != "n/a":  # 8's note says it already
-                res.note = "; ".join(x for x in (res.note, f"{reason[cid]}, SPEC {tol_text(spec)}") if x)
-            results.append(res)
-        except NotAvailable as e:  # the reference cannot expose it: shown as N/A, not a failure
-            results.append(Result(cid, title, name, [], None, tol, True, "n/a", {}, f"n/a: not compared: {e}"))
-        except Exception as e:  # a stage that crashes fails its checkpoint, with the reason
-            tb = traceback.extract_tb(e.__traceback__)[-1]
-            note = f"{type(e).__name__}: {e} (at {tb.filename.rsplit('/', 1)[-1]}:{tb.lineno})"
-            results.append(Result(cid, title, name, [], None, tol, False, "error", {}, note))
+        res = attempt(cid, title, tol, path, fn)
+        if cid in declared and cid != 8 and res.status not in ("n/a", "error"):  # 8's note says it already
+            res.note = "; ".join(x for x in (res.note, f"{reason[cid]}, SPEC {tol_text(spec)}") if x)
+        parts = [res]
+        if decode is not None and cid in DECODE_PARTS:
+            tol_d = max(tol, in_situ.get(cid, 0.0))
+            for runs in decode.runs:
+                for label, part in DECODE_PARTS[cid](runs):
+                    parts.append(attempt(cid, title, tol_d, f"{runs.name}: {label}", part))
+        results.append(combine(parts))
 
     def compare(cid, title, tol, pairs, note=""):
         """pairs: [(label, ours, ref)]; the checkpoint's diff is the largest of them."""
@@ -218,16 +286,18 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
         return Result(cid, title, name, list(np.shape(o0)), worst, tol, passed, "pass" if passed else "fail",
                       {"ours": stats(o0), "reference": stats(r0)}, note)
 
+    DECODE_PARTS = decode_parts(decode, ref, compare, tol8, tol8_note) if decode is not None else {}
     cap = Capture(ref.capture(ours.ids), ref)
     st = engine.model.stages(0)
 
-    record(1, lambda c, t, tol: compare(c, t, tol, [("norm", st.norm_1(cap["block_in"]), cap["ln_1"])]))
+    isolated = "stage function fed the reference's inputs (prefill rows)"
+    record(1, lambda c, t, tol: compare(c, t, tol, [("norm", st.norm_1(cap["block_in"]), cap["ln_1"])]), isolated)
 
     def cp2(c, t, tol):
         q, k, v = st.qkv(cap["ln_1"], 0)
         return compare(c, t, tol, [("q", q, cap["q"]), ("k", k, cap["k"]), ("v", v, cap["v"])])
 
-    record(2, cp2)
+    record(2, cp2, isolated)
 
     def cp3(c, t, tol):
         ours.need("cache")
@@ -260,7 +330,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
             r.note = "bit-identical to our own projections at positions 0..n; " + r.note
         return r
 
-    record(3, cp3)
+    record(3, cp3, f"prefill, then one decode step ({PATH_NAMES[engine.model.path]})")
 
     def cp4(c, t, tol):
         ours_s = st.scores(cap["q"], cap["k_all"], 0)  # [H, n, T]
@@ -277,15 +347,16 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
         r.stats = {"ours": stats(np.where(keep, ours_s, np.nan)), "reference": stats(np.where(keep, ref_s, np.nan))}
         return r
 
-    record(4, cp4)
-    record(5, lambda c, t, tol: compare(c, t, tol, [("attn", st.attn_out(cap["scores"], cap["v_all"]), cap["attn_out"])]))
-    record(6, lambda c, t, tol: compare(c, t, tol, [("ffn", st.ffn(cap["ln_2"]), cap["ffn_out"])]))
-    record(7, lambda c, t, tol: compare(c, t, tol, [("block", st.block(cap["block_in"]), cap["block_out"])]))
+    record(4, cp4, isolated)
+    record(5, lambda c, t, tol: compare(c, t, tol, [("attn", st.attn_out(cap["scores"], cap["v_all"]), cap["attn_out"])]),
+           isolated)
+    record(6, lambda c, t, tol: compare(c, t, tol, [("ffn", st.ffn(cap["ln_2"]), cap["ffn_out"])]), isolated)
+    record(7, lambda c, t, tol: compare(c, t, tol, [("block", st.block(cap["block_in"]), cap["block_out"])]), isolated)
     def cp8(c, t, tol):
         ours.need("logits")
         return compare(c, t, tol, [("logits", ours.full_logits, cap["logits"])], note=tol8_note)
 
-    record(8, cp8)
+    record(8, cp8, "prefill rows, traced forward")
 
     def cp9(c, t, tol):
         ours.need("logits")
@@ -298,7 +369,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
             r.passed, r.status = False, "fail"
         return r
 
-    record(9, cp9)
+    record(9, cp9, "the prefill step's logits, as the sampler saw them")
 
     def cp10(c, t, tol):
         ours.need("selected")
@@ -329,7 +400,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
                       f"ours {ours_tok}, reference {theirs}: reference logit gap {ours_gap:.3g} >= checkpoint 8 "
                       f"tolerance {tol8:g}{why}")
 
-    record(10, cp10)
+    record(10, cp10, f"the prefill step's picks (sampler; served greedy step, {PATH_NAMES[engine.model.path]})")
 
     def cp11(c, t, tol):
         ref_logits = cap["logits"][-1]
@@ -347,11 +418,11 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
             r.passed, r.status = False, "fail"
         return r
 
-    record(11, cp11)
+    record(11, cp11, "the sampler's softmax")
 
     def cp12(c, t, tol):
         ours.need("greedy")
-        theirs = ref.greedy(ours.ids, ours.n_tokens, engine.eos_token_id)
+        theirs = theirs_greedy if theirs_greedy is not None else ref.greedy(ours.ids, ours.n_tokens, engine.eos_token_id)
         mine = ours.greedy
         s = {"ours": {"tokens": mine}, "reference": {"tokens": theirs}}
         if mine == theirs:
@@ -370,5 +441,107 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str) -> list[Res
                       f"paths part at step {j} ({j} identical tokens before it): ours {mine[j]}, reference "
                       f"{theirs[j]}, our logit gap {gap:.3g}; {verdict}")
 
-    record(12, cp12)
+    record(12, cp12, f"greedy generation ({PATH_NAMES[engine.model.path]})")
     return results
+
+
+
+def decode_parts(decode: DecodeSide, ref, compare, tol8: float, tol8_note: str) -> dict:
+    """Checkpoint id -> fn(path runs) -> [(label, fn(cid, title, tol) -> Result)]: the comparisons at decode
+    positions (validate/decode.py). Step j of a run fed position n + j; the reference's full forward has it at row
+    n + j."""
+    n, steps = len(decode.prompt_ids), len(decode.forced)
+    full = Capture(decode.full, ref)
+    ref_name = ref.name
+
+    def ref_stage(stage: str, pos: int):
+        if stage == "scores":
+            return full["scores"][:, pos, : pos + 1]  # [H, T] of row pos (the causal mask leaves the rest)
+        return full[stage][pos]
+
+    def stages_part(stages: tuple, run):
+        def fn(c, t, tol):
+            worst: dict = {}
+            for j, mine in enumerate(run.stages):
+                for stage in stages:
+                    d = max_abs_diff(mine[stage], ref_stage(stage, n + j))
+                    if stage not in worst or not d <= worst[stage][0]:
+                        worst[stage] = (d, n + j)
+            diff = max(d for d, _ in worst.values())
+            last = run.stages[-1][stages[0]]
+            note = ", ".join(f"{stage} {d:.3g} at position {pos}" for stage, (d, pos) in worst.items())
+            ok = diff <= tol
+            return Result(c, t, ref_name, [steps, *last.shape], diff, tol, ok, "pass" if ok else "fail",
+                          {"ours": stats(last), "reference": stats(ref_stage(stages[0], n + steps - 1))}, note)
+        return fn
+
+    def kv_part(run):
+        def fn(c, t, tol):
+            kept = run.k.dtype  # float32, or float16 in the q8 numerics
+            bad = [n + j for j, mine in enumerate(run.stages)
+                   if not (np.array_equal(run.k[:, n + j], mine["k"].astype(kept))
+                           and np.array_equal(run.v[:, n + j], mine["v"].astype(kept)))]
+            r = compare(c, t, tol, [("k", run.k, full["k_all"]), ("v", run.v, full["v_all"])],
+                        note=f"every position 0..{n + steps - 1}")
+            if bad:
+                r.passed, r.status = False, "fail"
+                r.note = (f"the cache the decode path wrote is not bit-identical to the K/V its steps computed at "
+                          f"positions {bad[:5]}{' ...' if len(bad) > 5 else ''}; " + r.note)
+            return r
+        return fn
+
+    def logits_part(run):
+        return lambda c, t, tol: compare(c, t, tol, [("logits", np.stack(run.logits), full["logits"][n : n + steps])],
+                                         note=tol8_note)
+
+    def same_part(run, alone, path):
+        def fn(c, t, tol):
+            if path == "numpy" and run.label.endswith(BATCHED):
+                raise NotAvailable("numpy's BLAS sums in an order that depends on the number of rows: the numpy path "
+                                   "does not promise batch-invariant bits (checkpoint 8 holds its batch rows)")
+            a, b = np.stack(alone.logits), np.stack(run.logits)
+            same = a.shape == b.shape and np.array_equal(a, b)
+            cache = np.array_equal(alone.k, run.k) and np.array_equal(alone.v, run.v)
+            d = max_abs_diff(b, a) if a.shape == b.shape else math.inf
+            note = (f"logits {'bit-identical' if same else 'differ'} to the untraced single-sequence run over "
+                    f"{steps} steps; block-0 cache {'bit-identical' if cache else 'differs'}")
+            ok = same and cache
+            return Result(c, t, ref_name, list(b.shape), d, tol, ok, "pass" if ok else "fail", {}, note)
+        return fn
+
+    def picks_part(run, alone):
+        def fn(c, t, tol):
+            mine = [int(np.argmax(l)) for l in alone.logits]
+            wrong = [j for j in range(steps) if run.picks[j] != mine[j]]
+            if wrong:
+                j = wrong[0]
+                return Result(c, t, ref_name, [steps], math.inf, tol, False, "fail", {},
+                              f"at position {n + j} the step picked {run.picks[j]}; the argmax of the logits it served "
+                              f"is {mine[j]} ({len(wrong)} of {steps} steps)")
+            ties, fails = [], []
+            for j in range(steps):
+                row = full["logits"][n + j]
+                theirs = int(ref.argmax(row))
+                if theirs != mine[j]:
+                    gap = float(row[theirs] - row[mine[j]])
+                    (ties if gap < tol8 else fails).append((n + j, mine[j], theirs, gap))
+            status = "fail" if fails else "tie" if ties else "pass"
+            note = f"{steps} picks equal the argmax of the served logits"
+            if ties or fails:
+                pos, a, b, gap = (fails or ties)[0]
+                note += (f"; {len(fails)} picks differ from the reference's argmax beyond checkpoint 8 tolerance "
+                         f"{tol8:g}, {len(ties)} within it (first at position {pos}: ours {a}, reference {b}, reference "
+                         f"logit gap {gap:.3g})")
+            return Result(c, t, ref_name, [steps], 0.0, tol, not fails, status, {}, note)
+        return fn
+
+    parts = {cid: (lambda runs, names=names: [(runs.traced.label, stages_part(names, runs.traced)),
+                                               (runs.batch.label, stages_part(names, runs.batch))])
+             for cid, names in DECODE_STAGES.items()}
+    parts[3] = lambda runs: [(runs.traced.label, kv_part(runs.traced)), (runs.batch.label, kv_part(runs.batch))]
+    parts[8] = lambda runs: [(runs.alone.label, logits_part(runs.alone)), (runs.batch.label, logits_part(runs.batch))]
+    parts[9] = lambda runs: [(r.label, same_part(r, runs.alone, runs.path))
+                             for r in (runs.traced, runs.batch, runs.one_thread) if r]
+    parts[10] = lambda runs: [(runs.alone.label + " (sampler)", picks_part(runs.alone, runs.alone)),
+                              (runs.served.label, picks_part(runs.served, runs.alone))]
+    return parts

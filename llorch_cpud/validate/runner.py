@@ -10,7 +10,8 @@ from pathlib import Path
 from llorch_cpud.engine import Engine
 from llorch_cpud.errors import LlorchError
 from llorch_cpud.validate import references
-from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES, OurSide, run_checkpoints
+from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES, DecodeSide, OurSide, run_checkpoints
+from llorch_cpud.validate.decode import forced_tokens, run_path
 from llorch_cpud.validate.references.base import ReferenceUnavailable
 
 
@@ -70,14 +71,24 @@ def reference_notes(ref, prompt: str, prompt_ids: list[int]) -> dict:
     return out
 
 
-def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_names: list[str], n_tokens: int = 12,
-             log=print) -> dict:
-    """Run every checkpoint against every reference; returns the report dict."""
+def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_names: list[str], n_tokens: int = 64,
+             log=print, path_engines: list[Engine] | None = None) -> dict:
+    """Run every checkpoint against every reference; returns the report dict. `path_engines`: the engines whose
+    decode paths are checked at decode positions (validate/decode.py; default: `engine` alone); `n_tokens`: the
+    greedy tokens compared end to end, and the decode steps teacher-forced on each path."""
     prompt_ids = engine.tokenizer.encode(prompt)
     if not prompt_ids:
         raise LlorchError("--prompt: encodes to no tokens")
+    room = engine.model.n_ctx - len(prompt_ids) - 1
+    if room < 1:
+        raise LlorchError(f"--prompt: {len(prompt_ids)} tokens leave no room in the model's context {engine.model.n_ctx}")
+    if n_tokens > room:
+        log(f"--tokens {n_tokens} cut to {room}: the model's context is {engine.model.n_ctx}")
+        n_tokens = room
+    path_engines = path_engines or [engine]
     log(f"our side: {len(prompt_ids)} prompt tokens, {n_tokens} greedy tokens")
     ours = OurSide(engine, prompt_ids, n_tokens)
+    decode_cache: dict = {}
     results, skipped, versions, notes = [], {}, base_versions(), {}
     for name in ref_names:
         log(f"reference {name}: loading")
@@ -90,8 +101,15 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
             continue
         versions.update({f"{name}/{k}": v for k, v in ref.versions().items()})
         notes[name] = reference_notes(ref, prompt, prompt_ids)
+        log(f"reference {name}: greedy tokens and the forward over them")
+        theirs = ref.greedy(prompt_ids, n_tokens, engine.eos_token_id)
+        forced = forced_tokens(theirs, prompt_ids, n_tokens, engine.eos_token_id)
+        if tuple(forced) not in decode_cache:  # references that agree share our runs
+            log(f"our side: {n_tokens} teacher-forced decode steps on {', '.join(e.model.path for e in path_engines)}")
+            decode_cache[tuple(forced)] = [run_path(e, prompt_ids, forced) for e in path_engines]
+        decode = DecodeSide(prompt_ids, forced, decode_cache[tuple(forced)], ref.capture(prompt_ids + forced))
         log(f"reference {name}: running checkpoints")
-        results += [r.to_json() for r in run_checkpoints(engine, ours, ref, family)]
+        results += [r.to_json() for r in run_checkpoints(engine, ours, ref, family, decode, theirs)]
         del ref
     ran = [n for n in ref_names if n not in skipped]
     return {
@@ -103,6 +121,7 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
         "prompt": prompt,
         "prompt_ids": prompt_ids,
         "n_tokens": n_tokens,
+        "paths": [e.model.path for e in path_engines],
         "references": ran,
         "skipped": skipped,
         "versions": versions,
