@@ -23,7 +23,7 @@ from llorch_cpud.sampling import SamplingParams
 from llorch_cpud.tokenizer.chat import apply_chat_template
 from llorch_cpud.validate import references
 from llorch_cpud.validate.bugs import BUGS, LLAMA_BUGS, bugs_for, inject
-from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
+from llorch_cpud.validate.runner import check
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -241,8 +241,7 @@ def test_cli_validate_passes_all_twelve(smollm2_gguf, tmp_path):
 
 
 def first_failures(engine, ref):
-    ours = OurSide(engine, engine.tokenizer.encode("Hello. How are you?"), 4)
-    results = run_checkpoints(engine, ours, ref, "llama")
+    results = check(engine, ref, engine.tokenizer.encode("Hello. How are you?"), 6)
     return [r.id for r in results if not r.passed], results
 
 

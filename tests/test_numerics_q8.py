@@ -16,7 +16,8 @@ from llorch_cpud import kernels
 from llorch_cpud.cli import load_engine
 from llorch_cpud.validate import references
 from llorch_cpud.validate.bugs import LLAMA_BUGS, inject
-from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES, OurSide, run_checkpoints
+from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES
+from llorch_cpud.validate.runner import check
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -37,7 +38,7 @@ def ref(engine, smollm2_gguf):
 
 
 def run(engine, ref, prompt="Hello. How are you?"):
-    return run_checkpoints(engine, OurSide(engine, engine.tokenizer.encode(prompt), 4), ref, "llama")
+    return check(engine, ref, engine.tokenizer.encode(prompt), 6)
 
 
 def test_q8_engine_passes_its_profile_and_says_so(engine, ref):

@@ -9,7 +9,7 @@ import pytest
 from llorch_cpud.cli import load_engine
 from llorch_cpud.validate import references
 from llorch_cpud.validate.bugs import BUGS, inject
-from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints
+from llorch_cpud.validate.runner import check
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -51,8 +51,7 @@ def harness(gpt2_small):
 
 
 def first_failure(engine, ref):
-    ours = OurSide(engine, engine.tokenizer.encode("Hello. How are you?"), 8)
-    results = run_checkpoints(engine, ours, ref, "gpt2")
+    results = check(engine, ref, engine.tokenizer.encode("Hello. How are you?"), 8)
     failed = [r.id for r in results if not r.passed]
     return failed, results
 

@@ -29,10 +29,11 @@
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-/* Negative controls for `validate` (tests/test_faults.py): a test build with -DLLORCH_FAULT=FAULT_<NAME>
+/* Negative controls for `validate` (scripts/kernel_faults.py, tests/test_kernel_faults.py): a test build with -DLLORCH_FAULT=FAULT_<NAME>
  * computes one decode-path stage wrongly, and the validator must fail at the checkpoint of that stage.
  * Without LLORCH_FAULT (every build pip makes) FAULT(x) is the constant 0 and each faulty branch is
- * compiled away: the production binary holds no fault code. The names are listed in validate/faults.py. */
+ * compiled away: the production binary holds no fault code. Each is described, with the checkpoint that must
+ * catch it, in validate/bugs.py (KERNEL_FAULTS). */
 enum {
     FAULT_NONE, FAULT_ATTN_RESIDUAL, FAULT_NORM_EPS, FAULT_ROPE_SIN, FAULT_SILU_SLOPE, FAULT_GELU_SLOPE,
     FAULT_ATTN_SCALE, FAULT_ROW_TILE_DROP_BLOCK, FAULT_BATCH_OTHER_CACHE, FAULT_KV_SLOT_PAST_40,

@@ -222,26 +222,35 @@ def _llama_lm_head_no_final_norm(x, w, cfg):
     return linear(x, w.get("output.weight", w["token_embd.weight"]))
 
 
-def _rope_positions_restart(m):
-    """RoPE positions counted from 0 in every forward call (the cache offset ignored): prefill is right,
-    every decode step is rotated as position 0."""
+def _rope_positions(m, moved):
+    """Every forward's RoPE positions replaced by moved(positions, segments)."""
     model_cls_forward = type(m).forward
 
     def forward(tokens, segments, trace=None):
         rope = m.rope
 
-        class Restart:
+        class Moved:
             def rows(self, positions):
-                starts = np.concatenate([np.full(s.length, s.start) for s in segments])
-                return rope.rows(positions - starts)
+                return rope.rows(moved(positions, segments))
 
-        m.rope = Restart()
+        m.rope = Moved()
         try:
             return model_cls_forward(m, tokens, segments, trace)
         finally:
             m.rope = rope
 
     return [(m, "forward", forward)]
+
+
+def _rope_positions_restart(m):
+    """RoPE positions counted from 0 in every forward call (the cache offset ignored): prefill is right,
+    every decode step is rotated as position 0."""
+    return _rope_positions(m, lambda pos, segs: pos - np.concatenate([np.full(s.length, s.start) for s in segs]))
+
+
+def _rope_decode_plus_one(m):
+    """Decode steps (every segment one row) rotated one position late; prefill is right."""
+    return _rope_positions(m, lambda pos, segs: pos + 1 if all(s.length == 1 for s in segs) else pos)
 
 
 _orig.update({
@@ -269,8 +278,9 @@ LLAMA_BUGS = {
         _L("qk_not_unpermuted", "attn_q/attn_k rows left in GGUF order with half-rotation RoPE", 2, _qk_left_permuted),
         _L("kv_cache_off_by_one", "KV cache written one position late", 3,
            lambda m: [(llama, "cache_write", _llama_cache_write_off_by_one)]),
-        _L("rope_ignores_cache_offset", "decode steps rotated as position 0 (cache offset ignored)", 3,
+        _L("rope_ignores_cache_offset", "decode steps rotated as position 0 (cache offset ignored)", 2,
            _rope_positions_restart),
+        _L("rope_decode_plus_one", "decode steps rotated one position late", 2, _rope_decode_plus_one),
         _L("gqa_modulo_heads", "query head h reads KV head h % n_kv instead of h // group", 4,
            lambda m: [(llama, "attention_scores", _scores_gqa_modulo), (llama, "attention_heads", _attn_heads_gqa_modulo)]),
         _L("wrong_attention_scale", "scores scaled by 1/head_dim instead of 1/sqrt(head_dim)", 4,
@@ -290,6 +300,42 @@ LLAMA_BUGS = {
            lambda m: [(sampling, "argmax", _argmax_second)]),
         _L("softmax_ignores_temperature", "softmax(logits) instead of softmax(logits / T)", 11,
            lambda m: [(sampling, "softmax_probs", _softmax_ignores_temperature)]),
+    ]
+}
+
+
+
+@dataclass(frozen=True)
+class KernelFault:
+    """A fault compiled into a test build of the C kernels (qkernels.c, -DLLORCH_FAULT=FAULT_<NAME>; the builds pip
+    makes have none): it breaks one stage of the code that serves tokens, which `validate` must catch first at
+    checkpoint `expected` (scripts/kernel_faults.py builds one and runs validate; tests/test_kernel_faults.py)."""
+
+    name: str
+    description: str
+    expected: int
+    families: tuple[str, ...] = ("llama",)  # where the faulty code runs
+    numerics: tuple[str, ...] = ("float32",)  # the modes it is checked in
+
+
+KERNEL_FAULTS = {
+    f.name: f
+    for f in [
+        KernelFault("ATTN_RESIDUAL", "fused block: attention output added to the residual x 0.99", 7, ("llama", "gpt2")),
+        KernelFault("FFN_RESIDUAL", "fused block: FFN output added to the residual x 0.99", 7, ("gpt2",)),
+        KernelFault("NORM_EPS", "C norms (decode steps): epsilon 1e-3", 1, ("llama", "gpt2")),
+        KernelFault("ROPE_SIN", "C rotary: the first half rotated with +sin instead of -sin", 2),
+        KernelFault("SILU_SLOPE", "C SiLU: sigmoid(1.01 x)", 6),
+        KernelFault("GELU_SLOPE", "C gelu_new: tanh argument x 1.01", 6, ("gpt2",)),
+        KernelFault("ATTN_SCALE", "C decode attention: scale x 1.02", 4, ("llama", "gpt2"), ("float32", "q8")),
+        KernelFault("ROW_TILE_DROP_BLOCK", "one-row Q4_1 product: the last block of each row dropped", 2),
+        KernelFault("Q8_DROP_BLOCK", "one-row q8 Q4_1 product: the last block of each row dropped", 2, ("llama",), ("q8",)),
+        KernelFault("BATCH_OTHER_CACHE", "C decode attention: row b >= 1 reads sequence b-1's cache", 4),
+        KernelFault("KV_SLOT_PAST_40", "C decode attention: K/V of positions >= 40 written one slot late", 3,
+                    ("llama",), ("float32", "q8")),
+        KernelFault("ATTN_BLOCK_OFF_BY_ONE", "C decode attention: the last partial 16-position block misses a position",
+                    4, ("gpt2",)),
+        KernelFault("SOFTMAX_SUM", "C decode attention: softmax denominators x 1.02", 5),
     ]
 }
 

@@ -71,6 +71,27 @@ def reference_notes(ref, prompt: str, prompt_ids: list[int]) -> dict:
     return out
 
 
+def decode_side(engines: list[Engine], ref, prompt_ids: list[int], theirs: list[int], n_tokens: int,
+                cache: dict | None = None) -> DecodeSide:
+    """Our teacher-forced decode runs on each engine's path (validate/decode.py), fed the reference's greedy tokens
+    `theirs`, and the reference's forward over them. `cache`: runs already made, by forced tokens (references that
+    agree share them)."""
+    cache = {} if cache is None else cache
+    forced = forced_tokens(theirs, prompt_ids, n_tokens, engines[0].eos_token_id)
+    if tuple(forced) not in cache:
+        cache[tuple(forced)] = [run_path(e, prompt_ids, forced) for e in engines]
+    return DecodeSide(prompt_ids, forced, cache[tuple(forced)], ref.capture(prompt_ids + forced))
+
+
+def check(engine: Engine, ref, prompt_ids: list[int], n_tokens: int, path_engines: list[Engine] | None = None) -> list:
+    """Every checkpoint of `engine` against one loaded reference on one prompt, at decode positions too (on each of
+    `path_engines`' paths; default: the engine's own): the Results, one per checkpoint."""
+    ours = OurSide(engine, prompt_ids, n_tokens)
+    theirs = ref.greedy(prompt_ids, n_tokens, engine.eos_token_id)
+    decode = decode_side(path_engines or [engine], ref, prompt_ids, theirs, n_tokens)
+    return run_checkpoints(engine, ours, ref, engine.model.family, decode, theirs)
+
+
 def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_names: list[str], n_tokens: int = 64,
              log=print, path_engines: list[Engine] | None = None) -> dict:
     """Run every checkpoint against every reference; returns the report dict. `path_engines`: the engines whose
@@ -101,13 +122,9 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
             continue
         versions.update({f"{name}/{k}": v for k, v in ref.versions().items()})
         notes[name] = reference_notes(ref, prompt, prompt_ids)
-        log(f"reference {name}: greedy tokens and the forward over them")
+        log(f"reference {name}: greedy tokens, our decode steps on them, its forward over them")
         theirs = ref.greedy(prompt_ids, n_tokens, engine.eos_token_id)
-        forced = forced_tokens(theirs, prompt_ids, n_tokens, engine.eos_token_id)
-        if tuple(forced) not in decode_cache:  # references that agree share our runs
-            log(f"our side: {n_tokens} teacher-forced decode steps on {', '.join(e.model.path for e in path_engines)}")
-            decode_cache[tuple(forced)] = [run_path(e, prompt_ids, forced) for e in path_engines]
-        decode = DecodeSide(prompt_ids, forced, decode_cache[tuple(forced)], ref.capture(prompt_ids + forced))
+        decode = decode_side(path_engines, ref, prompt_ids, theirs, n_tokens, decode_cache)
         log(f"reference {name}: running checkpoints")
         results += [r.to_json() for r in run_checkpoints(engine, ours, ref, family, decode, theirs)]
         del ref
