@@ -18,6 +18,10 @@ side) through a thread-safe inbox. Each loop iteration of the engine thread:
 4. runs ONE `Engine.step` over every job in decode: one row each through the same matrix
    products (batched decode), attention per sequence.
 
+A failure confined to one sequence (its sampler, a NaN in its logits) ends that job alone with
+`error` INFERENCE_FAILED (Engine.step); only an exception from the step itself (the forward pass)
+ends every job of that step.
+
 Requests that arrive together thus start decoding together: the batched decode steps are not
 interleaved with one prefill per request (which stalls every stream once per newcomer).
 
@@ -34,7 +38,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from llorch_cpud.engine import EndEvent, Engine, Sequence, TokenEvent
+from llorch_cpud.engine import EndEvent, Engine, ErrorEvent, Sequence, TokenEvent
 from llorch_cpud.server.logs import log, now_iso
 from llorch_cpud.server.metrics import Metrics
 
@@ -228,6 +232,8 @@ class Scheduler:
         end = job.seq.end
         self.metrics.request(job.endpoint, job.outcome)
         fields = dict(job_id=job.job_id, correlation_id=job.correlation_id, endpoint=job.endpoint, outcome=job.outcome)
+        if job.seq.error is not None:
+            fields.update(error_code=job.seq.error.code, error=job.seq.error.message)
         if end is not None:
             fields.update(stop_reason=end.stop_reason, tokens_out=end.tokens_out, prompt_tokens=len(end.prompt_ids),
                           prefill_ms=round(end.prefill_time_ms, 1), decode_ms=round(end.decode_time_ms, 1),
@@ -240,6 +246,8 @@ class Scheduler:
             return ("token", e)
         if isinstance(e, EndEvent):
             return ("end", e)
+        if isinstance(e, ErrorEvent):
+            return ("error", {"code": e.code, "message": e.message})
         return ("error", e)
 
     def _deliver(self, job: Job, events: list) -> None:
