@@ -42,7 +42,8 @@ class JsonFormatter(logging.Formatter):
             out.update({k: v for k, v in fields.items() if v is not None})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        # ASCII only: a record is one line for every reader (no raw U+2028, NEL ...) and never fails to encode
+        return json.dumps(out, ensure_ascii=True, default=str)
 
 
 def configure() -> None:
