@@ -10,7 +10,7 @@ Decisions (see also schemas.py):
   off the event loop) or 400. Every error names the field; nothing a client sends gets a 500,
   and an unexpected exception still answers JSON (`INTERNAL`).
 - Timeouts: a request (headers and body) must arrive within `--read-timeout` seconds of the
-  connection opening (or of the previous response on a kept-alive connection), else the
+  connection opening (or of its first byte on a kept-alive connection), else the
   connection is closed (runner.py); a job still running `--request-timeout` seconds after it
   was accepted ends with `error` TIMEOUT.
 - /health is always open (no API key) and answers 503 `{"status": "loading"}` while the model
