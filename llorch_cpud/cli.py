@@ -110,7 +110,7 @@ def chat_prompt(engine, text: str) -> str:
 
 
 def cmd_generate(a) -> int:
-    from llorch_cpud.engine import EndEvent, Request
+    from llorch_cpud.engine import EndEvent, ErrorEvent, Request
     from llorch_cpud.sampling import SamplingParams
 
     engine, _ = load_engine(a.model, numerics=a.numerics)
@@ -126,6 +126,8 @@ def cmd_generate(a) -> int:
     for ev in engine.generate(req):
         if isinstance(ev, EndEvent):
             end = ev
+        elif isinstance(ev, ErrorEvent):
+            raise LlorchError(f"generation failed ({ev.code}): {ev.message}")
         elif not a.json:
             sys.stdout.write(ev.text)
             sys.stdout.flush()

@@ -68,6 +68,15 @@ class EndEvent:
         return n / (self.decode_time_ms / 1000.0) if self.decode_time_ms > 0 else 0.0
 
 
+@dataclass
+class ErrorEvent:
+    """A sequence ended by an error of its own (its sampler failed, its logits held a NaN, its time ran out);
+    the other sequences of the step go on."""
+
+    code: str  # INFERENCE_FAILED | TIMEOUT
+    message: str
+
+
 class TextStream:
     """Incremental detokenisation that only releases complete characters and never a stop string.
 
@@ -168,6 +177,7 @@ class Sequence:
         self.n_events = 0
         self.cancelled = threading.Event()
         self.end: EndEvent | None = None
+        self.error: ErrorEvent | None = None
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
         self.last_logits: np.ndarray | None = None
@@ -175,7 +185,7 @@ class Sequence:
 
     @property
     def done(self) -> bool:
-        return self.end is not None
+        return self.end is not None or self.error is not None
 
     def segment(self) -> Segment:
         return Segment(self.cache, self.pos, len(self.pending))
@@ -219,9 +229,24 @@ class Sequence:
 
     def cancel_now(self) -> list:
         """End a sequence between steps (client gone, cancel request, shutdown)."""
-        if self.end is not None:
+        if self.done:
             return []
         return [self._finish("cancelled")]
+
+    def fail(self, code: str, message: str) -> list:
+        """End this sequence alone with an error (frees its KV cache); [] if it has already ended."""
+        if self.done:
+            return []
+        self.error = ErrorEvent(code, message)
+        self.cache = None
+        return [self.error]
+
+    def accept_or_fail(self, logits: np.ndarray | None, token: int | None = None) -> list:
+        """`accept`, except that an exception ends this sequence alone with INFERENCE_FAILED."""
+        try:
+            return self.accept(logits, token)
+        except Exception as e:  # noqa: BLE001 - reported in the sequence's error event
+            return self.fail("INFERENCE_FAILED", f"sampling failed: {type(e).__name__}: {e}")
 
     def _piece(self, text: str, ids: list[int]) -> list:
         if not text:
@@ -274,8 +299,8 @@ class Engine:
             greedy = []
         sampled = [j for j in range(len(live)) if j not in set(greedy)]
         logits = self.model.logits(last[sampled]) if sampled else None  # [n_sampled, vocab]
-        out = {id(live[j]): live[j].accept(None, picks[i]) for i, j in enumerate(greedy)}
-        out.update({id(live[j]): live[j].accept(logits[i]) for i, j in enumerate(sampled)})
+        out = {id(live[j]): live[j].accept_or_fail(None, picks[i]) for i, j in enumerate(greedy)}
+        out.update({id(live[j]): live[j].accept_or_fail(logits[i]) for i, j in enumerate(sampled)})
         return [out.get(id(s), []) for s in seqs]
 
     def generate(self, request: Request) -> Iterator[TokenEvent | EndEvent]:

@@ -3,6 +3,15 @@
 Order: repetition penalty -> greedy (temperature < 1e-6) or temperature -> top-k -> softmax
 -> top-p -> min-p -> draw from the seeded generator. Probabilities are computed in float64
 so that a distribution sums to 1 to within 1e-12 before the draw.
+
+Degenerate but allowed parameters have defined results, never a NaN:
+- temperature below 1e-6 (0 included) is greedy: the argmax, ties to the lowest id;
+- repetition_penalty below 1e-6 (0 included) acts as 1e-6: a seen token's positive logit is
+  multiplied by a million (so the largest such token is all but certain to be picked), a seen
+  token's negative logit becomes ~0;
+- top_p 0 keeps only the most likely token (ties: the lowest id);
+- min_p 1 keeps exactly the tokens whose probability equals the largest.
+A row of logits holding a NaN or an infinity is an error (`ValueError`), not a token.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import numpy as np
 from llorch_cpud.errors import InvalidRequest
 
 GREEDY_BELOW = 1e-6
+MIN_REPETITION_PENALTY = 1e-6  # smaller penalties (0 included) act as this: no division by zero, no overflow
 
 
 @dataclass(frozen=True)
@@ -62,9 +72,11 @@ def softmax_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.ndarray:
-    """CTRL-style penalty (as transformers): seen tokens' positive logits divided, negative multiplied."""
+    """CTRL-style penalty (as transformers): seen tokens' positive logits divided, negative multiplied.
+    A penalty below MIN_REPETITION_PENALTY acts as MIN_REPETITION_PENALTY (see the module docstring)."""
     if penalty == 1.0 or len(history) == 0:
         return logits
+    penalty = max(penalty, MIN_REPETITION_PENALTY)
     out = logits.copy()  # [vocab]
     seen = np.unique(np.asarray(history, dtype=np.int64))
     vals = out[seen]
@@ -123,7 +135,10 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=()) -> int:
-    """One token id from one row of logits [vocab]."""
+    """One token id from one row of logits [vocab]; ValueError if the row holds a NaN or an infinity."""
+    if not np.isfinite(logits).all():
+        bad = np.flatnonzero(~np.isfinite(logits))
+        raise ValueError(f"logits hold {bad.size} non-finite values (first: token {int(bad[0])} = {logits[bad[0]]})")
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.greedy:
         return argmax(logits)

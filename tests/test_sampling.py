@@ -169,3 +169,68 @@ def test_draw_rejects_a_nan_distribution():
 
     with pytest.raises(ValueError, match="positive finite sum"):
         draw(np.array([0.5, np.nan, 0.5]), make_rng(0))
+
+
+# ---------------------------------------------------------------- degenerate but allowed parameters (sampling.py's docstring)
+
+
+def strict_sample(logits, params, rng, history=()):
+    """sample() with every numpy floating-point warning turned into an error (a NaN on the way would warn)."""
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(divide="raise", invalid="raise", over="raise"):  # underflow is fine
+        warnings.simplefilter("error")
+        return sample(logits, params, rng, history)
+
+
+@pytest.mark.parametrize("penalty", [0.0, 1e-300, 1e-7])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_repetition_penalty_near_zero_repeats_the_strongest_seen_token(penalty, temperature):
+    """Below 1e-6 the penalty acts as 1e-6: the seen token with the largest positive logit wins outright."""
+    history = [3, 17, 999]
+    seen_positive = [t for t in history if LOGITS[t] > 0]
+    assert seen_positive, "the fixture needs a seen token with a positive logit"
+    best = max(seen_positive, key=lambda t: LOGITS[t])
+    r = make_rng(3)
+    params = SamplingParams(temperature=temperature, repetition_penalty=penalty)
+    assert {strict_sample(LOGITS, params, r, history) for _ in range(20)} == {best}
+    out = apply_repetition_penalty(LOGITS, history, penalty)
+    assert np.isfinite(out).all()
+    assert np.array_equal(out, apply_repetition_penalty(LOGITS, history, 1e-6))
+
+
+def test_repetition_penalty_zero_with_only_negative_seen_logits_is_finite():
+    history = [int(i) for i in np.flatnonzero(LOGITS < 0)[:5]]
+    out = apply_repetition_penalty(LOGITS, history, 0.0)
+    assert np.isfinite(out).all() and np.abs(out[history]).max() < 1e-4  # negative logits x 1e-6: ~0
+    strict_sample(LOGITS, SamplingParams(temperature=0.7, repetition_penalty=0.0), make_rng(0), history)
+
+
+def test_top_p_zero_keeps_only_the_top_token_and_min_p_one_keeps_the_ties():
+    top = int(np.argmax(LOGITS))
+    p = ours_probs(LOGITS, SamplingParams(top_p=0.0))
+    assert np.flatnonzero(p).tolist() == [top] and p[top] == 1.0
+    tied = LOGITS.copy()
+    tied[[5, 9]] = tied.max()  # three tokens share the largest logit
+    p = ours_probs(tied, SamplingParams(min_p=1.0))
+    assert sorted(np.flatnonzero(p).tolist()) == sorted({5, 9, top}) and np.allclose(p[p > 0], 1 / 3)
+    p = ours_probs(tied, SamplingParams(top_p=0.0))
+    assert np.flatnonzero(p).tolist() == [min(5, 9, top)]  # ties: the lowest id
+    for params in (SamplingParams(top_p=0.0, temperature=2.0), SamplingParams(min_p=1.0, temperature=1e-6)):
+        assert strict_sample(LOGITS, params, make_rng(1)) == top
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 2e-6, 1e-4])
+def test_tiny_temperature_above_the_greedy_threshold_is_finite_and_picks_the_top(temperature):
+    assert not SamplingParams(temperature=temperature).greedy
+    r = make_rng(2)
+    assert {strict_sample(LOGITS, SamplingParams(temperature=temperature), r) for _ in range(10)} == {int(np.argmax(LOGITS))}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_are_an_error_not_a_token(bad):
+    logits = LOGITS.copy()
+    logits[7] = bad
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)):
+        with pytest.raises(ValueError, match="non-finite"):
+            sample(logits, params, make_rng(0))

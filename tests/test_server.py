@@ -408,8 +408,10 @@ def test_all_invalid_fields_together_and_missing(small):
     assert r.status_code == 400
     missing = {e["field"]: e for e in r.json()["errors"]}
     assert set(missing) == {"job_id", "prompt", "max_tokens"} and missing["prompt"]["value"] is None
-    r = httpx.post(f"{small.base}/execute", content=b"{not json", headers=AUTH)
+    r = httpx.post(f"{small.base}/execute", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "body"
+    r = httpx.post(f"{small.base}/execute", content=b"{not json", headers=AUTH)  # no Content-Type: 415 (issue 15)
+    assert r.status_code == 415 and r.json()["errors"][0]["field"] == "body"
 
 
 def test_context_overflow_names_the_field(small):

@@ -82,7 +82,7 @@ def load_tokenizer(spec: str | None):
         from llorch_cpud.models.gpt2 import GPT2Config
         from llorch_cpud.tokenizer import load_hf_tokenizer
 
-        return load_hf_tokenizer(path, eos_token_id=GPT2Config.from_hf(raw).eos_token_id)
+        return load_hf_tokenizer(path, eos_token_id=GPT2Config.from_hf(raw, source=str(path / "config.json")).eos_token_id)
     if path.suffix == ".gguf" and path.is_file():
         from llorch_cpud.formats.gguf import GGUFFile
         from llorch_cpud.models.llama import gguf_tokenizer

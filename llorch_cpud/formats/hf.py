@@ -22,9 +22,12 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing (a Hugging Face model folder needs config.json)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -106,7 +109,7 @@ def load_gpt2_folder(folder: Path, tokenizer=None, decode_path: str | None = Non
     from llorch_cpud.tokenizer import load_hf_tokenizer
 
     raw = read_config(folder)
-    cfg = GPT2Config.from_hf(raw)
+    cfg = GPT2Config.from_hf(raw, source=str(folder / "config.json"))
     if cfg.activation_function != "gelu_new":
         raise ModelLoadError(f"{folder / 'config.json'}: activation_function {cfg.activation_function!r} unsupported (GPT-2 uses gelu_new)")
     if cfg.n_embd % cfg.n_head:

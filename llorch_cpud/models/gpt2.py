@@ -44,9 +44,42 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_hf(cls, d: dict) -> "GPT2Config":
+    def from_hf(cls, d: dict, source: str = "config.json") -> "GPT2Config":
+        """The fields this model reads from a Hugging Face config, each checked for its type and a sane
+        range (ModelLoadError naming `source` and the field): an absurd value fails here, before anything
+        is allocated for it."""
+        from llorch_cpud.errors import ModelLoadError
+
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        for name, value in values.items():
+            kind, lo, hi = CONFIG_RULES[name]
+            if value is None and name in OPTIONAL_FIELDS:
+                continue
+            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            if ok and lo is not None:
+                ok = lo <= value <= hi if kind is int else lo < value < hi  # (a NaN fails)
+            if not ok:
+                rule = {int: f"an integer in [{lo}, {hi}]", float: f"a number in ({lo}, {hi})", bool: "true or false",
+                        str: "a string"}[kind if kind in (int, bool, str) else float]
+                raise ModelLoadError(f"{source}: {name} must be {rule}, got {value!r:.80}")
+        return cls(**values)
+
+
+OPTIONAL_FIELDS = ("n_inner", "bos_token_id", "eos_token_id")
+CONFIG_RULES = {  # field -> (type, low, high): bounds far beyond any GPT-2, far below a runaway allocation
+    "vocab_size": (int, 1, 1 << 22),
+    "n_positions": (int, 1, 1 << 20),
+    "n_embd": (int, 1, 1 << 16),
+    "n_layer": (int, 1, 1024),
+    "n_head": (int, 1, 1 << 12),
+    "n_inner": (int, 1, 1 << 18),
+    "layer_norm_epsilon": ((int, float), 0.0, 1.0),
+    "activation_function": (str, None, None),
+    "scale_attn_weights": (bool, None, None),
+    "bos_token_id": (int, 0, 1 << 22),
+    "eos_token_id": (int, 0, 1 << 22),
+}
 
 
 # ---------------------------------------------------------------- stage functions

@@ -1,9 +1,18 @@
 """The HTTP side: FastAPI routes on the asyncio event loop, which never runs model math.
 
-Routes: GET /health, POST /execute (SSE), POST /cancel, GET /metrics, and the
+Routes: GET /health, POST /execute (SSE), POST /cancel, GET /metrics, GET /openapi.json, and the
 OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions (openai_routes.py).
 
 Decisions (see also schemas.py):
+- Every POST body is read by `read_json`: `Content-Type: application/json` or 415; at most
+  `--max-body-bytes` (a larger Content-Length is refused before a byte of the body is read,
+  a chunked body as soon as it passes the limit) or 413; then strict JSON (schemas.parse_json,
+  off the event loop) or 400. Every error names the field; nothing a client sends gets a 500,
+  and an unexpected exception still answers JSON (`INTERNAL`).
+- Timeouts: a request (headers and body) must arrive within `--read-timeout` seconds of the
+  connection opening (or of its first byte on a kept-alive connection), else the
+  connection is closed (runner.py); a job still running `--request-timeout` seconds after it
+  was accepted ends with `error` TIMEOUT.
 - /health is always open (no API key) and answers 503 `{"status": "loading"}` while the model
   loads and 503 `{"status": "draining"}` after SIGTERM; every other path answers 503 in
   those states, after the API-key check.
@@ -30,7 +39,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request  # module level: FastAPI resolves the string annotations here
+from sse_starlette import EventSourceResponse
+from starlette.requests import ClientDisconnect
 
+from llorch_cpud import __version__
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
 from llorch_cpud.server.logs import correlation_id, log
 from llorch_cpud.server.metrics import CONTENT_TYPE, Metrics
@@ -54,6 +66,9 @@ class ServeConfig:
     numerics: str = "float32"
     callback_attempts: int = 6
     callback_timeout: float = 5.0
+    limits: schemas.Limits = field(default_factory=schemas.Limits)
+    read_timeout: float = 30.0  # seconds for a request's headers and body to arrive
+    request_timeout: float = 600.0  # seconds from acceptance to the terminal event (then error TIMEOUT)
 
 
 @dataclass
@@ -101,12 +116,28 @@ def errors_response(errors: list[dict], status: int = 400):
     return json_response(status, {"errors": schemas.order(errors)})
 
 
-async def read_json(request) -> tuple[object, list[dict]]:
-    raw = await request.body()
+async def read_json(request, limits: schemas.Limits) -> tuple[object, list[dict], int]:
+    """(value, [], 400) or (None, errors, status): 415 wrong Content-Type, 413 too large, 400 not strict JSON.
+    The status is the one for any error found in the body from here on (400 unless the body itself is at fault)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        return None, [schemas.field_error("body", "Content-Type must be application/json", ctype or None,
+                                          "Content-Type: application/json")], 415
+    cap = limits.max_body_bytes
+    too_large = [schemas.field_error("body", f"body larger than {cap} bytes", None, f"at most {cap} bytes (--max-body-bytes)")]
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        return None, too_large, 413
+    raw = bytearray()
     try:
-        return json.loads(raw), []
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, [schemas.field_error("body", f"not valid JSON: {e}", None)]
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > cap:
+                return None, too_large, 413
+    except ClientDisconnect:
+        return None, [schemas.field_error("body", "the client closed the connection before the whole body arrived")], 400
+    data, errors = await asyncio.to_thread(schemas.parse_json, bytes(raw))
+    return data, errors, 400
 
 
 def context_errors(n_prompt: int, max_tokens: int, n_ctx: int, prompt: str) -> list[dict]:
@@ -173,7 +204,7 @@ class Admission:
             state.metrics.request(endpoint, "invalid")
             return on_errors([engine_error(e, body.model_dump())], 400)
         job = Job(job_id=job_id, seq=seq, endpoint=endpoint, loop=asyncio.get_running_loop(),
-                  correlation_id=correlation_id.get())
+                  correlation_id=correlation_id.get(), max_seconds=state.config.request_timeout)
         try:
             state.scheduler.submit(job)
         except QueueFull:
@@ -194,9 +225,8 @@ class JobFeed:
 
     `close()` (idempotent) must run when the consumer is done — normally, on error, or when
     the client went away — and cancels the job if it has not ended (freeing its KV cache
-    within one engine step). Streaming responses call it from the generator's `finally`
-    and again as the response's background task (which also runs when the generator never
-    started)."""
+    within one engine step). Streaming responses (JobStream) call it when the response ends,
+    however it ends; non-streaming ones when the result is collected or the client left."""
 
     def __init__(self, state: WorkerState, job: Job):
         self.state, self.job = state, job
@@ -222,9 +252,6 @@ class JobFeed:
                 if kind in ("end", "error"):
                     return
 
-    async def aclose(self) -> None:
-        self.close()
-
     def close(self) -> None:
         if self.closed:
             return
@@ -240,18 +267,25 @@ class JobFeed:
             log("client went away; job cancelled", job_id=job.job_id, correlation_id=job.correlation_id)
 
 
-def sse_response(feed: JobFeed, gen, headers: dict | None = None):
-    from sse_starlette import EventSourceResponse
-    from starlette.background import BackgroundTask
+class JobStream(EventSourceResponse):
+    """The SSE response of one job. Its feed is closed (the job cancelled if it has not ended, the open
+    stream count released) however the response ends: finished, client gone, or failed before its first
+    byte."""
 
-    async def guarded():
+    def __init__(self, feed: JobFeed, content, headers: dict | None = None):
+        super().__init__(content, ping=SSE_PING_S, headers=headers)
+        self.feed = feed
+
+    async def __call__(self, scope, receive, send):
         try:
-            async for item in gen:
-                yield item
+            await super().__call__(scope, receive, send)
         finally:
-            feed.close()
+            self.feed.close()
 
-    return EventSourceResponse(guarded(), ping=SSE_PING_S, headers=headers, background=BackgroundTask(feed.aclose))
+
+def sse_response(feed: JobFeed, gen, job_id: str):
+    """`job_id` has passed schemas.JobId (or was made by the worker): safe in a header."""
+    return JobStream(feed, gen, headers={"X-Job-ID": job_id})
 
 
 def end_payload(end) -> dict:
@@ -278,7 +312,12 @@ class Gate:
         self.app = app
         self.state = state
         key = state.config.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
+
+    def authorized(self, headers: dict) -> bool:
+        """`Authorization: Bearer KEY`, the scheme in any case (RFC 7235)."""
+        scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -300,8 +339,7 @@ class Gate:
 
         path = scope.get("path", "")
         try:
-            if path != "/health" and self.expected is not None and not hmac.compare_digest(
-                    headers.get(b"authorization", b""), self.expected):
+            if path != "/health" and self.expected is not None and not self.authorized(headers):
                 await json_response(401, {"error": {"message": "missing or invalid API key (Authorization: Bearer KEY)",
                                                     "type": "authentication_error", "code": "invalid_api_key"}},
                                     headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_with_id)
@@ -328,8 +366,16 @@ def create_app(state: WorkerState, lifespan=None):
 
     from llorch_cpud.server.openai_routes import add_openai_routes
 
-    app = FastAPI(title="llorch-cpud worker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="llorch-cpud worker", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", lifespan=lifespan)
     admission = Admission(state)
+    limits = state.config.limits
+    body_models = [schemas.ExecuteBody, schemas.CancelBody]  # add_openai_routes adds its own
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):  # a bug of ours, still answered in JSON (uvicorn logs the traceback)
+        return json_response(500, {"error": {"code": "INTERNAL", "message": f"internal error ({type(exc).__name__}); "
+                                             f"see the worker log, correlation id {correlation_id.get()}"}})
 
     @app.get("/health")
     async def health():
@@ -352,9 +398,10 @@ def create_app(state: WorkerState, lifespan=None):
                         max_batch=state.scheduler.max_batch)
         return json_response(200 if state.status == "healthy" else 503, body)
 
-    @app.post("/execute")
+    @app.post("/execute", openapi_extra=schemas.openapi_body(schemas.ExecuteBody),
+              responses=schemas.openapi_responses("an SSE stream: started, token..., metrics, end | error", 409, 503))
     async def execute(request: Request):
-        data, errors = await read_json(request)
+        data, errors, status = await read_json(request, limits)
         body = None
         if not errors:
             body, errors = schemas.validate(schemas.ExecuteBody, data)
@@ -364,8 +411,8 @@ def create_app(state: WorkerState, lifespan=None):
             errors += more
         if errors:
             state.metrics.request("execute", "invalid")
-            log("invalid request", fields=[e["field"] for e in errors])
-            return errors_response(errors)
+            log("invalid request", fields=[e["field"] for e in errors], status=status)
+            return errors_response(errors, status)
         ignored = schemas.unknown_fields(schemas.ExecuteBody, data)
         if ignored:
             log("unknown fields ignored", job_id=body.job_id, ignored_fields=ignored)
@@ -389,22 +436,20 @@ def create_app(state: WorkerState, lifespan=None):
                 else:
                     yield ServerSentEvent(event="error", data=json.dumps(ev, ensure_ascii=False))
 
-        return sse_response(feed, stream(), headers={"X-Job-ID": job.job_id})
+        return sse_response(feed, stream(), job.job_id)
 
-    @app.post("/cancel")
+    @app.post("/cancel", openapi_extra=schemas.openapi_body(schemas.CancelBody),
+              responses=schemas.openapi_responses("{job_id, cancelled: true, state}", 404))
     async def cancel(request: Request):
-        data, errors = await read_json(request)
+        data, errors, status = await read_json(request, limits)
         if not errors:
-            if not isinstance(data, dict):
-                errors = [schemas.field_error("body", "expected a JSON object", None)]
-            elif not isinstance(data.get("job_id"), str) or not data["job_id"]:
-                errors = [schemas.field_error("job_id", "job_id is required (non-empty string)", data.get("job_id"))]
+            body, errors = schemas.validate(schemas.CancelBody, data)
         if errors:
-            return errors_response(errors)
-        job = state.jobs.get(data["job_id"])
+            return errors_response(errors, status)
+        job = state.jobs.get(body.job_id)
         if job is None:
             return json_response(404, {"errors": [schemas.field_error("job_id", "no queued or running job with this job_id",
-                                                                      data["job_id"], "a queued or running job")]})
+                                                                      body.job_id, "a queued or running job")]})
         job.cancel("cancel")
         state.scheduler.wake()
         log("cancel requested", job_id=job.job_id)
@@ -415,5 +460,17 @@ def create_app(state: WorkerState, lifespan=None):
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    add_openai_routes(app, state, admission)
+    body_models += add_openai_routes(app, state, admission)
+
+    def openapi():
+        """FastAPI's document, with the request bodies (validated by hand, see read_json) from their models."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(schemas.openapi_components(body_models))
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return Gate(app, state)

@@ -24,7 +24,7 @@ def _ranged_int(lo, hi, name):
 
 
 def register(subparsers) -> None:
-    from llorch_cpud.cli import add_numerics_argument
+    from llorch_cpud.cli import add_numerics_argument, ranged
 
     s = subparsers.add_parser("serve", help="run the worker daemon (HTTP: /health, /execute, /v1/completions, ...)")
     s.add_argument("--model", default=None,
@@ -44,6 +44,16 @@ def register(subparsers) -> None:
     add_numerics_argument(s)
     s.add_argument("--max-queue", type=_ranged_int(1, 100000, "--max-queue"), default=256,
                    help="most jobs waiting for a batch slot before new ones get 503")
+    s.add_argument("--max-body-bytes", type=_ranged_int(1024, 1 << 30, "--max-body-bytes"), default=1 << 20,
+                   help="largest request body (default 1 MiB); larger ones get 413 before they are read")
+    s.add_argument("--max-messages", type=_ranged_int(1, 100000, "--max-messages"), default=128,
+                   help="chat: most messages in one request (default 128)")
+    s.add_argument("--max-chat-chars", type=_ranged_int(1, 1 << 24, "--max-chat-chars"), default=32768,
+                   help="chat: most characters of all messages' content together (default 32768, as a prompt)")
+    s.add_argument("--read-timeout", type=ranged(float, 0.1, 3600.0, "--read-timeout"), default=30.0,
+                   help="seconds for a request's headers and body to arrive before the connection is closed (default 30)")
+    s.add_argument("--request-timeout", type=ranged(float, 0.1, 86400.0, "--request-timeout"), default=600.0,
+                   help="seconds from a job's acceptance to its end; past it the job ends with error TIMEOUT (default 600)")
     s.add_argument("--callback-attempts", type=_ranged_int(1, 100, "--callback-attempts"), default=6,
                    help="ready-callback tries (backoff 0.5 s doubling to 8 s) before start-up fails")
     s.set_defaults(func=cmd_serve)
@@ -52,6 +62,7 @@ def register(subparsers) -> None:
 def cmd_serve(a) -> int:
     from llorch_cpud.errors import LlorchError
     from llorch_cpud.server.app import ServeConfig
+    from llorch_cpud.server.schemas import Limits
     from llorch_cpud.server.runner import serve
 
     if a.callback_url is not None and not a.callback_url.startswith(("http://", "https://")):
@@ -60,5 +71,7 @@ def cmd_serve(a) -> int:
         raise LlorchError("--api-key must not be empty")
     return serve(ServeConfig(model=a.model, host=a.host, port=a.port, worker_id=a.worker_id, callback_url=a.callback_url,
                              api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, prefill_tokens=a.prefill_tokens,
-                             numerics=a.numerics,
-                             callback_attempts=a.callback_attempts))
+                             numerics=a.numerics, callback_attempts=a.callback_attempts,
+                             limits=Limits(max_body_bytes=a.max_body_bytes, max_messages=a.max_messages,
+                                           max_chat_chars=a.max_chat_chars),
+                             read_timeout=a.read_timeout, request_timeout=a.request_timeout))

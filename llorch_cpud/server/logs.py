@@ -2,8 +2,9 @@
 
 Every record has `ts` (ISO 8601, UTC), `level`, `logger`, `msg`; fields passed with
 `log(msg, **fields)` (job_id, correlation_id, ...) are merged in. Records from other
-libraries (uvicorn's own messages) go through the same formatter, so stderr carries
-nothing but JSON lines once the server is configured.
+libraries (uvicorn's own messages), Python warnings (`logging.captureWarnings`) and uncaught
+exceptions in threads go through the same formatter, so stderr carries nothing but JSON lines
+once the server is configured.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 from datetime import datetime, timezone
 
 LOGGER_NAME = "llorch_cpud.server"
@@ -40,7 +42,8 @@ class JsonFormatter(logging.Formatter):
             out.update({k: v for k, v in fields.items() if v is not None})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        # ASCII only: a record is one line for every reader (no raw U+2028, NEL ...) and never fails to encode
+        return json.dumps(out, ensure_ascii=True, default=str)
 
 
 def configure() -> None:
@@ -55,6 +58,10 @@ def configure() -> None:
         lg.handlers[:] = []
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the middleware writes its own access line
+    logging.captureWarnings(True)  # warnings.warn (numpy's RuntimeWarning ...) -> logger "py.warnings"
+    threading.excepthook = lambda args: logging.getLogger(LOGGER_NAME).error(
+        "uncaught exception in thread", exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"fields": {"thread": getattr(args.thread, "name", None)}})
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 

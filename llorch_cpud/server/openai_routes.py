@@ -45,7 +45,7 @@ def openai_errors(errors: list[dict], status: int = 400):
     from llorch_cpud.server.app import json_response
 
     errors = schemas.order(errors)
-    kind = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error"}.get(status, "server_error")
+    kind = {404: "not_found_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     first = errors[0] if errors else {}
     return json_response(status, {
         "error": {"message": "; ".join(f"{e['field']}: {e['message']}" for e in errors), "type": kind,
@@ -92,7 +92,8 @@ def _normalise(data: dict, chat: bool) -> tuple[dict, list[dict], list[int] | No
     return data, errors, prompt_ids
 
 
-def add_openai_routes(app, state, admission) -> None:
+def add_openai_routes(app, state, admission) -> list:
+    """Add the routes; return the body models they validate with (for the OpenAPI document)."""
     from sse_starlette import ServerSentEvent
 
     from llorch_cpud.server.app import JobFeed, context_errors, json_response, read_json, sse_response
@@ -114,20 +115,22 @@ def add_openai_routes(app, state, admission) -> None:
                                                                f"(this worker serves {state.model_name!r})", model_id)], 404)
         return json_response(200, model_card())
 
+    chat_body = schemas.chat_body(state.config.limits)
+
     async def prepare(request, chat: bool):
         """(job, body, errors-response): validate everything, then queue the job."""
         endpoint = "chat_completions" if chat else "completions"
-        data, errors = await read_json(request)
+        data, errors, status = await read_json(request, state.config.limits)
         prompt_ids = None
         if not errors and not isinstance(data, dict):
             errors = [schemas.field_error("body", "expected a JSON object", None)]
         if not errors:
             data, errors, prompt_ids = _normalise(data, chat)
-            body, more = schemas.validate(schemas.ChatBody if chat else schemas.CompletionBody, data)
+            body, more = schemas.validate(chat_body if chat else schemas.CompletionBody, data)
             errors += more
         if errors:
             state.metrics.request(endpoint, "invalid")
-            return None, None, openai_errors(errors)
+            return None, None, openai_errors(errors, status)
         if chat:
             try:
                 prompt = apply_template(body)
@@ -182,8 +185,9 @@ def add_openai_routes(app, state, admission) -> None:
                 "total_tokens": len(end.prompt_ids) + end.tokens_out}
 
     def server_error(error: dict):
-        return json_response(500, {"error": {"message": error["message"], "type": "server_error", "param": None,
-                                             "code": error["code"]}})
+        status = 504 if error["code"] == "TIMEOUT" else 500
+        return json_response(status, {"error": {"message": error["message"], "type": "server_error", "param": None,
+                                                "code": error["code"]}})
 
     def stream_response(job, body, chat: bool, feed: JobFeed):
         created = int(time.time())
@@ -222,7 +226,7 @@ def add_openai_routes(app, state, admission) -> None:
                                                                      "param": None, "code": ev["code"]}}))
             yield ServerSentEvent(data="[DONE]")
 
-        return sse_response(feed, gen(), headers={"X-Job-ID": job.job_id})
+        return sse_response(feed, gen(), job.job_id)
 
     async def complete(request: Request, chat: bool):
         job, body, error = await prepare(request, chat)
@@ -249,10 +253,16 @@ def add_openai_routes(app, state, admission) -> None:
             "system_fingerprint": f"llorch-cpud-seed-{end.seed}",
         })
 
-    @app.post("/v1/completions")
+    ok = "a completion (JSON), or with stream: true an SSE stream of chunks ending with [DONE]"
+
+    @app.post("/v1/completions", openapi_extra=schemas.openapi_body(schemas.CompletionBody),
+              responses=schemas.openapi_responses(ok, 503, model=None))
     async def completions(request: Request):
         return await complete(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=schemas.openapi_body(chat_body),
+              responses=schemas.openapi_responses(ok, 503, model=None))
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
+
+    return [schemas.CompletionBody, chat_body]

@@ -74,6 +74,52 @@ def weights_bytes(model) -> int:
     return 0
 
 
+def timed_h11_protocol(read_timeout: float):
+    """uvicorn's h11 protocol with a read deadline: a request's headers and body must arrive within
+    `read_timeout` seconds of the connection opening (or of its first byte on a kept-alive connection),
+    else the connection is closed. uvicorn has no such option; without it a half-sent request holds its
+    connection forever. (A handler waiting for the rest of the body then sees a client disconnect.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _read_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._read_deadline is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # the first bytes of the next request on a kept-alive connection
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+                self._disarm()  # the whole request is in (or the connection is over)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._read_deadline = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_deadline is not None:
+                self._read_deadline.cancel()
+                self._read_deadline = None
+
+        def _read_timed_out(self) -> None:
+            self._read_deadline = None
+            if not self.transport.is_closing():
+                log("request not received in time; connection closed", level=30, read_timeout_s=read_timeout,
+                    client=f"{self.client[0]}:{self.client[1]}" if self.client else None,
+                    state=str(self.conn.their_state))
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
 def _server_class():
     import uvicorn
 
@@ -268,7 +314,7 @@ def serve(cfg: ServeConfig) -> int:
 
     app = create_app(state, lifespan=lifespan)
     config = uvicorn.Config(app, host=cfg.host, port=port, log_config=None, access_log=False, lifespan="on",
-                            http="h11", ws="none", loop="asyncio", timeout_graceful_shutdown=10,
+                            http=timed_h11_protocol(cfg.read_timeout), ws="none", loop="asyncio", timeout_graceful_shutdown=10,
                             server_header=False)
     server = _server_class()(config, state)
     holder["server"] = server

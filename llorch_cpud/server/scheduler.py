@@ -5,7 +5,7 @@ side) through a thread-safe inbox. Each loop iteration of the engine thread:
 
 1. moves new jobs from the inbox to the waiting line and ends every job whose cancel flag
    is set (POST /cancel, client disconnect, shutdown) — its KV cache is freed and its
-   stream gets its terminal event;
+   stream gets its terminal event — and every job past its deadline (`error` TIMEOUT);
 2. admits waiting jobs while fewer than `max_batch` are active;
 3. prefills the admitted-but-not-prefilled jobs, oldest first, together in ONE `Engine.step`
    (their prompt rows share the matrix products; attention per sequence), as many as fit in
@@ -17,6 +17,14 @@ side) through a thread-safe inbox. Each loop iteration of the engine thread:
    also samples each one's first token;
 4. runs ONE `Engine.step` over every job in decode: one row each through the same matrix
    products (batched decode), attention per sequence.
+
+A failure confined to one sequence (its sampler, a NaN in its logits) ends that job alone with
+`error` INFERENCE_FAILED (Engine.step); only an exception from the step itself (the forward pass)
+ends every job of that step.
+
+Backpressure: `max_queue` bounds the jobs waiting for a batch slot — accepted jobs beyond the
+free slots (`max_batch` minus the active jobs), whether or not the engine thread has moved them
+from the inbox yet. A submit past that bound raises QueueFull (the HTTP side answers 503).
 
 Requests that arrive together thus start decoding together: the batched decode steps are not
 interleaved with one prefill per request (which stalls every stream once per newcomer).
@@ -34,7 +42,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from llorch_cpud.engine import EndEvent, Engine, Sequence, TokenEvent
+from llorch_cpud.engine import EndEvent, Engine, ErrorEvent, Sequence, TokenEvent
 from llorch_cpud.server.logs import log, now_iso
 from llorch_cpud.server.metrics import Metrics
 
@@ -60,6 +68,12 @@ class Job:
     terminal: bool = False  # set on the loop thread once the terminal event is queued
     admitted: bool = False
     prefilled: bool = False
+    max_seconds: float | None = None  # wall time from acceptance after which the job ends with error TIMEOUT
+    accepted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.max_seconds is None else self.accepted_at + self.max_seconds
 
     def cancel(self, reason: str) -> None:
         """Ask the engine thread to end this job (any thread). It ends within one step."""
@@ -71,7 +85,7 @@ class Job:
     def outcome(self) -> str:
         end = self.seq.end
         if end is None:
-            return "error"
+            return "timeout" if self.seq.error is not None and self.seq.error.code == "TIMEOUT" else "error"
         if end.stop_reason == "cancelled":
             return {"disconnect": "disconnected", "shutdown": "shutdown"}.get(self.cancel_reason or "", "cancelled")
         return end.stop_reason
@@ -104,7 +118,7 @@ class Scheduler:
         with self.cond:
             if not self.accepting:
                 raise NotAccepting()
-            if len(self.inbox) + len(self.waiting) >= self.max_queue:
+            if self.queued >= self.max_queue:
                 raise QueueFull()
             self.inbox.append(job)
             self.cond.notify()
@@ -130,7 +144,10 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self.inbox) + len(self.waiting)
+        """Accepted jobs waiting for a batch slot: those beyond the free slots (read from any thread; the
+        engine thread pops a job from `waiting` before appending it to `active`, so this never over-counts)."""
+        free = max(0, self.max_batch - len(self.active))
+        return max(0, len(self.inbox) + len(self.waiting) - free)
 
     @property
     def running(self) -> int:
@@ -152,6 +169,7 @@ class Scheduler:
                 for job in [*self.waiting, *self.active]:
                     job.cancel(cancel_all)
             self._reap_cancelled()
+            self._expire()
             if stopping and not (self.waiting or self.active):
                 break
             try:
@@ -220,6 +238,16 @@ class Scheduler:
                     self._deliver(job, [self._wrap(e) for e in events])
                 self._remove(job)
 
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for line in (self.waiting, self.active):
+            for job in [j for j in line if j.deadline is not None and now > j.deadline]:
+                events = job.seq.fail("TIMEOUT", "the request ran past the worker's maximum time per request "
+                                                 f"({job.max_seconds:g} s)")
+                if events:
+                    self._deliver(job, [self._wrap(e) for e in events])
+                self._remove(job)
+
     def _remove(self, job: Job) -> None:
         if job in self.active:
             self.active.remove(job)
@@ -228,6 +256,8 @@ class Scheduler:
         end = job.seq.end
         self.metrics.request(job.endpoint, job.outcome)
         fields = dict(job_id=job.job_id, correlation_id=job.correlation_id, endpoint=job.endpoint, outcome=job.outcome)
+        if job.seq.error is not None:
+            fields.update(error_code=job.seq.error.code, error=job.seq.error.message)
         if end is not None:
             fields.update(stop_reason=end.stop_reason, tokens_out=end.tokens_out, prompt_tokens=len(end.prompt_ids),
                           prefill_ms=round(end.prefill_time_ms, 1), decode_ms=round(end.decode_time_ms, 1),
@@ -240,6 +270,8 @@ class Scheduler:
             return ("token", e)
         if isinstance(e, EndEvent):
             return ("end", e)
+        if isinstance(e, ErrorEvent):
+            return ("error", {"code": e.code, "message": e.message})
         return ("error", e)
 
     def _deliver(self, job: Job, events: list) -> None:
