@@ -22,6 +22,7 @@ import llorch_cpud.models.gpt2 as gpt2
 import llorch_cpud.models.llama as llama
 import llorch_cpud.sampling as sampling
 from llorch_cpud.kernels import KernelMatrix, PackedMatrix, linear
+from llorch_cpud.models.base import trace_put
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,16 @@ def _scores_no_mask(q, k, start):
 
 def _block_no_attn_residual(x, w, i, cfg, segments, path="numpy", trace=None):
     p = f"h.{i}."
+    trace_put(trace, i, "block_in", x)
     h = gpt2.layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)
+    trace_put(trace, i, "ln_1", h)
     x = gpt2.attention(h, w, i, cfg, segments, path, trace)  # the residual `x +` is dropped
     h = gpt2.layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)
-    return x + gpt2.ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+    trace_put(trace, i, "ln_2", h)
+    f = gpt2.ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+    trace_put(trace, i, "ffn_out", f)
+    trace_put(trace, i, "block_out", x + f)
+    return x + f
 
 
 def _lm_head_no_final_norm(x, w, cfg):
@@ -212,10 +219,16 @@ def _silu_as_gelu(x):
 
 def _llama_block_no_attn_residual(x, w, i, cfg, segments, cos, sin, path="numpy", trace=None):
     p = f"blk.{i}."
+    trace_put(trace, i, "block_in", x)
     h = llama.rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
+    trace_put(trace, i, "ln_1", h)
     x = llama.attention(h, w, i, cfg, segments, cos, sin, path, trace)  # the residual `x +` is dropped
     h = llama.rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
-    return x + llama.ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
+    trace_put(trace, i, "ln_2", h)
+    f = llama.ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
+    trace_put(trace, i, "ffn_out", f)
+    trace_put(trace, i, "block_out", x + f)
+    return x + f
 
 
 def _llama_lm_head_no_final_norm(x, w, cfg):

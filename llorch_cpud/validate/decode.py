@@ -69,8 +69,9 @@ def _others(engine: Engine, prompt_ids: list[int], steps: int) -> list:
 
 def _row_stages(trace: dict, row: int, seg: int) -> dict:
     """Our row's block-0 tensors from a step's trace (scores: its segment's [H, T])."""
-    out = {name: trace[name][row] for name in STAGES if name != "scores"}
-    out["scores"] = trace["scores"][seg][:, -1, :]  # [H, 1, T] -> [H, T]
+    out = {name: trace[name][row] for name in STAGES if name != "scores" and name in trace}
+    if "scores" in trace:
+        out["scores"] = trace["scores"][seg][:, -1, :]  # [H, 1, T] -> [H, T]
     return out
 
 
@@ -92,6 +93,8 @@ def teacher_forced(engine: Engine, prompt_ids: list[int], forced: list[int], lab
         row = sum(len(s.pending) for s in live[:mine])
         trace = {} if traced else None
         engine.step(live, trace)
+        if seq.error is not None:
+            raise RuntimeError(f"our decode step failed at step {step}: {seq.error.message}")
         if step == 0:
             continue  # the prefill: checkpoints 1-9 cover it
         run.logits.append(seq.last_logits)
