@@ -508,40 +508,33 @@ def decode_parts(decode: DecodeSide, ref, compare, tol8: float, tol8_note: str) 
             return r
         return fn
 
-    def residual_identity_part(run):
-        """The block's two residual adds on its own stage tensors: block_out = block_in + attn_out + ffn_out, to
-        float32 rounding (2^-22 of the largest magnitude summed), at every decode position."""
+    def identity_part(run, stage: str, expect, tolerance, why: str):
+        """`stage` of run at every decode position against what its own other tensors define it to be: expect(j,
+        stage tensors) in float64, within tolerance(stage tensors) - a relation the reference cannot blur."""
         def fn(c, t, _tol):
             worst, at, tol = 0.0, n, 0.0
             for j, mine in enumerate(run.stages):
-                parts_ = [mine[x].astype(np.float64) for x in ("block_in", "attn_out", "ffn_out")]
-                d = max_abs_diff(mine["block_out"], parts_[0] + parts_[1] + parts_[2])
-                tol = max(tol, 2.0**-22 * float(np.abs(parts_[0]).max() + np.abs(parts_[1]).max() + np.abs(parts_[2]).max()))
+                d = max_abs_diff(mine[stage], expect(j, mine))
+                tol = max(tol, tolerance(mine))
                 if not d <= worst:
                     worst, at = d, n + j
             ok = worst <= tol
-            return Result(c, t, ref_name, [steps, *run.stages[-1]["block_out"].shape], worst, tol, ok,
-                          "pass" if ok else "fail", {}, f"largest at position {at} (float32 rounding of two adds)")
+            return Result(c, t, ref_name, [steps, *run.stages[-1][stage].shape], worst, tol, ok,
+                          "pass" if ok else "fail", {}, f"largest at position {at} ({why})")
         return fn
 
-    def scores_identity_part(run):
-        """The step's scores against their definition on its own inputs: q·Kᵀ/sqrt(hd) of the q it computed and
-        the K in its cache, in float64 - what the reference comparison cannot see through q8's moved q and K."""
-        def fn(c, t, _tol):
-            tol = CHECKPOINTS[4][1]
-            worst, at = 0.0, n
-            for j, mine in enumerate(run.stages):
-                q = mine["q"].astype(np.float64)  # [H, hd]
-                g = q.shape[0] // run.k.shape[0]
-                k = np.repeat(run.k[:, : n + j + 1].astype(np.float64), g, axis=0)  # [H, T, hd]
-                expect = np.einsum("hd,htd->ht", q, k) / math.sqrt(q.shape[-1])  # [H, T]
-                d = max_abs_diff(mine["scores"], expect)
-                if not d <= worst:
-                    worst, at = d, n + j
-            ok = worst <= tol
-            return Result(c, t, ref_name, [steps, *run.stages[-1]["scores"].shape], worst, tol, ok,
-                          "pass" if ok else "fail", {}, f"largest at position {at} (SPEC's tolerance, float64 definition)")
-        return fn
+    def residual_sum(j, mine):  # the block's two residual adds: block_in + attn_out + ffn_out
+        return sum(mine[x].astype(np.float64) for x in ("block_in", "attn_out", "ffn_out"))
+
+    def residual_rounding(mine):  # two float32 adds: within 2^-22 of the magnitudes summed
+        return 2.0**-22 * sum(float(np.abs(mine[x]).max()) for x in ("block_in", "attn_out", "ffn_out"))
+
+    def scores_definition(run):  # q·Kᵀ/sqrt(hd) of the step's own q and the K its cache holds, in float64
+        def expect(j, mine):
+            q = mine["q"].astype(np.float64)  # [H, hd]
+            k = np.repeat(run.k[:, : n + j + 1].astype(np.float64), q.shape[0] // run.k.shape[0], axis=0)  # [H, T, hd]
+            return np.einsum("hd,htd->ht", q, k) / math.sqrt(q.shape[-1])  # [H, T]
+        return expect
 
     def logits_part(run):
         return lambda c, t, tol: compare(c, t, tol, [("logits", np.stack(run.logits), full["logits"][n : n + steps])],
@@ -591,12 +584,12 @@ def decode_parts(decode: DecodeSide, ref, compare, tol8: float, tol8_note: str) 
     parts = {cid: (lambda runs, names=names: [(runs.traced.label, stages_part(names, runs.traced)),
                                                (runs.batch.label, stages_part(names, runs.batch))])
              for cid, names in DECODE_STAGES.items()}
-    stage_7 = parts[7]
-    parts[7] = lambda runs: stage_7(runs) + [(runs.traced.label + ", block_in + attn_out + ffn_out",
-                                              residual_identity_part(runs.traced))]
-    stage_4 = parts[4]
+    stage_7, stage_4 = parts[7], parts[4]
+    parts[7] = lambda runs: stage_7(runs) + [(runs.traced.label + ", block_in + attn_out + ffn_out", identity_part(
+        runs.traced, "block_out", residual_sum, residual_rounding, "float32 rounding of two adds"))]
     parts[4] = lambda runs: stage_4(runs) + [(runs.traced.label + ", against q·Kᵀ/sqrt(hd) of its own q and cache",
-                                              scores_identity_part(runs.traced))]
+                                              identity_part(runs.traced, "scores", scores_definition(runs.traced),
+                                                            lambda _: CHECKPOINTS[4][1], "SPEC's tolerance, float64 definition"))]
     parts[3] = lambda runs: [(runs.traced.label, kv_part(runs.traced)), (runs.batch.label, kv_part(runs.batch))]
     parts[8] = lambda runs: [(runs.alone.label, logits_part(runs.alone)), (runs.batch.label, logits_part(runs.batch))]
     parts[9] = lambda runs: [(r.label, same_part(r, runs.alone, runs.path))
