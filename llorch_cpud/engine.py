@@ -182,13 +182,23 @@ class Sequence:
         self.t_first: float | None = None
         self.last_logits: np.ndarray | None = None
         self.keep_logits = False  # the validator's checkpoint 9: compute the full logits even for greedy picks
+        # At most this many pending tokens go into the next step (None: all): a long prompt is prefilled in chunks,
+        # interleaved with the other sequences' decode steps (the scheduler sets it); nothing is sampled until the
+        # prompt's last chunk.
+        self.chunk: int | None = None
 
     @property
     def done(self) -> bool:
         return self.end is not None or self.error is not None
 
     def segment(self) -> Segment:
-        return Segment(self.cache, self.pos, len(self.pending))
+        n = len(self.pending) if self.chunk is None else max(1, min(self.chunk, len(self.pending)))
+        return Segment(self.cache, self.pos, n)
+
+    def advance(self, n: int) -> None:
+        """A chunk of n pending tokens went into the cache and the prompt goes on: nothing to sample yet."""
+        self.pos += n
+        self.pending = self.pending[n:]
 
     @property
     def greedy_only(self) -> bool:
@@ -288,16 +298,20 @@ class Engine:
         live = [s for s in seqs if not s.done]
         if not live:
             return [[] for _ in seqs]
-        tokens = np.array([t for s in live for t in s.pending], dtype=np.int64)  # [rows]
         segments = [s.segment() for s in live]
+        tokens = np.array([t for s, seg in zip(live, segments) for t in s.pending[: seg.length]], dtype=np.int64)  # [rows]
         hidden = self.model.forward(tokens, segments, trace)  # [rows, n_embd]
         last = hidden[np.cumsum([seg.length for seg in segments]) - 1]  # [n_seq, n_embd] one row per sequence
-        greedy = [j for j, s in enumerate(live) if s.greedy_only] if trace is None else []
+        ready = [j for j, (s, seg) in enumerate(zip(live, segments)) if seg.length == len(s.pending)]
+        for s, seg in zip(live, segments):
+            if seg.length < len(s.pending):
+                s.advance(seg.length)  # a prompt chunk: no token this step
+        greedy = [j for j in ready if live[j].greedy_only] if trace is None else []
         pick = getattr(self.model, "greedy_tokens", None)
         picks = pick(last[greedy]) if greedy and pick else None  # [n_greedy] or None
         if picks is None:
             greedy = []
-        sampled = [j for j in range(len(live)) if j not in set(greedy)]
+        sampled = [j for j in ready if j not in set(greedy)]
         logits = self.model.logits(last[sampled]) if sampled else None  # [n_sampled, vocab]
         out = {id(live[j]): live[j].accept_or_fail(None, picks[i]) for i, j in enumerate(greedy)}
         out.update({id(live[j]): live[j].accept_or_fail(logits[i]) for i, j in enumerate(sampled)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from llorch_cpud.engine import EndEvent, Request, TokenEvent
@@ -154,8 +155,13 @@ def test_prompts_in_one_step_are_bit_identical_to_each_alone(engine):
         assert same(alone.last_logits, s.last_logits)
 
 
-@pytest.mark.parametrize("prefill_tokens, steps", [(4096, 1), (1, len(PROMPTS))])
-def test_arrivals_prefilled_together_up_to_the_token_budget(engine, prefill_tokens, steps):
+@pytest.mark.parametrize("prefill_tokens", [4096, 1])
+def test_arrivals_prefilled_together_up_to_the_token_budget(engine, prefill_tokens):
+    """A budget above the prompts prefills them all in one step; a budget of one token prefills one token a step
+    (chunks), beside the decode rows of the prompts already done - the same tokens either way."""
+    n_tokens = sum(len(engine.tokenizer.encode(p)) for p in PROMPTS)
+    steps = 1 if prefill_tokens >= n_tokens else -(-n_tokens // prefill_tokens)
+
     async def main():
         metrics = Metrics()
         sch = Scheduler(engine, metrics, max_batch=8, prefill_tokens=prefill_tokens)
@@ -175,6 +181,28 @@ def test_arrivals_prefilled_together_up_to_the_token_budget(engine, prefill_toke
     for p, evs in zip(PROMPTS, results):
         ref = reference(engine, p, 6)
         assert evs[-1][0] == "end" and evs[-1][1].token_ids == ref.token_ids
-    # together, all six decode in every step; one prompt per step, the first finishes its 6 tokens
+    # together, all six decode in every step; a token a step, the first finishes its 6 tokens
     # before the last is prefilled
     assert (metrics.decode["rows_max"] == len(PROMPTS)) == (steps == 1)
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_same_token(engine):
+    """Sequence.chunk: the prompt goes in a few tokens a step (nothing sampled until its last chunk), and the
+    first token's logits are those of the one-pass prefill to float32 rounding (a chunk's attention sums over
+    the cache in another order), the greedy tokens the same."""
+    req = Request(prompt=" ".join(PROMPTS), max_tokens=4, sampling=GREEDY)
+    whole = engine.start(req)
+    whole.keep_logits = True
+    engine.step([whole])
+    chunked = engine.start(req)
+    chunked.keep_logits, chunked.chunk = True, 3
+    n, steps = len(chunked.prompt_ids), 0
+    while not chunked.generated:
+        assert engine.step([chunked]) == [[]] or chunked.generated  # no event before the prompt's last chunk
+        steps += 1
+    assert steps == -(-n // 3) and chunked.pos == n
+    assert np.abs(chunked.last_logits - whole.last_logits).max() < 1e-4
+    chunked.chunk = None
+    while not (chunked.done and whole.done):
+        engine.step([s for s in (chunked, whole) if not s.done])
+    assert chunked.generated == whole.generated

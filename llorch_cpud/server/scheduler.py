@@ -7,16 +7,15 @@ side) through a thread-safe inbox. Each loop iteration of the engine thread:
    is set (POST /cancel, client disconnect, shutdown) — its KV cache is freed and its
    stream gets its terminal event — and every job past its deadline (`error` TIMEOUT);
 2. admits waiting jobs while fewer than `max_batch` are active;
-3. prefills the admitted-but-not-prefilled jobs, oldest first, together in ONE `Engine.step`
-   (their prompt rows share the matrix products; attention per sequence), as many as fit in
-   `prefill_tokens` prompt tokens (the oldest always goes, alone if it is longer) — the way
-   llama-server fills one batch with every slot's prompt. With the C kernels a row's result does
-   not depend on the other rows of the step (each row is summed in a fixed order), so a request's
-   logits are bit-identical to the CLI's single-sequence run (tests/test_server_scheduler.py);
-   numpy's BLAS (LLORCH_KERNELS=numpy) may round differently for another number of rows. The step
-   also samples each one's first token;
-4. runs ONE `Engine.step` over every job in decode: one row each through the same matrix
-   products (batched decode), attention per sequence.
+3. runs ONE `Engine.step` over every job in decode (one row each) and the next chunks of the
+   admitted-but-not-prefilled jobs' prompts, oldest first, at most `prefill_tokens` prompt tokens
+   in all (`Sequence.chunk`): their rows share the matrix products, attention runs per sequence.
+   A long prompt is thus prefilled a chunk a step while the running streams get a token every
+   step (their gap grows by one chunk's compute, not by the whole prompt's); a prompt's last chunk
+   samples its first token. With the C kernels a row's result does not depend on the other rows
+   of the step (each row is summed in a fixed order), so a request's logits are bit-identical to
+   the CLI's single-sequence run (tests/test_server_scheduler.py); numpy's BLAS
+   (LLORCH_KERNELS=numpy) may round differently for another number of rows.
 
 A failure confined to one sequence (its sampler, a NaN in its logits) ends that job alone with
 `error` INFERENCE_FAILED (Engine.step); only an exception from the step itself (the forward pass)
@@ -26,8 +25,7 @@ Backpressure: `max_queue` bounds the jobs waiting for a batch slot — accepted 
 free slots (`max_batch` minus the active jobs), whether or not the engine thread has moved them
 from the inbox yet. A submit past that bound raises QueueFull (the HTTP side answers 503).
 
-Requests that arrive together thus start decoding together: the batched decode steps are not
-interleaved with one prefill per request (which stalls every stream once per newcomer).
+Requests that arrive together thus start decoding together, and no prefill stops the others.
 
 Events go back to the asyncio side with `loop.call_soon_threadsafe`, one list per job per
 step, as soon as the step returns: a token is on the wire one step after it was sampled,
@@ -97,7 +95,7 @@ class Scheduler:
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
-        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled together in one step (at least one prompt)
+        self.prefill_tokens = max(1, prefill_tokens)  # prompt tokens a step prefills, in chunks of the prompts
         self.max_queue = max_queue
         self.on_terminal = on_terminal  # called on the loop thread when a job's terminal event is queued
         self.cond = threading.Condition()
@@ -186,31 +184,29 @@ class Scheduler:
             job.seq.t_start = time.perf_counter()  # prefill time excludes time spent queued
             self.active.append(job)
         decoding = [j for j in self.active if j.prefilled]
-        new, tokens = [], 0
+        new, budget = [], self.prefill_tokens
         for j in self.active:
-            if not j.prefilled:
-                n = len(j.seq.prompt_ids)
-                if new and tokens + n > self.prefill_tokens:
-                    break
+            if not j.prefilled and budget > 0:
+                j.seq.chunk = min(budget, len(j.seq.pending))
+                budget -= j.seq.chunk
                 new.append(j)
-                tokens += n
+        if not (new or decoding):
+            return
+        t0 = time.perf_counter()
+        self._step(decoding + new)
+        dt = time.perf_counter() - t0
         if new:
-            t0 = time.perf_counter()
-            self._step(new)
-            ms = round((time.perf_counter() - t0) * 1000, 1)
-            self.metrics.prefill_step(tokens, time.perf_counter() - t0)
-            for j in new:
+            self.metrics.prefill_step(self.prefill_tokens - budget, dt)
+        else:
+            self.metrics.decode_step(len(decoding), dt)
+        for j in new:
+            if j.seq.generated or j.seq.done:  # its last chunk went in: its first token is out (or it ended)
                 j.prefilled = True
+                j.seq.chunk = None
                 if j.seq.t_first is not None:
                     self.metrics.first_token(j.seq.t_first - j.seq.t_start)
                 log("prefill", job_id=j.job_id, correlation_id=j.correlation_id, prompt_tokens=len(j.seq.prompt_ids),
-                    prefill_ms=ms, prefilled_together=len(new), batch=len(self.active))
-            self._reap_cancelled()  # a cancel that came in during a long prefill ends before the next step
-            decoding = [j for j in decoding if not j.seq.done]
-        if decoding:
-            t0 = time.perf_counter()
-            self._step(decoding)
-            self.metrics.decode_step(len(decoding), time.perf_counter() - t0)
+                    prefill_ms=round((time.perf_counter() - j.seq.t_start) * 1000, 1), batch=len(self.active))
 
     def _step(self, jobs: list[Job]) -> None:
         before = [len(j.seq.generated) for j in jobs]
