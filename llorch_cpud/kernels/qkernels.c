@@ -128,11 +128,16 @@ static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 
 /* A tile's single-row case (nr == 1, chunks of 32 or 64 rows): the row tile with NL = L/16 lane groups
  * side by side, NL a compile-time constant in each call (see q4_1_row_tile). */
+#if defined(__AVX512F__)
 #define ONE_ROW_TILE(row_tile, ...)                                              \
     do {                                                                         \
         if (nr == 1 && L == 64) { row_tile(__VA_ARGS__, 4); return; }           \
         if (nr == 1 && L == 32) { row_tile(__VA_ARGS__, 2); return; }           \
     } while (0)
+#else /* 2-4 lane groups side by side need 2-4x the 32 vector registers AVX-512 has: with 16 (AVX2, NEON) they
+       * spill to the stack every block, ~10x slower than the tile's one group at a time (same sums, same bits) */
+#define ONE_ROW_TILE(row_tile, ...) do { } while (0)
+#endif
 
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
