@@ -62,7 +62,7 @@ class ServeConfig:
     api_key: str | None = None
     max_batch: int = 16
     max_queue: int = 256
-    prefill_tokens: int = 256
+    prefill_tokens: int = 64
     numerics: str = "float32"
     callback_attempts: int = 6
     callback_timeout: float = 5.0

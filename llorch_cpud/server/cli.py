@@ -38,9 +38,9 @@ def register(subparsers) -> None:
                         "(default: $LLORCH_API_KEY, which keeps the key out of the process list)")
     s.add_argument("--max-batch", type=_ranged_int(1, 1024, "--max-batch"), default=16,
                    help="most sequences decoded together in one step (others wait in the queue)")
-    s.add_argument("--prefill-tokens", type=_ranged_int(1, 1 << 20, "--prefill-tokens"), default=256,
+    s.add_argument("--prefill-tokens", type=_ranged_int(1, 1 << 20, "--prefill-tokens"), default=64,
                    help="prompt tokens a step prefills, as chunks of the waiting prompts, oldest first, beside the "
-                        "decoding requests' rows (default 256; smaller keeps running streams smoother)")
+                        "decoding requests' rows (default 64; smaller keeps running streams smoother)")
     add_numerics_argument(s)
     s.add_argument("--max-queue", type=_ranged_int(1, 100000, "--max-queue"), default=256,
                    help="most jobs waiting for a batch slot before new ones get 503")

@@ -91,7 +91,7 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 16, max_queue: int = 256,
-                 on_terminal=None, prefill_tokens: int = 256):
+                 on_terminal=None, prefill_tokens: int = 64):
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
