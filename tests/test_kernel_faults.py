@@ -42,14 +42,18 @@ def models(tmp_path_factory, smollm2_gguf, gpt2_small):
 @pytest.fixture(scope="module")
 def outcomes(models, tmp_path_factory):
     """fault -> [(family, numerics, rows)] for every fault and the control, two builds at a time."""
-    # q8's declared profile is SmolLM2's (NUMERICS_TOLERANCES): q8 runs take the real model; GPT-2 has no q8
-    jobs = {name: [(fam if num == "float32" else "smollm2", num) for fam in f.families for num in f.numerics
-                   if fam == "llama" or num == "float32"] for name, f in KERNEL_FAULTS.items()}
-    jobs["NONE"] = [("llama", "float32"), ("gpt2", "float32"), ("smollm2", "q8")]
+    # q8's declared profile is SmolLM2's (NUMERICS_TOLERANCES): q8 runs take the real model, whose q8 products are
+    # slow without AVX-512 VNNI - so here one prompt and few tokens, for the q8-only fault and the control (the
+    # other faults' q8 runs: scripts/kernel_faults.py NAME --numerics q8); GPT-2 has no q8
+    jobs = {name: [(fam, num) for fam in f.families for num in f.numerics
+                   if num == "float32" or name == "Q8_DROP_BLOCK"] for name, f in KERNEL_FAULTS.items()}
+    jobs["NONE"] = [("llama", "float32"), ("gpt2", "float32"), ("llama", "q8")]
 
     def one(name):
         dest = kernel_faults.build(name, tmp_path_factory.mktemp(f"build-{name}"))
-        return name, [(fam, num, kernel_faults.run(dest, models[fam], num, PROMPTS)) for fam, num in jobs[name]]
+        return name, [(fam, num, kernel_faults.run(dest, models[fam], num, PROMPTS)) if num == "float32" else
+                      (fam, num, kernel_faults.run(dest, models["smollm2"], num, PROMPTS[:1], tokens=8))
+                      for fam, num in jobs[name]]
 
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(one, jobs))
@@ -59,7 +63,7 @@ def outcomes(models, tmp_path_factory):
 def test_validate_fails_first_at_the_faulty_stage(outcomes, name):
     fault = KERNEL_FAULTS[name]
     for family, numerics, rows in outcomes[name]:
-        assert len(rows) == len(PROMPTS)
+        assert len(rows) == (len(PROMPTS) if numerics == "float32" else 1)
         for row in rows:
             where = f"{name} ({fault.description}) on {family}, {numerics}, prompt {row['prompt']!r}"
             assert not row["passed"], f"{where}: validate passed"

@@ -231,7 +231,7 @@ q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
-        for (int64_t b = 0; b < NB; b++) {
+        for (int64_t b = 0; b < NB - FAULT(ROW_TILE_DROP_BLOCK); b++) {
             f32x16 dv = load_scales(d, (c * NB + b) * L + i0, f32s);
             f32x16 mv = load_scales(m, (c * NB + b) * L + i0, f32s);
             /* per-block partial sums, then added to acc (shorter float32 sums, smaller error): two per row,
@@ -568,7 +568,7 @@ q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         f32x16 acc[RT];
         for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
-        for (int64_t b = 0; b < NB; b++) {
+        for (int64_t b = 0; b < NB - FAULT(Q8_DROP_BLOCK); b++) {
             i32x16 isum[RT * NCHAIN(nr)]; /* NCHAIN independent sums per row (integers: any split is exact) */
             for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
             for (int g = 0; w8 && g < 8; g++) { /* 8-bit weights: the unsigned operand as they are */
