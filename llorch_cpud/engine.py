@@ -82,50 +82,144 @@ class TextStream:
 
     The text released so far is always a prefix of `decode(all tokens)`; `finish()` releases
     the rest, so the concatenation of all pieces equals the decoded generation (cut before a
-    matched stop string)."""
+    matched stop string).
+
+    Constant work per token: a push decodes a bounded window of recent ids, never the whole
+    generation (the scheme of text-generation-inference's `decode_token` and `tokenizers`'
+    `DecodeStream`). The window is `ids[p:]`: the context `ids[p:r]`, ids whose text is already
+    known (settled), then the pending ids `ids[r:]`. The pending ids' text is
+    `decode(window)[len(decode(context)):]` - decoded after their context, so a decoder that
+    treats the first token differently (SentencePiece's leading-space strip) does so on the
+    context's first token, the same in both decodes. When that text does not end in U+FFFD (what
+    an incomplete UTF-8 sequence decodes to) it is settled: it can no longer change, and the
+    pending ids become the next context. While it does end in U+FFFD the pending ids stay; if more
+    than MAX_PENDING of them pile up (only a run of invalid bytes or of literal U+FFFD does that),
+    the latest point where splitting the window leaves the decoded text unchanged is settled
+    instead (for byte-level BPE that is exactly a point where UTF-8 decoding starts afresh, so
+    later ids cannot change what is before it).
+
+    Same text as decoding everything for decoders whose output for a sequence is stable once it
+    does not end in U+FFFD: byte-level BPE (GPT-2, GGUF "gpt2"), and SentencePiece with byte
+    fallback on valid UTF-8. (With byte fallback, a run of byte tokens that is invalid UTF-8 as
+    a whole decodes to one U+FFFD per byte, which can retract a character already decoded: the
+    full re-decode this replaced could not stream that exactly either.)"""
+
+    MAX_PENDING = 8  # pending ids that may pile up while their text ends in U+FFFD
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""  # decoded text of all ids so far
-        self.released = 0  # characters of self.text already released
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []  # every id pushed
+        self.released = 0  # characters of the text released so far
         self.matched: str | None = None
+        self._eos = tokenizer.eos_token_id  # no text (decode_generated drops it)
+        self._win: list[int] = []  # ids[p:], EOS left out
+        self._n_ctx = 0  # the context: the first _n_ctx ids of the window, whose text is settled
+        self._ctx = ""  # decode(context), on its own
+        self._pending = ""  # the text of the pending ids (may end in U+FFFD, may still change)
+        self._settled = 0  # characters of settled text
+        self._tail = ""  # settled text from character _tail_start on (what a stop string may still touch)
+        self._tail_start = 0
+        self._out: list[str] = []  # the pieces released
 
     def push(self, token_id: int) -> str:
         """Add a token; return the newly releasable text ('' while a character or stop prefix is pending)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode_generated(self.ids)
-        stable = len(self.text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD
+        if token_id == self._eos or self.matched is not None:
+            return ""
+        self._win.append(token_id)
+        self._decode_window()
+        stable = self._settled + len(self._pending.rstrip("\ufffd"))
         if self.stop:
             hit = self._find_stop()
             if hit is not None:
                 end, self.matched = hit
-                piece = self.text[self.released : end]
-                self.released = end
-                return piece
-            stable = min(stable, self.released + self._safe_len(self.text[self.released : stable]))
-        piece = self.text[self.released : stable]
-        self.released = max(self.released, stable)
-        return piece
+                return self._release(end)
+            stable = min(stable, self.released + self._safe_len(self._text(self.released, stable)))
+        return self._release(stable)
 
     def finish(self) -> str:
         """Release whatever is held at the end of generation (a stop-string prefix or a dangling byte)."""
         if self.matched is not None:
             return ""
-        piece = self.text[self.released :]
-        self.released = len(self.text)
+        return self._release(self._settled + len(self._pending))
+
+    @property
+    def final_text(self) -> str:
+        done = "".join(self._out)
+        return done if self.matched is not None else done + self._text(self.released)
+
+    @property
+    def text(self) -> str:
+        """The decoded text of all ids so far (built on demand)."""
+        return "".join(self._out) + self._text(self.released)
+
+    # ------------------------------------------------------------------ internals
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode_generated(ids)
+
+    def _decode_window(self) -> None:
+        win, n_ctx = self._win, self._n_ctx
+        full = self._decode(win)
+        pending = full[len(self._ctx):]
+        if not pending.endswith("\ufffd"):  # settled: the pending ids become the context
+            self._settle(pending, win[n_ctx:], None)
+        elif len(win) - n_ctx > self.MAX_PENDING:
+            self._pending = pending
+            self._split(full)
+        else:
+            self._pending = pending
+
+    def _settle(self, text: str, ctx_ids: list[int], ctx_text: str | None, rest: str = "",
+                more: list[int] = ()) -> None:
+        """Settle `text`; `ctx_ids` (whose text is ctx_text) become the context, `more` the pending ids."""
+        self._tail += text
+        self._settled += len(text)
+        self._win = list(ctx_ids) + list(more)
+        self._n_ctx = len(ctx_ids)
+        self._ctx = self._decode(ctx_ids) if ctx_text is None else ctx_text
+        self._pending = rest
+
+    def _split(self, full: str) -> None:
+        """Settle the pending ids up to the latest point j where decoding afresh from j changes nothing:
+        decode(window[:j]) + decode(window[j:]) == decode(window). For byte-level BPE that holds exactly
+        where UTF-8 decoding restarts in the full text, which no later byte can move."""
+        win, n_ctx, ctx = self._win, self._n_ctx, self._ctx
+        for j in range(len(win) - 1, n_ctx, -1):
+            head = self._decode(win[:j])
+            if head.startswith(ctx) and head + self._decode(win[j:]) == full:
+                self._settle(head[len(ctx):], [], "", full[len(head):], win[j:])
+                return
+        # No such point (a decoder that is not self-synchronising): keep the window; exactness first.
+
+    def _text(self, start: int, end: int | None = None) -> str:
+        """Characters [start, end) of the text so far; start >= _tail_start."""
+        buf = self._tail + self._pending
+        return buf[start - self._tail_start : None if end is None else end - self._tail_start]
+
+    def _release(self, end: int) -> str:
+        piece = self._text(self.released, end) if end > self.released else ""
+        self.released = max(self.released, end)
+        if piece:
+            self._out.append(piece)
+        # Forget the settled text that neither a stop string nor a later release can touch.
+        keep = min(self._settled, max(0, self.released - max(self._longest - 1, 0)))
+        if keep > self._tail_start:
+            self._tail = self._tail[keep - self._tail_start :]
+            self._tail_start = keep
         return piece
 
     def _find_stop(self) -> tuple[int, str] | None:
-        longest = max(len(s) for s in self.stop)
-        search_from = max(0, self.released - longest + 1)
+        search_from = max(0, self.released - self._longest + 1)
+        text = self._text(search_from)
         best = None
         for s in self.stop:
-            i = self.text.find(s, search_from)
+            i = text.find(s)
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
-        return best
+        return None if best is None else (search_from + best[0], best[1])
 
     def _safe_len(self, pending: str) -> int:
         """Length of the prefix of `pending` that cannot be the start of a stop string."""
@@ -134,10 +228,6 @@ class TextStream:
             if any(s.startswith(tail) for s in self.stop):
                 return i
         return len(pending)
-
-    @property
-    def final_text(self) -> str:
-        return self.text[: self.released] if self.matched is not None else self.text
 
 
 class Sequence:

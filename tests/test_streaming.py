@@ -7,6 +7,7 @@ from llorch_cpud.engine import Engine, EndEvent, Request, TextStream, TokenEvent
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
 from llorch_cpud.formats import load_model
 from llorch_cpud.sampling import SamplingParams
+from llorch_cpud.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,130 @@ def test_cancel_between_steps(engine):
     events = engine.step([seq])[0]
     assert events[-1].stop_reason == "cancelled" and seq.cache is None
     assert np.isfinite(seq.last_logits).all()
+
+
+# ---------------------------------------------------------------------------- long generations: exact, bounded work
+
+
+class CountingInner:
+    """A tokenizers.Tokenizer stand-in that counts the ids every decode call is given."""
+
+    def __init__(self, inner):
+        self.inner, self.ids, self.calls = inner, 0, 0
+
+    def decode(self, ids, **kw):
+        self.ids += len(ids)
+        self.calls += 1
+        return self.inner.decode(ids, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer(smollm2_gguf):
+    from llorch_cpud.formats.gguf import GGUFFile
+    from llorch_cpud.models.llama import gguf_tokenizer
+
+    if not smollm2_gguf.is_file():
+        pytest.skip(f"{smollm2_gguf} is missing")
+    return gguf_tokenizer(GGUFFile.open(str(smollm2_gguf)))
+
+
+@pytest.fixture(params=["gpt2", "smollm2"])
+def any_tokenizer(request, engine):
+    return engine.tokenizer if request.param == "gpt2" else request.getfixturevalue("smollm_tokenizer")
+
+
+def long_ids(tok, kind: str, n: int = 3000, seed: int = 0) -> list[int]:
+    """`random`: uniform over the vocabulary. `bytes`: mostly tokens whose text alone is or ends in U+FFFD
+    (lone bytes, partial characters), so invalid UTF-8 runs and held-back characters are everywhere."""
+    rng = np.random.default_rng(seed)
+    vocab = tok.vocab_size
+    if kind == "random":
+        return [int(i) for i in rng.integers(0, vocab, n)]
+    partial = [i for i in range(vocab) if i != tok.eos_token_id and tok.decode([i]).endswith("\ufffd")]
+    return [int(rng.choice(partial)) if rng.random() < 0.7 else int(rng.integers(0, vocab)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["random", "bytes"])
+def test_long_generation_streams_exactly_the_full_decode(any_tokenizer, kind):
+    """3,000 tokens: the pieces never retract anything (each extends a prefix of the final text, so no incomplete
+    character was released as U+FFFD) and concatenate to decode(all ids)."""
+    tok = any_tokenizer
+    ids = long_ids(tok, kind)
+    full = tok.decode_generated(ids)
+    s = TextStream(tok, [])
+    done = 0
+    for i in ids:
+        piece = s.push(i)
+        assert full.startswith(piece, done)
+        done += len(piece)
+    piece = s.finish()
+    assert full.startswith(piece, done) and done + len(piece) == len(full)
+    assert s.final_text == full
+
+
+@pytest.mark.parametrize("kind", ["random", "bytes"])
+def test_long_generation_with_a_stop_string(any_tokenizer, kind):
+    """A stop string taken from late in the decoded text: released text is the full decode cut there."""
+    tok = any_tokenizer
+    ids = long_ids(tok, kind, seed=1)
+    full = tok.decode_generated(ids)
+    stop = next(full[k : k + 3] for k in range(len(full) * 9 // 10, len(full))
+                if full[k : k + 3].strip() and "\ufffd" not in full[k : k + 3])
+    s = TextStream(tok, [stop])
+    out = []
+    for i in ids:
+        out.append(s.push(i))
+        if s.matched:
+            break
+    assert s.matched == stop and "".join(out) == s.final_text == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("kind", ["random", "bytes"])
+def test_decode_work_per_token_is_bounded(any_tokenizer, kind):
+    """Work, not time: the ids handed to the tokenizer's decode per push stay under a constant that does not grow
+    with the length of the generation (re-decoding everything would hand it k ids at token k: 4.5 million here)."""
+    tok = any_tokenizer
+    counting = CountingInner(tok.inner)
+    counted = Tokenizer(inner=counting, eos_token_id=tok.eos_token_id)
+    ids = long_ids(tok, kind, seed=2)
+    s = TextStream(counted, ["<<never-in-this-text>>", "\x00\x00\x00"])  # stop strings on, never matched
+    per_push, out = [], []
+    for i in ids:
+        before = counting.ids
+        out.append(s.push(i))
+        per_push.append(counting.ids - before)
+        if s.matched:
+            break
+    out.append(s.finish())
+    assert len(per_push) > 1000 and counting.calls >= len(per_push)  # the counter sees the decodes (negative control for a broken count)
+    bound = 4 * (TextStream.MAX_PENDING + 1) ** 2  # the worst push: splitting a window of pending U+FFFD text
+    assert max(per_push) <= bound, max(per_push)
+    assert max(per_push[-500:]) <= bound and sum(per_push[-500:]) <= 10 * 500  # the end costs what the start did
+    assert sum(per_push) <= 10 * len(ids), sum(per_push)
+    full = tok.decode_generated(ids)
+    assert "".join(out) == (full[: full.index(s.matched)] if s.matched else full)
+
+
+def test_sentencepiece_leading_space_and_byte_fallback_stream_exactly(tmp_path):
+    """A SentencePiece GGUF vocabulary (decoder: "▁" -> " ", byte fallback, first leading space stripped): random
+    sequences of pieces and byte-encoded characters stream exactly what decoding them all at once gives."""
+    from test_gguf_tokenizer import write_spm_gguf
+
+    from llorch_cpud.formats.gguf import GGUFFile
+    from llorch_cpud.models.llama import gguf_tokenizer
+
+    tok = gguf_tokenizer(GGUFFile.open(write_spm_gguf(tmp_path / "spm.gguf")))
+    pieces = [tok.inner.token_to_id(p) for p in ["▁", "▁the", "▁world", "he", "lo", "e▁", "<|user|>", "H", "!", "<s>"]]
+    chars = [[tok.inner.token_to_id(f"<0x{b:02X}>") for b in c.encode()] for c in ["ü", "日", "🚀", "\n", " "]]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = []
+        for _ in range(int(rng.integers(1, 40))):
+            ids += chars[rng.integers(len(chars))] if rng.random() < 0.35 else [pieces[rng.integers(len(pieces))]]
+        s = TextStream(tok, [])
+        out = [s.push(i) for i in ids] + [s.finish()]
+        assert "".join(out) == tok.decode_generated(ids), ids
+        assert all("\ufffd" not in p for p in out)

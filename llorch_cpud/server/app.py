@@ -361,7 +361,7 @@ class Gate:
 
 def create_app(state: WorkerState, lifespan=None):
     from fastapi import FastAPI
-    from fastapi.responses import PlainTextResponse
+    from fastapi.responses import Response
     from sse_starlette import ServerSentEvent
 
     from llorch_cpud.server.openai_routes import add_openai_routes
@@ -458,7 +458,7 @@ def create_app(state: WorkerState, lifespan=None):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     body_models += add_openai_routes(app, state, admission)
 

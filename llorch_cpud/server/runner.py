@@ -252,12 +252,11 @@ async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> 
                                 on_terminal=state.on_terminal, prefill_tokens=cfg.prefill_tokens)
     state.scheduler.start()
     sch = state.scheduler
-    state.metrics.gauges.update({
-        "llorch_queue_depth": ("Jobs accepted and waiting for a batch slot.", lambda: sch.queued),
-        "llorch_active_jobs": ("Jobs in the running batch (prefill or decode).", lambda: sch.running),
-        "llorch_memory_bytes": ("Resident memory of the worker process.", state.memory_bytes),
-        "llorch_model_loaded": ("1 once the model is loaded.", lambda: 1 if state.engine is not None else 0),
-    })
+    gauge = state.metrics.gauge
+    gauge("llorch_queue_depth", "Jobs accepted and waiting for a batch slot.", lambda: sch.queued)
+    gauge("llorch_active_jobs", "Jobs in the running batch (prefill or decode).", lambda: sch.running)
+    gauge("llorch_memory_bytes", "Resident memory of the worker process.", state.memory_bytes)
+    gauge("llorch_model_loaded", "1 once the model is loaded.", lambda: 1 if state.engine is not None else 0)
     state.status = "healthy"
     log("ready", uri=state.uri, worker_id=state.worker_id, model=state.model_name, memory_bytes=state.memory_bytes(),
         model_bytes=state.model_bytes, load_s=round(load_seconds, 3))
