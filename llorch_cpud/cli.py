@@ -1,4 +1,4 @@
-"""The `llorch-cpud` command: generate, validate, serve, bench (SPEC §6).
+"""The `llorch-cpud` command: generate, validate, serve, bench (SPEC §6), info.
 
 Bad input ends with one line `error: <reason>` on stderr and a non-zero exit, never a traceback.
 """
@@ -86,8 +86,12 @@ def build_parser() -> Parser:
     add_numerics_argument(v)
     v.add_argument("--isolated", action="store_true",
                    help="no model: each component alone on synthetic inputs against every installed reference")
+    i = sub.add_parser("info", help="which kernels this install runs: the C build's instruction sets, the CPU's, the "
+                                    "decode path models load with, and why it may be slower than it could be")
+    i.add_argument("--json", action="store_true", help="one JSON object")
     g.set_defaults(func=cmd_generate)
     v.set_defaults(func=cmd_validate)
+    i.set_defaults(func=cmd_info)
     for module in PLUGIN_COMMANDS:  # serve, bench: each module adds its own subcommand
         importlib.import_module(module).register(sub)
     return p
@@ -196,6 +200,28 @@ def cmd_validate(a) -> int:
     print(f"weights: {result['weights']}; numerics: {result['numerics']}")
     print(f"{'PASS' if result['passed'] else 'FAIL'} in {time.perf_counter() - t0:.1f}s; reports: {j} {m}")
     return 0 if result["passed"] else EXIT_FAILED_VALIDATION
+
+
+def cmd_info(a) -> int:
+    from llorch_cpud import __version__, kernels
+    from llorch_cpud.models.base import PATH_NAMES
+
+    info = {"llorch-cpud": __version__, **kernels.info()}
+    info["decode_path"] = "fused" if info["enabled"] else "numpy"  # what choose_path(None) gives a loaded model
+    if a.json:
+        print(json.dumps(info))
+        return 0
+    print(f"llorch-cpud {__version__}")
+    print(f"cpu: {info['cpu']} ({' '.join(info['cpu_isa']) or 'flags unknown'})")
+    if info["built"]:
+        print(f"kernels: C, built for {info['tier']} ({' '.join(info['build_isa']) or 'no SIMD extension'}), "
+              f"OpenMP {info['openmp'] or 'off'}{'' if info['enabled'] else ' - disabled by LLORCH_KERNELS=numpy'}")
+    else:
+        print("kernels: numpy only (the C extension is not built)")
+    print(f"decode path: {info['decode_path']} ({PATH_NAMES[info['decode_path']]})")
+    for w in info["warnings"]:
+        print(f"warning: {w}")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -15,26 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
+
+import build_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(fault: str, dest: Path) -> Path:
     """A copy of the package in dest whose C kernels carry `fault` (NONE: no fault); returns dest."""
-    shutil.copytree(ROOT / "llorch_cpud", dest / "llorch_cpud", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    out = dest / "llorch_cpud" / "kernels" / ("_qkernels" + sysconfig.get_config_var("EXT_SUFFIX"))
-    define = [] if fault == "NONE" else [f"-DLLORCH_FAULT=FAULT_{fault}"]
     # -O1: a fault build compiles in a third of the time; it is compared with the reference, not with our build
-    cmd = [os.environ.get("CC", "cc"), "-O1", "-fopenmp", "-std=gnu11", "-Wno-psabi", "-march=native", "-shared", "-fPIC",
-           f"-I{sysconfig.get_paths()['include']}", *define, str(ROOT / "llorch_cpud/kernels/qkernels.c"), "-o", str(out)]
-    subprocess.run(cmd, check=True)
-    return dest
+    return build_kernels.build(dest, "native", "-O1", fault)
 
 
 def child(args) -> int:

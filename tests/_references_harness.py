@@ -26,7 +26,7 @@ if "CACHEDB" not in os.environ:
 from llorch_cpud.cli import load_engine  # noqa: E402
 from llorch_cpud.validate import references  # noqa: E402
 from llorch_cpud.validate.bugs import inject  # noqa: E402
-from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints  # noqa: E402
+from llorch_cpud.validate.runner import check  # noqa: E402
 from llorch_cpud.validate.references.base import Reference, ReferenceUnavailable  # noqa: E402
 
 PROMPT = "Hello. How are you?"
@@ -98,8 +98,9 @@ def load_pair(name: str, model_path, family: str):
 
 
 def run(engine, ref, family: str, n_tokens: int = 6, prompt: str = PROMPT):
-    ours = OurSide(engine, engine.tokenizer.encode(prompt), n_tokens)
-    results = run_checkpoints(engine, ours, ref, family)
+    """Every checkpoint, at prompt and at decode positions (validate's own runner.check)."""
+    assert engine.model.family == family
+    results = check(engine, ref, engine.tokenizer.encode(prompt), n_tokens)
     return [r.id for r in results if not r.passed], results
 
 

@@ -9,10 +9,27 @@ from pathlib import Path
 
 import pytest
 
+# OpenMP threads that spin while waiting starve each other when the cores are oversubscribed (a test and the
+# servers, fault builds and references it starts share 2 cores): measured here, a 6-step q8 decode took 0.25 s
+# alone and 5-13 s beside other work. Waiting threads sleep in tests (read once, when libgomp starts; children
+# inherit it). The worker's own default (spin) is what `bench` measures.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_gpt2_fixture import make_gpt2_fixture  # noqa: E402
+
+
+# The fast tier (`pytest -m "not slow"`, the edit loop: no torch, no real model) leaves out every test that needs
+# one of these fixtures (directly or through another fixture); modules that need torch otherwise mark themselves.
+HEAVY_FIXTURES = {"gpt2_small", "gpt2_medium_ish", "gpt2_full", "smollm2_gguf"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +62,14 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_env():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_under_test():
+    """LLORCH_KERNELS_BUILD=DIR (tests/test_kernel_isa.py): the run must import the kernels built in DIR, not ours."""
+    want = os.environ.get("LLORCH_KERNELS_BUILD")
+    if want:
+        from llorch_cpud.kernels.quantized import _qkernels
+
+        assert _qkernels is not None and Path(_qkernels.__file__).resolve().is_relative_to(Path(want).resolve()), (
+            f"LLORCH_KERNELS_BUILD={want} but the kernels imported are {_qkernels and _qkernels.__file__}")

@@ -19,6 +19,8 @@ from llorch_cpud.validate.bugs import LLAMA_BUGS, inject
 from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES
 from llorch_cpud.validate.runner import check
 
+from _references_harness import Memo  # noqa: E402 (tests/)
+
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built")
@@ -32,9 +34,10 @@ def engine(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def ref(engine, smollm2_gguf):
+    """The reference's answers do not depend on our engine: computed once, replayed for each injected bug."""
     r = references.make("transformers")
     r.load(smollm2_gguf, "llama", engine)
-    return r
+    return Memo(r)
 
 
 def run(engine, ref, prompt="Hello. How are you?"):

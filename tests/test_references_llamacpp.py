@@ -39,7 +39,8 @@ DATA = Path(__file__).parent / "data" / "llamacpp"
 
 
 class LogitsOnly(Reference):
-    """A reference with fixed answers (our clean engine's, optionally changed) and no block-0 tensors or cache."""
+    """A reference with fixed answers (our clean engine's, optionally changed) and no block-0 tensors or cache.
+    `logits`: over the prompt and its greedy continuation; capture() hands out the rows of the ids it is given."""
 
     name = "stub"
     unavailable_reason = "stub: logits only"
@@ -57,7 +58,8 @@ class LogitsOnly(Reference):
         return {"stub": "1"}
 
     def capture(self, prompt_ids):
-        return {"logits": self.logits.copy()}
+        assert len(prompt_ids) <= len(self.logits)
+        return {"logits": self.logits[: len(prompt_ids)].copy()}
 
     def cache(self, prompt_ids, next_token):
         raise NotAvailable("stub has no cache")
@@ -79,7 +81,8 @@ def clean(gpt2_small):
     engine, path = load_engine(str(gpt2_small))
     ids = engine.tokenizer.encode(PROMPT)
     ours = OurSide(engine, ids, 6)
-    return engine, path, ids, ours.full_logits.copy(), list(ours.greedy)
+    greedy = list(ours.greedy)
+    return engine, path, ids, engine.prefill_logits(ids + greedy).copy(), greedy
 
 
 def test_logits_only_reference_gives_na_at_1_to_7_and_passes(clean, monkeypatch):
@@ -112,7 +115,7 @@ def test_broken_cache_still_fails_checkpoint_3_without_a_reference_cache(clean):
     """Our own bit-identity check runs even when the reference has no cache to compare: a cache bug is not n/a."""
     engine, path, ids, logits, greedy = clean
     with inject("kv_cache_off_by_one", engine.model):
-        results = run_checkpoints(engine, OurSide(engine, ids, 6), LogitsOnly(logits, greedy), "gpt2")
+        results = runner.check(engine, LogitsOnly(logits, greedy), ids, 6)  # at the prompt and at decode positions
     r3 = results[2]
     assert r3.id == 3 and r3.status in ("fail", "error") and not r3.passed, r3  # not hidden as n/a
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llorch_cpud import kernels
+
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -276,6 +278,9 @@ def test_health_loading_then_ready_and_callback(full, receiver):
     assert body["vram_bytes"] == 0 and body["memory_type"] == "cpu"
     assert body["worker_id"] == "w-test" and body["memory_bytes"] > 100_000_000
     assert body["numerics"] == "float32"  # the default; `serve --numerics q8` reports q8
+    # the kernel path the engine runs, as `llorch-cpud info` reports it
+    assert body["decode_path"] == ("fused" if kernels.enabled() else "numpy")
+    assert body["kernels"] == (kernels.info()["tier"] if kernels.enabled() else "numpy")
 
     deadline = time.time() + 10
     while not receiver.payloads and time.time() < deadline:

@@ -1994,7 +1994,69 @@ done:
     return ret;
 }
 
+/* What this build was compiled for: the instruction-set features the compiler was allowed to use (chosen at
+ * build time by -march), OpenMP, and the fault a test build carries. kernels.info() sets them beside the CPU's. */
+static PyObject *py_build_info(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    PyObject *isa = PyList_New(0);
+    if (!isa) return NULL;
+    static const char *const names[] = {
+#if defined(__AVX512F__)
+        "avx512f",
+#endif
+#if defined(__AVX512BW__)
+        "avx512bw",
+#endif
+#if defined(__AVX512VNNI__)
+        "avx512vnni",
+#endif
+#if defined(__AVX2__)
+        "avx2",
+#endif
+#if defined(__FMA__)
+        "fma",
+#endif
+#if defined(__F16C__)
+        "f16c",
+#endif
+#if defined(__AVXVNNI__)
+        "avxvnni",
+#endif
+#if defined(__ARM_NEON)
+        "neon",
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+        "dotprod",
+#endif
+        NULL};
+    for (int i = 0; names[i]; i++) {
+        PyObject *s = PyUnicode_FromString(names[i]);
+        if (!s || PyList_Append(isa, s) < 0) { Py_XDECREF(s); Py_DECREF(isa); return NULL; }
+        Py_DECREF(s);
+    }
+#if defined(_OPENMP)
+    const int openmp = _OPENMP;
+#else
+    const int openmp = 0;
+#endif
+#ifdef LLORCH_FAULT
+    const int fault = LLORCH_FAULT;
+#else
+    const int fault = 0;
+#endif
+    return Py_BuildValue("{s:N,s:i,s:i,s:i}", "isa", isa, "openmp", openmp, "fault", fault, "one_row_tiles",
+#if defined(__AVX512F__)
+                         1
+#else
+                         0
+#endif
+    );
+}
+
 static PyMethodDef methods[] = {
+    {"build_info", py_build_info, METH_NOARGS, "the ISA features, OpenMP version and fault this build was compiled with"},
     {"matmul", py_matmul, METH_VARARGS, "out[M, n_chunk*L] = x[M, K] @ W.T for a kernel-held matrix of any kind"},
     {"decode_block", py_decode_block, METH_VARARGS, "a Llama or GPT-2 block for decode rows, one C call (kernels.ops.decode_block)"},
     {"attend_decode", py_attend_decode, METH_VARARGS, "softmax(q K^T / sqrt(hd)) V for one query row per sequence"},

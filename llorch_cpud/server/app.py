@@ -85,6 +85,7 @@ class WorkerState:
     uri: str = ""
     model_bytes: int = 0
     load_seconds: float = 0.0
+    kernels: str = ""  # the kernel tier the engine runs (kernels.info(): avx512-vnni | avx512 | avx2 | generic | numpy)
     started: float = field(default_factory=time.time)
     fatal: str | None = None  # start-up failure: the process exits non-zero with this reason
     fatal_exc: BaseException | None = None
@@ -392,7 +393,8 @@ def create_app(state: WorkerState, lifespan=None):
         if state.engine is not None:
             body.update(model_bytes=state.model_bytes, context_length=state.engine.model.n_ctx,
                         load_seconds=round(state.load_seconds, 3),
-                        numerics=getattr(state.engine.model, "numerics", "float32"))
+                        numerics=getattr(state.engine.model, "numerics", "float32"),
+                        decode_path=state.engine.model.path, kernels=state.kernels)
         if state.scheduler is not None:
             body.update(active_jobs=state.scheduler.running, queued_jobs=state.scheduler.queued,
                         max_batch=state.scheduler.max_batch)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from llorch_cpud import kernels
 from llorch_cpud.errors import LlorchError
 from llorch_cpud.server.app import ServeConfig, WorkerState, create_app
 from llorch_cpud.server.logs import configure, log
@@ -248,6 +250,10 @@ async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> 
     state.model_name = display_name(engine.name)
     state.model_bytes = weights_bytes(engine.model)
     state.load_seconds = load_seconds
+    info = kernels.info()
+    state.kernels = info["tier"] if engine.model.path != "numpy" else "numpy"
+    for warning in info["warnings"]:
+        log(warning, logging.WARNING, event="kernels")
     state.scheduler = Scheduler(engine, state.metrics, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                                 on_terminal=state.on_terminal, prefill_tokens=cfg.prefill_tokens)
     state.scheduler.start()
