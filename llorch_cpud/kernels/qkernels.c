@@ -97,7 +97,23 @@ static inline f32x16 load16h(const uint16_t *p)
 #endif
 }
 
-#define RT 8 /* activation rows per pass: each converted weight vector feeds RT rows */
+/* The row tiles' vector: VW lanes (output rows) of float32, one machine register. AVX-512: 16 (one zmm, the
+ * f32x16 of the rest of the file). Without it (AVX2): 8, one ymm. A 16-lane generic vector there is two ymm,
+ * and a tile of 8 activation rows needs 2-3 such vectors per row: more than AVX2's 16 registers, so GCC spilled
+ * every partial sum to the stack at every step (prefill ran at ~1/10 of the FMA rate). Each lane's arithmetic is
+ * the same whatever VW (same operations, same order), so the results are the same bits.
+ * RT: activation rows per pass (each converted weight vector feeds RT rows); with AVX2's 16 registers, 4 rows'
+ * two partial sums (8) + the weights' scales, bytes and converted values fit. */
+#if defined(__AVX512F__) || !defined(__AVX2__)
+#define VW 16
+#define RT 8
+#else
+#define VW 8
+#define RT 4
+#endif
+typedef float fv __attribute__((vector_size(VW * 4)));
+typedef int32_t iv __attribute__((vector_size(VW * 4)));
+typedef uint32_t uv __attribute__((vector_size(VW * 4)));
 
 /* Weights are read as one stream; with RT rows the out-of-order window holds too few iterations to
  * hide DRAM latency, so the stream is prefetched this many 64-byte lines ahead (measured: without
@@ -108,6 +124,32 @@ static inline f32x16 load16h(const uint16_t *p)
 
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
+static inline fv loadv(const float *p) { fv v; memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, fv v) { memcpy(p, &v, sizeof v); }
+
+/* VW half floats -> VW x float32 */
+static inline fv loadvh(const uint16_t *p)
+{
+#if VW == 16
+    return load16h(p);
+#elif defined(__F16C__)
+    return (fv)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    fv r;
+    for (int i = 0; i < VW; i++) r[i] = half_to_float(p[i]);
+    return r;
+#endif
+}
+
+#if RT == 8 /* the remainders of 5-7 rows */
+#define ROW_TILES_8(tile, ...)                                                   \
+        case 7: tile(__VA_ARGS__, r0_, 7); break;                                \
+        case 6: tile(__VA_ARGS__, r0_, 6); break;                                \
+        case 5: tile(__VA_ARGS__, r0_, 5); break;                                \
+        case 4: tile(__VA_ARGS__, r0_, 4); break;
+#else
+#define ROW_TILES_8(tile, ...)
+#endif
 
 /* Run tile(..., r0, nr) over the M activation rows: full tiles of RT rows, then the remainder
  * (nr a compile-time constant in every call, so each tile's row loops unroll). */
@@ -116,10 +158,7 @@ static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
         int64_t r0_ = 0;                                                         \
         for (; r0_ + RT <= (M); r0_ += RT) tile(__VA_ARGS__, r0_, RT);           \
         switch ((M) - r0_) {                                                     \
-        case 7: tile(__VA_ARGS__, r0_, 7); break;                                \
-        case 6: tile(__VA_ARGS__, r0_, 6); break;                                \
-        case 5: tile(__VA_ARGS__, r0_, 5); break;                                \
-        case 4: tile(__VA_ARGS__, r0_, 4); break;                                \
+        ROW_TILES_8(tile, __VA_ARGS__)                                           \
         case 3: tile(__VA_ARGS__, r0_, 3); break;                                \
         case 2: tile(__VA_ARGS__, r0_, 2); break;                                \
         case 1: tile(__VA_ARGS__, r0_, 1); break;                                \
@@ -163,6 +202,21 @@ static inline i32x16 byte_of_lanes(u32x16 v, const int jj)
 #endif
 }
 
+/* VW rows x 4 bytes as VW lanes of 4 packed bytes, and byte jj of each lane (vpshufb on AVX2 too). */
+static inline uv load_group_v(const uint8_t *p) { uv v; memcpy(&v, p, sizeof v); return v; }
+static inline iv byte_of_lanes_v(uv v, const int jj)
+{
+#if VW == 16
+    return byte_of_lanes(v, jj);
+#else
+    const __m256i idx = _mm256_setr_epi32((int)(0x80808000u | jj), (int)(0x80808000u | (4 + jj)),
+                                          (int)(0x80808000u | (8 + jj)), (int)(0x80808000u | (12 + jj)),
+                                          (int)(0x80808000u | jj), (int)(0x80808000u | (4 + jj)),
+                                          (int)(0x80808000u | (8 + jj)), (int)(0x80808000u | (12 + jj)));
+    return (iv)_mm256_shuffle_epi8((__m256i)v, idx);
+#endif
+}
+
 /* The chunk's bytes are one stream read front to back in the first 16-row pass: prefetch it. */
 static inline void prefetch_group(const uint8_t *grp, int64_t L)
 {
@@ -175,6 +229,10 @@ static inline void prefetch_group(const uint8_t *grp, int64_t L)
 static inline f32x16 load_scales(const void *p, int64_t i, const int f32s)
 {
     return f32s ? load16((const float *)p + i) : load16h((const uint16_t *)p + i);
+}
+static inline fv load_scales_v(const void *p, int64_t i, const int f32s)
+{
+    return f32s ? loadv((const float *)p + i) : loadvh((const uint16_t *)p + i);
 }
 
 /* One activation row (a single sequence's decode step): the chunk's NL = L/16 lane groups side by side,
@@ -228,27 +286,27 @@ q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
     ONE_ROW_TILE(q4_1_row_tile, x, qs, d, m, f32s, out, K, ldo, NB, L, c, r0);
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-        f32x16 acc[RT];
-        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+    for (int64_t i0 = 0; i0 < L; i0 += VW) {
+        fv acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (fv){0};
         for (int64_t b = 0; b < NB - FAULT(ROW_TILE_DROP_BLOCK); b++) {
-            f32x16 dv = load_scales(d, (c * NB + b) * L + i0, f32s);
-            f32x16 mv = load_scales(m, (c * NB + b) * L + i0, f32s);
+            fv dv = load_scales_v(d, (c * NB + b) * L + i0, f32s);
+            fv mv = load_scales_v(m, (c * NB + b) * L + i0, f32s);
             /* per-block partial sums, then added to acc (shorter float32 sums, smaller error): two per row,
              * elements 0-15 and 16-31, so that one row's sums are two independent chains of FMAs (one
              * chain waited on its latency); the same two for any number of rows */
-            f32x16 tl[RT], th[RT];
-            for (int r = 0; r < nr; r++) tl[r] = th[r] = (f32x16){0};
+            fv tl[RT], th[RT];
+            for (int r = 0; r < nr; r++) tl[r] = th[r] = (fv){0};
             for (int g = 0; g < 4; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
                 if (i0 == 0) prefetch_group(grp, L);
-                u32x16 v = load_group(grp + i0 * 4);
-                u32x16 lo4 = v & 0x0f0f0f0fu, hi4 = (v >> 4) & 0x0f0f0f0fu; /* elements 4g+jj, 16+4g+jj */
+                uv v = load_group_v(grp + i0 * 4);
+                uv lo4 = v & 0x0f0f0f0fu, hi4 = (v >> 4) & 0x0f0f0f0fu; /* elements 4g+jj, 16+4g+jj */
                 for (int jj = 0; jj < 4; jj++) {
                     const int j = 4 * g + jj;
                     /* the weights themselves, exactly as ggml dequantizes them (d*q is exact in float32) */
-                    f32x16 lo = dv * __builtin_convertvector(byte_of_lanes(lo4, jj), f32x16) + mv;
-                    f32x16 hi = dv * __builtin_convertvector(byte_of_lanes(hi4, jj), f32x16) + mv;
+                    fv lo = dv * __builtin_convertvector(byte_of_lanes_v(lo4, jj), fv) + mv;
+                    fv hi = dv * __builtin_convertvector(byte_of_lanes_v(hi4, jj), fv) + mv;
                     for (int r = 0; r < nr; r++) {
                         const float *xr = x + (r0 + r) * K + b * 32;
                         tl[r] += lo * xr[j];
@@ -258,7 +316,7 @@ q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const
             }
             for (int r = 0; r < nr; r++) acc[r] += tl[r] + th[r];
         }
-        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+        for (int r = 0; r < nr; r++) storev(out + (r0 + r) * ldo + c * L + i0, acc[r]);
     }
 }
 
