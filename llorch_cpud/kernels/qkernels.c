@@ -97,7 +97,23 @@ static inline f32x16 load16h(const uint16_t *p)
 #endif
 }
 
-#define RT 8 /* activation rows per pass: each converted weight vector feeds RT rows */
+/* The row tiles' vector: VW lanes (output rows) of float32, one machine register. AVX-512: 16 (one zmm, the
+ * f32x16 of the rest of the file). Without it (AVX2): 8, one ymm. A 16-lane generic vector there is two ymm,
+ * and a tile of 8 activation rows needs 2-3 such vectors per row: more than AVX2's 16 registers, so GCC spilled
+ * every partial sum to the stack at every step (prefill ran at ~1/10 of the FMA rate). Each lane's arithmetic is
+ * the same whatever VW (same operations, same order), so the results are the same bits.
+ * RT: activation rows per pass (each converted weight vector feeds RT rows); with AVX2's 16 registers, 4 rows'
+ * two partial sums (8) + the weights' scales, bytes and converted values fit. */
+#if defined(__AVX512F__) || !defined(__AVX2__)
+#define VW 16
+#define RT 8
+#else
+#define VW 8
+#define RT 4
+#endif
+typedef float fv __attribute__((vector_size(VW * 4)));
+typedef int32_t iv __attribute__((vector_size(VW * 4)));
+typedef uint32_t uv __attribute__((vector_size(VW * 4)));
 
 /* Weights are read as one stream; with RT rows the out-of-order window holds too few iterations to
  * hide DRAM latency, so the stream is prefetched this many 64-byte lines ahead (measured: without
@@ -108,6 +124,49 @@ static inline f32x16 load16h(const uint16_t *p)
 
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
+static inline fv loadv(const float *p) { fv v; memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, fv v) { memcpy(p, &v, sizeof v); }
+
+static inline fv splatv(float a)
+{
+    fv v;
+    for (int i = 0; i < VW; i++) v[i] = a;
+    return v;
+}
+
+/* a * b + c rounded once: the FMA that GCC contracts a * b + c to (where it does) */
+static inline fv fmav(fv a, fv b, fv c)
+{
+#if VW == 8 && defined(__FMA__)
+    return (fv)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
+/* VW half floats -> VW x float32 */
+static inline fv loadvh(const uint16_t *p)
+{
+#if VW == 16
+    return load16h(p);
+#elif defined(__F16C__)
+    return (fv)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    fv r;
+    for (int i = 0; i < VW; i++) r[i] = half_to_float(p[i]);
+    return r;
+#endif
+}
+
+#if RT == 8 /* the remainders of 5-7 rows */
+#define ROW_TILES_8(tile, ...)                                                   \
+        case 7: tile(__VA_ARGS__, r0_, 7); break;                                \
+        case 6: tile(__VA_ARGS__, r0_, 6); break;                                \
+        case 5: tile(__VA_ARGS__, r0_, 5); break;                                \
+        case 4: tile(__VA_ARGS__, r0_, 4); break;
+#else
+#define ROW_TILES_8(tile, ...)
+#endif
 
 /* Run tile(..., r0, nr) over the M activation rows: full tiles of RT rows, then the remainder
  * (nr a compile-time constant in every call, so each tile's row loops unroll). */
@@ -116,10 +175,7 @@ static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
         int64_t r0_ = 0;                                                         \
         for (; r0_ + RT <= (M); r0_ += RT) tile(__VA_ARGS__, r0_, RT);           \
         switch ((M) - r0_) {                                                     \
-        case 7: tile(__VA_ARGS__, r0_, 7); break;                                \
-        case 6: tile(__VA_ARGS__, r0_, 6); break;                                \
-        case 5: tile(__VA_ARGS__, r0_, 5); break;                                \
-        case 4: tile(__VA_ARGS__, r0_, 4); break;                                \
+        ROW_TILES_8(tile, __VA_ARGS__)                                           \
         case 3: tile(__VA_ARGS__, r0_, 3); break;                                \
         case 2: tile(__VA_ARGS__, r0_, 2); break;                                \
         case 1: tile(__VA_ARGS__, r0_, 1); break;                                \
@@ -163,6 +219,21 @@ static inline i32x16 byte_of_lanes(u32x16 v, const int jj)
 #endif
 }
 
+/* VW rows x 4 bytes as VW lanes of 4 packed bytes, and byte jj of each lane (vpshufb on AVX2 too). */
+static inline uv load_group_v(const uint8_t *p) { uv v; memcpy(&v, p, sizeof v); return v; }
+static inline iv byte_of_lanes_v(uv v, const int jj)
+{
+#if VW == 16
+    return byte_of_lanes(v, jj);
+#else
+    const __m256i idx = _mm256_setr_epi32((int)(0x80808000u | jj), (int)(0x80808000u | (4 + jj)),
+                                          (int)(0x80808000u | (8 + jj)), (int)(0x80808000u | (12 + jj)),
+                                          (int)(0x80808000u | jj), (int)(0x80808000u | (4 + jj)),
+                                          (int)(0x80808000u | (8 + jj)), (int)(0x80808000u | (12 + jj)));
+    return (iv)_mm256_shuffle_epi8((__m256i)v, idx);
+#endif
+}
+
 /* The chunk's bytes are one stream read front to back in the first 16-row pass: prefetch it. */
 static inline void prefetch_group(const uint8_t *grp, int64_t L)
 {
@@ -175,6 +246,10 @@ static inline void prefetch_group(const uint8_t *grp, int64_t L)
 static inline f32x16 load_scales(const void *p, int64_t i, const int f32s)
 {
     return f32s ? load16((const float *)p + i) : load16h((const uint16_t *)p + i);
+}
+static inline fv load_scales_v(const void *p, int64_t i, const int f32s)
+{
+    return f32s ? loadv((const float *)p + i) : loadvh((const uint16_t *)p + i);
 }
 
 /* One activation row (a single sequence's decode step): the chunk's NL = L/16 lane groups side by side,
@@ -228,27 +303,27 @@ q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
     ONE_ROW_TILE(q4_1_row_tile, x, qs, d, m, f32s, out, K, ldo, NB, L, c, r0);
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-        f32x16 acc[RT];
-        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+    for (int64_t i0 = 0; i0 < L; i0 += VW) {
+        fv acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (fv){0};
         for (int64_t b = 0; b < NB - FAULT(ROW_TILE_DROP_BLOCK); b++) {
-            f32x16 dv = load_scales(d, (c * NB + b) * L + i0, f32s);
-            f32x16 mv = load_scales(m, (c * NB + b) * L + i0, f32s);
+            fv dv = load_scales_v(d, (c * NB + b) * L + i0, f32s);
+            fv mv = load_scales_v(m, (c * NB + b) * L + i0, f32s);
             /* per-block partial sums, then added to acc (shorter float32 sums, smaller error): two per row,
              * elements 0-15 and 16-31, so that one row's sums are two independent chains of FMAs (one
              * chain waited on its latency); the same two for any number of rows */
-            f32x16 tl[RT], th[RT];
-            for (int r = 0; r < nr; r++) tl[r] = th[r] = (f32x16){0};
+            fv tl[RT], th[RT];
+            for (int r = 0; r < nr; r++) tl[r] = th[r] = (fv){0};
             for (int g = 0; g < 4; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
                 if (i0 == 0) prefetch_group(grp, L);
-                u32x16 v = load_group(grp + i0 * 4);
-                u32x16 lo4 = v & 0x0f0f0f0fu, hi4 = (v >> 4) & 0x0f0f0f0fu; /* elements 4g+jj, 16+4g+jj */
+                uv v = load_group_v(grp + i0 * 4);
+                uv lo4 = v & 0x0f0f0f0fu, hi4 = (v >> 4) & 0x0f0f0f0fu; /* elements 4g+jj, 16+4g+jj */
                 for (int jj = 0; jj < 4; jj++) {
                     const int j = 4 * g + jj;
                     /* the weights themselves, exactly as ggml dequantizes them (d*q is exact in float32) */
-                    f32x16 lo = dv * __builtin_convertvector(byte_of_lanes(lo4, jj), f32x16) + mv;
-                    f32x16 hi = dv * __builtin_convertvector(byte_of_lanes(hi4, jj), f32x16) + mv;
+                    fv lo = dv * __builtin_convertvector(byte_of_lanes_v(lo4, jj), fv) + mv;
+                    fv hi = dv * __builtin_convertvector(byte_of_lanes_v(hi4, jj), fv) + mv;
                     for (int r = 0; r < nr; r++) {
                         const float *xr = x + (r0 + r) * K + b * 32;
                         tl[r] += lo * xr[j];
@@ -258,7 +333,7 @@ q4_1_tile(const float *x, const uint8_t *qs, const void *d, const void *m, const
             }
             for (int r = 0; r < nr; r++) acc[r] += tl[r] + th[r];
         }
-        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+        for (int r = 0; r < nr; r++) storev(out + (r0 + r) * ldo + c * L + i0, acc[r]);
     }
 }
 
@@ -307,25 +382,25 @@ q8_0_tile(const float *x, const int8_t *qs, const uint16_t *d, float *out,
           int64_t K, int64_t ldo, int64_t NB, int64_t L, int64_t c, int64_t r0, const int nr)
 {
     ONE_ROW_TILE(q8_0_row_tile, x, qs, d, out, K, ldo, NB, L, c, r0);
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-        f32x16 acc[RT];
-        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+    for (int64_t i0 = 0; i0 < L; i0 += VW) {
+        fv acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (fv){0};
         for (int64_t b = 0; b < NB; b++) {
-            f32x16 t[RT];
-            for (int r = 0; r < nr; r++) t[r] = (f32x16){0};
+            fv t[RT];
+            for (int r = 0; r < nr; r++) t[r] = (fv){0};
             for (int g = 0; g < 8; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
                 if (i0 == 0) prefetch_group(grp, L);
-                i32x16 v = (i32x16)load_group(grp + i0 * 4);
+                iv v = (iv)load_group_v(grp + i0 * 4);
                 for (int jj = 0; jj < 4; jj++) {
-                    f32x16 w = __builtin_convertvector((v << (24 - 8 * jj)) >> 24, f32x16); /* sign-extended byte jj */
-                    for (int r = 0; r < nr; r++) t[r] += w * x[(r0 + r) * K + b * 32 + 4 * g + jj];
+                    fv w = __builtin_convertvector((v << (24 - 8 * jj)) >> 24, fv); /* sign-extended byte jj */
+                    for (int r = 0; r < nr; r++) t[r] = fmav(w, splatv(x[(r0 + r) * K + b * 32 + 4 * g + jj]), t[r]);
                 }
             }
-            f32x16 dv = load16h(d + (c * NB + b) * L + i0);
-            for (int r = 0; r < nr; r++) acc[r] += dv * t[r];
+            fv dv = loadvh(d + (c * NB + b) * L + i0);
+            for (int r = 0; r < nr; r++) acc[r] = fmav(dv, t[r], acc[r]);
         }
-        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+        for (int r = 0; r < nr; r++) storev(out + (r0 + r) * ldo + c * L + i0, acc[r]);
     }
 }
 
@@ -509,6 +584,21 @@ static inline i32x16 dpbusd(i32x16 acc, u32x16 a, u32x16 b)
 }
 
 static inline u32x16 splat_u32(uint32_t v) { return (u32x16){0} + v; }
+static inline uv splat_uv(uint32_t v) { return (uv){0} + v; }
+
+/* dpbusd on VW lanes. AVX2 (VW 8): the even and the odd bytes as 16-bit words (u8 zero-extended, s8 sign-extended),
+ * two vpmaddwd: every product and sum exact, the same integers as vpdpbusd. */
+static inline iv dpbusd_v(iv acc, uv a, uv b)
+{
+#if VW == 16
+    return dpbusd(acc, a, b);
+#else
+    const __m256i lo8 = _mm256_set1_epi16(0x00ff);
+    __m256i ae = _mm256_and_si256((__m256i)a, lo8), ao = _mm256_srli_epi16((__m256i)a, 8);
+    __m256i be = _mm256_srai_epi16(_mm256_slli_epi16((__m256i)b, 8), 8), bo = _mm256_srai_epi16((__m256i)b, 8);
+    return acc + (iv)_mm256_add_epi32(_mm256_madd_epi16(ae, be), _mm256_madd_epi16(ao, bo));
+#endif
+}
 
 /* Independent integer sums per activation row: with few rows one chain of dependent vpdpbusd per row
  * would wait on the instruction's latency; with many rows the rows themselves are independent. */
@@ -557,6 +647,48 @@ q4_1_q8_row_tile(const int8_t *xq, const float *dx, const float *sx, const uint8
     for (int u = 0; u < NL; u++) store16(out + r0 * ldo + c * L + 16 * u, acc[u]);
 }
 
+#if VW == 8
+/* AVX2 without VNNI, Q4_1 nibbles: vpmaddubsw (u8 x s8, adjacent pairs summed to 16 bits) then vpmaddwd by 1.
+ * A pair is at most 2 * 15 * 128 = 3840, the block's 8 of them per lane 30720 < 32767: the 16-bit sums never
+ * saturate nor wrap, so the block's integer sum is exact, the very integer of the dpbusd chains; the float steps
+ * are those of q4_1_q8_tile, so the same bits. */
+static inline __attribute__((always_inline)) void
+q4_1_q8_tile_avx2(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs, const void *d,
+                  const void *m, const int f32s, float *out, int64_t K, int64_t ldo, int64_t NB, int64_t L,
+                  int64_t c, int64_t r0, const int nr)
+{
+    const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int64_t i0 = 0; i0 < L; i0 += VW) {
+        fv acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (fv){0};
+        for (int64_t b = 0; b < NB - FAULT(Q8_DROP_BLOCK); b++) {
+            __m256i s16[RT];
+            for (int r = 0; r < nr; r++) s16[r] = _mm256_setzero_si256();
+            for (int g = 0; g < 4; g++) {
+                const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
+                if (i0 == 0) prefetch_group(grp, L);
+                __m256i v = _mm256_loadu_si256((const __m256i *)(grp + i0 * 4));
+                __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t *xb = (const uint8_t *)xq + (r0 + r) * K + b * 32;
+                    __m256i xl = _mm256_set1_epi32((int)load_u32(xb + 4 * g));
+                    __m256i xh = _mm256_set1_epi32((int)load_u32(xb + 16 + 4 * g));
+                    s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, xl));
+                    s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, xh));
+                }
+            }
+            fv dv = load_scales_v(d, (c * NB + b) * L + i0, f32s), mv = load_scales_v(m, (c * NB + b) * L + i0, f32s);
+            for (int r = 0; r < nr; r++) {
+                int64_t rb = (r0 + r) * NB + b;
+                iv t = (iv)_mm256_madd_epi16(s16[r], ones);
+                acc[r] += (dv * dx[rb]) * __builtin_convertvector(t, fv) + mv * sx[rb];
+            }
+        }
+        for (int r = 0; r < nr; r++) storev(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+    }
+}
+#endif
+
 /* f32s: float32 scales (a Q4_K matrix rewritten as Q4_1F: d·sc, -dmin·mn per 32), else Q4_1's float16.
  * w8: 8-bit unsigned weights in 8 groups (Q8_DM, float32 scales), else nibbles in 4. */
 static inline __attribute__((always_inline)) void
@@ -565,43 +697,46 @@ q4_1_q8_tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *
              int64_t c, int64_t r0, const int nr)
 {
     ONE_ROW_TILE(q4_1_q8_row_tile, xq, dx, sx, qs, d, m, f32s, w8, out, K, ldo, NB, L, c, r0);
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-        f32x16 acc[RT];
-        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+#if VW == 8
+    if (!w8) { q4_1_q8_tile_avx2(xq, dx, sx, qs, d, m, f32s, out, K, ldo, NB, L, c, r0, nr); return; }
+#endif
+    for (int64_t i0 = 0; i0 < L; i0 += VW) {
+        fv acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (fv){0};
         for (int64_t b = 0; b < NB - FAULT(Q8_DROP_BLOCK); b++) {
-            i32x16 isum[RT * NCHAIN(nr)]; /* NCHAIN independent sums per row (integers: any split is exact) */
-            for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (i32x16){0};
+            iv isum[RT * NCHAIN(nr)]; /* NCHAIN independent sums per row (integers: any split is exact) */
+            for (int r = 0; r < nr * NCHAIN(nr); r++) isum[r] = (iv){0};
             for (int g = 0; w8 && g < 8; g++) { /* 8-bit weights: the unsigned operand as they are */
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
                 if (i0 == 0) prefetch_group(grp, L);
-                u32x16 w = load_group(grp + i0 * 4);
+                uv w = load_group_v(grp + i0 * 4);
                 for (int r = 0; r < nr; r++) {
-                    i32x16 *s0 = &isum[r * NCHAIN(nr) + g % NCHAIN(nr)];
-                    *s0 = dpbusd(*s0, w, splat_u32(load_u32((const uint8_t *)xq + (r0 + r) * K + b * 32 + 4 * g)));
+                    iv *s0 = &isum[r * NCHAIN(nr) + g % NCHAIN(nr)];
+                    *s0 = dpbusd_v(*s0, w, splat_uv(load_u32((const uint8_t *)xq + (r0 + r) * K + b * 32 + 4 * g)));
                 }
             }
             for (int g = 0; !w8 && g < 4; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 4);
                 if (i0 == 0) prefetch_group(grp, L);
-                u32x16 v = load_group(grp + i0 * 4);
-                u32x16 lo = v & 0x0f0f0f0fu, hi = (v >> 4) & 0x0f0f0f0fu; /* elements 4g.., 16+4g.. */
+                uv v = load_group_v(grp + i0 * 4);
+                uv lo = v & 0x0f0f0f0fu, hi = (v >> 4) & 0x0f0f0f0fu; /* elements 4g.., 16+4g.. */
                 for (int r = 0; r < nr; r++) {
                     const uint8_t *xb = (const uint8_t *)xq + (r0 + r) * K + b * 32;
-                    i32x16 *s0 = &isum[r * NCHAIN(nr) + (2 * g) % NCHAIN(nr)];
-                    i32x16 *s1 = &isum[r * NCHAIN(nr) + (2 * g + 1) % NCHAIN(nr)];
-                    *s0 = dpbusd(*s0, lo, splat_u32(load_u32(xb + 4 * g)));
-                    *s1 = dpbusd(*s1, hi, splat_u32(load_u32(xb + 16 + 4 * g)));
+                    iv *s0 = &isum[r * NCHAIN(nr) + (2 * g) % NCHAIN(nr)];
+                    iv *s1 = &isum[r * NCHAIN(nr) + (2 * g + 1) % NCHAIN(nr)];
+                    *s0 = dpbusd_v(*s0, lo, splat_uv(load_u32(xb + 4 * g)));
+                    *s1 = dpbusd_v(*s1, hi, splat_uv(load_u32(xb + 16 + 4 * g)));
                 }
             }
-            f32x16 dv = load_scales(d, (c * NB + b) * L + i0, f32s), mv = load_scales(m, (c * NB + b) * L + i0, f32s);
+            fv dv = load_scales_v(d, (c * NB + b) * L + i0, f32s), mv = load_scales_v(m, (c * NB + b) * L + i0, f32s);
             for (int r = 0; r < nr; r++) {
                 int64_t rb = (r0 + r) * NB + b;
-                i32x16 t = isum[r * NCHAIN(nr)];
+                iv t = isum[r * NCHAIN(nr)];
                 for (int a = 1; a < NCHAIN(nr); a++) t += isum[r * NCHAIN(nr) + a];
-                acc[r] += (dv * dx[rb]) * __builtin_convertvector(t, f32x16) + mv * sx[rb];
+                acc[r] += (dv * dx[rb]) * __builtin_convertvector(t, fv) + mv * sx[rb];
             }
         }
-        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+        for (int r = 0; r < nr; r++) storev(out + (r0 + r) * ldo + c * L + i0, acc[r]);
     }
 }
 
@@ -676,41 +811,41 @@ q8s_q8_tile(const uint8_t *xu, const float *dx, const int8_t *qs, const void *d,
 {
     ONE_ROW_TILE(q8s_q8_row_tile, xu, dx, qs, d, s16, out, K, ldo, NB, L, c, r0);
     const int nch = s16 ? 2 : NCHAIN(nr); /* integer sums per row: the two halves, or independent chains */
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-        f32x16 acc[RT];
-        for (int r = 0; r < nr; r++) acc[r] = (f32x16){0};
+    for (int64_t i0 = 0; i0 < L; i0 += VW) {
+        fv acc[RT];
+        for (int r = 0; r < nr; r++) acc[r] = (fv){0};
         for (int64_t b = 0; b < NB; b++) {
-            i32x16 isum[RT * 4], corr[2] = {{0}, {0}};
-            for (int r = 0; r < nr * nch; r++) isum[r] = (i32x16){0};
+            iv isum[RT * 4], corr[2] = {{0}, {0}};
+            for (int r = 0; r < nr * nch; r++) isum[r] = (iv){0};
             for (int g = 0; g < 8; g++) {
                 const uint8_t *grp = group_at(qs, NB, L, c, b, g, 8);
                 if (i0 == 0) prefetch_group(grp, L);
-                u32x16 w = load_group(grp + i0 * 4);
-                corr[s16 ? g / 4 : g & 1] = dpbusd(corr[s16 ? g / 4 : g & 1], splat_u32(0x80808080u), w);
+                uv w = load_group_v(grp + i0 * 4);
+                corr[s16 ? g / 4 : g & 1] = dpbusd_v(corr[s16 ? g / 4 : g & 1], splat_uv(0x80808080u), w);
                 for (int r = 0; r < nr; r++) {
-                    i32x16 *s0 = &isum[r * nch + (s16 ? g / 4 : g % nch)];
-                    *s0 = dpbusd(*s0, splat_u32(load_u32(xu + (r0 + r) * K + b * 32 + 4 * g)), w);
+                    iv *s0 = &isum[r * nch + (s16 ? g / 4 : g % nch)];
+                    *s0 = dpbusd_v(*s0, splat_uv(load_u32(xu + (r0 + r) * K + b * 32 + 4 * g)), w);
                 }
             }
             if (s16) {
-                f32x16 d0 = load16((const float *)d + ((c * NB + b) * 2) * L + i0);
-                f32x16 d1 = load16((const float *)d + ((c * NB + b) * 2 + 1) * L + i0);
+                fv d0 = loadv((const float *)d + ((c * NB + b) * 2) * L + i0);
+                fv d1 = loadv((const float *)d + ((c * NB + b) * 2 + 1) * L + i0);
                 for (int r = 0; r < nr; r++) {
                     float xd = dx[(r0 + r) * NB + b];
-                    acc[r] += (d0 * xd) * __builtin_convertvector(isum[r * 2] - corr[0], f32x16) +
-                              (d1 * xd) * __builtin_convertvector(isum[r * 2 + 1] - corr[1], f32x16);
+                    acc[r] += (d0 * xd) * __builtin_convertvector(isum[r * 2] - corr[0], fv) +
+                              (d1 * xd) * __builtin_convertvector(isum[r * 2 + 1] - corr[1], fv);
                 }
             } else {
-                f32x16 dv = load16h((const uint16_t *)d + (c * NB + b) * L + i0);
-                i32x16 cs = corr[0] + corr[1];
+                fv dv = loadvh((const uint16_t *)d + (c * NB + b) * L + i0);
+                iv cs = corr[0] + corr[1];
                 for (int r = 0; r < nr; r++) {
-                    i32x16 t = isum[r * nch];
+                    iv t = isum[r * nch];
                     for (int a = 1; a < nch; a++) t += isum[r * nch + a];
-                    acc[r] += (dv * dx[(r0 + r) * NB + b]) * __builtin_convertvector(t - cs, f32x16);
+                    acc[r] += (dv * dx[(r0 + r) * NB + b]) * __builtin_convertvector(t - cs, fv);
                 }
             }
         }
-        for (int r = 0; r < nr; r++) store16(out + (r0 + r) * ldo + c * L + i0, acc[r]);
+        for (int r = 0; r < nr; r++) storev(out + (r0 + r) * ldo + c * L + i0, acc[r]);
     }
 }
 
