@@ -26,6 +26,7 @@ if "CACHEDB" not in os.environ:
 from llorch_cpud.cli import load_engine  # noqa: E402
 from llorch_cpud.validate import references  # noqa: E402
 from llorch_cpud.validate.bugs import inject  # noqa: E402
+from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints  # noqa: E402
 from llorch_cpud.validate.runner import check  # noqa: E402
 from llorch_cpud.validate.references.base import Reference, ReferenceUnavailable  # noqa: E402
 
@@ -97,16 +98,18 @@ def load_pair(name: str, model_path, family: str):
     return engine, Memo(ref)
 
 
-def run(engine, ref, family: str, n_tokens: int = 6, prompt: str = PROMPT):
-    """Every checkpoint, at prompt and at decode positions (validate's own runner.check)."""
+def run(engine, ref, family: str, n_tokens: int = 6, prompt: str = PROMPT, decode: bool = True):
+    """Every checkpoint, at the prompt and (decode=True) at decode positions: validate's own runner.check."""
     assert engine.model.family == family
-    results = check(engine, ref, engine.tokenizer.encode(prompt), n_tokens)
+    ids = engine.tokenizer.encode(prompt)
+    results = check(engine, ref, ids, n_tokens) if decode else run_checkpoints(engine, OurSide(engine, ids, n_tokens),
+                                                                               ref, family)
     return [r.id for r in results if not r.passed], results
 
 
-def assert_bug_caught(engine, ref, family: str, bug: str, n_tokens: int = 6):
+def assert_bug_caught(engine, ref, family: str, bug: str, n_tokens: int = 6, decode: bool = True):
     with inject(bug, engine.model) as b:
-        failed, results = run(engine, ref, family, n_tokens)
+        failed, results = run(engine, ref, family, n_tokens, decode=decode)
     assert failed, f"{ref.name}: {bug} went unnoticed"
     assert failed[0] == b.expected, (f"{ref.name}: {bug}: first failure {failed[0]}, expected {b.expected}: "
                                      f"{results[failed[0] - 1]}")

@@ -15,6 +15,8 @@ from llorch_cpud.sampling import SamplingParams
 torch = pytest.importorskip("torch")
 from transformers import GPT2LMHeadModel  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torch
+
 PROMPTS = [
     "Hello.",
     "What is the answer to life, the universe, and everything?",

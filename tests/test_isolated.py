@@ -21,6 +21,8 @@ from _references_harness import installed
 from llorch_cpud.validate import isolated
 from llorch_cpud.validate.bugs import inject
 
+pytestmark = pytest.mark.slow  # the references
+
 ALL = ["transformers", "candle", "tinygrad", "jax"]
 
 

@@ -25,6 +25,8 @@ from llorch_cpud.validate import references
 from llorch_cpud.validate.bugs import BUGS, LLAMA_BUGS, bugs_for, inject
 from llorch_cpud.validate.runner import check
 
+pytestmark = pytest.mark.slow  # the real SmolLM2, torch
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

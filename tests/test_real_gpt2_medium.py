@@ -15,9 +15,9 @@ from llorch_cpud.formats import load_model
 from llorch_cpud.sampling import SamplingParams
 
 FOLDER = os.environ.get("LLORCH_GPT2_MEDIUM")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not FOLDER, reason="set LLORCH_GPT2_MEDIUM to a folder with the real gpt2-medium weights to run this"
-)
+)]
 
 FACTS = [
     ("Hello.", "Hello. I'm a little late to the party, but"),

@@ -11,6 +11,8 @@ from llorch_cpud.validate import references
 from llorch_cpud.validate.bugs import BUGS, inject
 from llorch_cpud.validate.runner import check
 
+pytestmark = pytest.mark.slow  # torch, transformers
+
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
