@@ -35,7 +35,7 @@ def ranged(kind, lo=None, hi=None, name=""):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name or 'value'} must be {kind.__name__}, got {text!r}") from None
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN is neither
             raise argparse.ArgumentTypeError(f"{name or 'value'} must be in [{lo}, {hi}], got {text}")
         return v
 

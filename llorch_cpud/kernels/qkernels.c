@@ -1201,48 +1201,122 @@ static inline f32x16 transpose_sum16(const f32x16 *a)
     return __builtin_shuffle(d[0], d[1], l4a) + __builtin_shuffle(d[0], d[1], l4b);
 }
 
-/* dst[j] = scale * (q . kb[j]) for the 16 rows of kb [16][16*nv] float32. */
-static inline void scores16(const float *q, const float *kb, int64_t nv, float scale, float *dst)
+/* dst[m][j] = scale * (q[m] . kb[j]) for nq query rows q[m] and the 16 rows of kb [16][16*nv] float32: per
+ * (query, key) 16 lane partial sums over the 16-element chunks in order, then transpose_sum16's fixed tree - the
+ * same sum whichever queries share the call. Two queries and two keys at a time, each load feeding two FMAs. */
+#if VW == 8 && defined(__AVX2__)
+/* AVX2: a 16-lane vector is two ymm (lanes 0-7, 8-15), so 16 keys' partial sums at once would be 32 registers,
+ * spilled at every step. Here each key's lanes l and l+8 are added (transpose_sum16's first level) and this
+ * finishes its tree for 8 keys: lanes l + l+4, then l + l+2, then l + l+1; the 8 sums in key order. */
+static inline __m256 reduce8(const __m256 *x)
 {
-    const int64_t hd = 16 * nv;
-    f32x16 acc[16] = {{0}};
-    for (int64_t i = 0; i < hd; i += 16) {
-        f32x16 qv = load16(q + i);
-        for (int j = 0; j < 16; j++) acc[j] += qv * load16(kb + j * hd + i);
-    }
-    store16(dst, transpose_sum16(acc) * scale);
+    __m256 y[4], z[2];
+    for (int k = 0; k < 4; k++) /* lanes 0-3: key 2k's x_l + x_l+4, lanes 4-7: key 2k+1's */
+        y[k] = _mm256_add_ps(_mm256_permute2f128_ps(x[2 * k], x[2 * k + 1], 0x20),
+                             _mm256_permute2f128_ps(x[2 * k], x[2 * k + 1], 0x31));
+    for (int k = 0; k < 2; k++) /* per 128 bits: y_0 + y_2, y_1 + y_3 of two keys */
+        z[k] = _mm256_add_ps(_mm256_shuffle_ps(y[2 * k], y[2 * k + 1], 0x44), _mm256_shuffle_ps(y[2 * k], y[2 * k + 1], 0xEE));
+    __m256 w = _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88), _mm256_shuffle_ps(z[0], z[1], 0xDD));
+    return _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* keys 0,2,4,6 | 1,3,5,7 */
 }
 
-/* out[h] = sum_t p[h][t] V[t] for GH query heads (p rows Tp apart, out rows 16*NV apart). */
+static void scores16(const float *const *q, int nq, const float *kb, int64_t nv, float scale, float *const *dst)
+{
+    const int64_t hd = 16 * nv;
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 x[2][16];
+    for (int m = 0; m < nq; m += 2) {
+        const float *q0 = q[m], *q1 = q[m + 1 < nq ? m + 1 : m]; /* an odd last query computed twice */
+        for (int j = 0; j < 16; j += 2) {
+            const float *k0 = kb + j * hd, *k1 = k0 + hd;
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < hd; i += 16) {
+                __m256 x0l = _mm256_loadu_ps(q0 + i), x0h = _mm256_loadu_ps(q0 + i + 8);
+                __m256 x1l = _mm256_loadu_ps(q1 + i), x1h = _mm256_loadu_ps(q1 + i + 8);
+                __m256 yl = _mm256_loadu_ps(k0 + i), yh = _mm256_loadu_ps(k0 + i + 8);
+                a[0] = _mm256_fmadd_ps(x0l, yl, a[0]), a[1] = _mm256_fmadd_ps(x0h, yh, a[1]);
+                a[2] = _mm256_fmadd_ps(x1l, yl, a[2]), a[3] = _mm256_fmadd_ps(x1h, yh, a[3]);
+                yl = _mm256_loadu_ps(k1 + i), yh = _mm256_loadu_ps(k1 + i + 8);
+                a[4] = _mm256_fmadd_ps(x0l, yl, a[4]), a[5] = _mm256_fmadd_ps(x0h, yh, a[5]);
+                a[6] = _mm256_fmadd_ps(x1l, yl, a[6]), a[7] = _mm256_fmadd_ps(x1h, yh, a[7]);
+            }
+            x[0][j] = _mm256_add_ps(a[0], a[1]), x[1][j] = _mm256_add_ps(a[2], a[3]);
+            x[0][j + 1] = _mm256_add_ps(a[4], a[5]), x[1][j + 1] = _mm256_add_ps(a[6], a[7]);
+        }
+        for (int r = 0; r < 2 && m + r < nq; r++) {
+            _mm256_storeu_ps(dst[m + r], _mm256_mul_ps(reduce8(x[r]), sc));
+            _mm256_storeu_ps(dst[m + r] + 8, _mm256_mul_ps(reduce8(x[r] + 8), sc));
+        }
+    }
+}
+#else
+static void scores16(const float *const *q, int nq, const float *kb, int64_t nv, float scale, float *const *dst)
+{
+    const int64_t hd = 16 * nv;
+    f32x16 part[2][16];
+    for (int m = 0; m < nq; m += 2) {
+        const float *q0 = q[m], *q1 = q[m + 1 < nq ? m + 1 : m]; /* an odd last query computed twice */
+        for (int j = 0; j < 16; j += 2) {
+            const float *k0 = kb + j * hd, *k1 = k0 + hd;
+            f32x16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0};
+            for (int64_t i = 0; i < hd; i += 16) {
+                f32x16 x0 = load16(q0 + i), x1 = load16(q1 + i), y0 = load16(k0 + i), y1 = load16(k1 + i);
+                a00 += x0 * y0;
+                a01 += x0 * y1;
+                a10 += x1 * y0;
+                a11 += x1 * y1;
+            }
+            part[0][j] = a00, part[0][j + 1] = a01, part[1][j] = a10, part[1][j + 1] = a11;
+        }
+        store16(dst[m], transpose_sum16(part[0]) * scale);
+        if (m + 1 < nq) store16(dst[m + 1], transpose_sum16(part[1]) * scale);
+    }
+}
+#endif
+
+/* out[h] (+)= sum_{t0 <= t < t1} p[h][t] V[t] for GH query heads (p rows Tp apart, out rows 16*NV apart):
+ * from zero when t0 == 0, else onward from what out holds - a row's sum taken in blocks of positions is
+ * the same sum, in the same order, as in one pass. */
 static inline __attribute__((always_inline)) void
-values_tile(const float *p, int64_t Tp, const void *v, const int f16, int64_t T, const int NV, const int GH,
-            int64_t pf, float *out)
+values_tile(const float *p, int64_t Tp, const void *v, const int F16, int64_t t0, int64_t t1, const int NV,
+            const int GH, int64_t pf, float *out)
 {
     const int64_t hd = 16 * NV;
-    f32x16 acc[4][8];
+    const int NW = NV * (16 / VW); /* machine vectors per head row */
+    fv acc[4][16];
     for (int h = 0; h < GH; h++)
-        for (int i = 0; i < NV; i++) acc[h][i] = (f32x16){0};
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t i = 0; i < hd * (f16 ? 2 : 4); i += 64) __builtin_prefetch((const char *)kv_at(v, (t + pf) * hd, f16) + i, 0, 3);
-        f32x16 vr[8];
-        for (int i = 0; i < NV; i++) vr[i] = kv16(v, t * hd + 16 * i, f16);
+        for (int i = 0; i < NW; i++) acc[h][i] = t0 ? loadv(out + h * hd + VW * i) : splatv(0.f);
+    for (int64_t t = t0; t < t1; t++) {
+        for (int64_t i = 0; i < hd * (F16 ? 2 : 4); i += 64) __builtin_prefetch((const char *)kv_at(v, (t + pf) * hd, F16) + i, 0, 3);
         for (int h = 0; h < GH; h++) {
-            float ph = p[h * Tp + t];
-            for (int i = 0; i < NV; i++) acc[h][i] += ph * vr[i];
+            const fv ph = splatv(p[h * Tp + t]);
+            for (int i = 0; i < NW; i++) {
+                const int64_t at = t * hd + VW * i;
+                acc[h][i] = fmav(ph, F16 ? loadvh((const uint16_t *)v + at) : loadv((const float *)v + at), acc[h][i]);
+            }
         }
     }
     for (int h = 0; h < GH; h++)
-        for (int i = 0; i < NV; i++) store16(out + h * hd + 16 * i, acc[h][i]);
+        for (int i = 0; i < NW; i++) storev(out + h * hd + VW * i, acc[h][i]);
 }
 
-/* GH heads per tile: at most 16 accumulators, at most 4 heads. */
-static inline int values_heads(int nv) { int gh = 16 / nv; return gh > 4 ? 4 : gh; }
+/* GH heads per tile: at most 16 registers of sums, at most 4 heads; any GH gives the same bits (lane by lane the
+ * same sums in the same order). */
+static inline int values_heads(int nv)
+{
+    int gh = (VW == 16 ? 16 : 4) / nv; /* AVX2: 8 ymm of sums (a 16-lane vector is two ymm) */
+    return gh > 4 ? 4 : gh < 1 ? 1 : gh;
+}
 
 #define VALUES_CASE(NV_, GH_) \
-    case (NV_) * 8 + (GH_): values_tile(p, Tp, v, f16, T, NV_, GH_, pf, out); break;
+    case (NV_) * 8 + (GH_):                                                                       \
+        if (f16) values_tile(p, Tp, v, 1, t0, t1, NV_, GH_, pf, out);                              \
+        else values_tile(p, Tp, v, 0, t0, t1, NV_, GH_, pf, out);                                  \
+        break;
 
-static void values_dispatch(const float *p, int64_t Tp, const void *v, const int f16, int64_t T, int nv, int gh,
-                            int64_t pf, float *out)
+static void values_dispatch(const float *p, int64_t Tp, const void *v, const int f16, int64_t t0, int64_t t1, int nv,
+                            int gh, int64_t pf, float *out)
 {
     switch (nv * 8 + gh) {
         VALUES_CASE(1, 1) VALUES_CASE(1, 2) VALUES_CASE(1, 3) VALUES_CASE(1, 4)
@@ -1256,14 +1330,28 @@ static void values_dispatch(const float *p, int64_t Tp, const void *v, const int
     }
 }
 
-/* attend_group for hd = 16*nv, nv = 1..8; kscratch holds 16*hd floats. */
-static void attend_group16(const float *q, const void *k, const void *v, const int f16, int64_t T, int64_t nv,
-                           int64_t g, float scale, float *scores, float *kscratch, float *out, float *sout, int64_t lds)
+/* Positions per block of the values pass: V rows of a block are read once for every row of a row block. */
+#define VALUES_BLOCK 128
+
+/* attend_group for hd = 16*nv, nv = 1..8, over R consecutive query rows of one sequence that attend T[0..R-1]
+ * positions (a decode row: R = 1; a prefill's rows: T[r] = T[0] + r) through one KV head, each row with its
+ * g query heads (row r's at q + r*ldq, its output at out + r*ldq). Row by row the same arithmetic in the same
+ * order as for that row alone, so a row's numbers do not depend on the rows beside it; each K block (16
+ * positions) and V block (VALUES_BLOCK positions) is read from memory once for all R rows. scores holds
+ * R * g * S floats (S >= every T rounded up to 16); kscratch 16*hd; sout: row r, head h at
+ * sout + (r * sld + h) * lds (trace_scores), or NULL. */
+static void attend_group16(const float *q, int64_t ldq, const void *k, const void *v, const int f16, const int64_t *T,
+                           int R, int64_t nv, int64_t g, float scale, float *scores, int64_t S, float *kscratch,
+                           float *out, float *sout, int64_t sld, int64_t lds)
 {
-    const int64_t hd = 16 * nv, pf = f16 ? 2 * ATT_PF : ATT_PF, Tp = (T + 15) & ~(int64_t)15;
-    for (int64_t t = 0; t < Tp; t += 16) {
+    const int64_t hd = 16 * nv, pf = f16 ? 2 * ATT_PF : ATT_PF;
+    const float *qs[R * g];
+    float *ds[R * g];
+    int64_t Tmax = 0;
+    for (int r = 0; r < R; r++) Tmax = T[r] > Tmax ? T[r] : Tmax;
+    for (int64_t t = 0; t < Tmax; t += 16) {
         const float *kb;
-        int64_t n = T - t < 16 ? T - t - FAULT(ATTN_BLOCK_OFF_BY_ONE) : 16;
+        int64_t n = Tmax - t < 16 ? Tmax - t : 16;
         for (int64_t i = 0; i < 16 * hd * (f16 ? 2 : 4); i += 64) /* the block pf positions ahead */
             __builtin_prefetch((const char *)kv_at(k, (t + pf) * hd, f16) + i, 0, 3);
         if (f16 || n < 16) { /* widened, or the last rows zero-padded to a whole block */
@@ -1274,33 +1362,50 @@ static void attend_group16(const float *q, const void *k, const void *v, const i
         } else {
             kb = (const float *)k + t * hd;
         }
-        for (int64_t h = 0; h < g; h++) scores16(q + h * hd, kb, nv, scale, scores + h * Tp + t);
+        int nq = 0; /* the query heads of the rows that reach this block (past its T a row is masked below) */
+        for (int r = 0; r < R; r++)
+            if (t < T[r])
+                for (int64_t h = 0; h < g; h++, nq++) {
+                    qs[nq] = q + r * ldq + h * hd;
+                    ds[nq] = scores + (r * g + h) * S + t;
+                }
+        scores16(qs, nq, kb, nv, scale, ds);
     }
-    trace_scores(scores, Tp, T, g, sout, lds);
-    for (int64_t h = 0; h < g; h++) { /* softmax over the T scores of each head */
-        float *sh = scores + h * Tp;
-        for (int64_t t = T; t < Tp; t++) sh[t] = -INFINITY;
-        f32x16 m = load16(sh);
-        for (int64_t t = 16; t < Tp; t += 16) {
-            f32x16 s = load16(sh + t);
-            for (int i = 0; i < 16; i++) m[i] = s[i] > m[i] ? s[i] : m[i];
+    for (int r = 0; r < R; r++) {
+        const int64_t Tr = T[r], Tp = (Tr + 15) & ~(int64_t)15;
+        float *sr = scores + r * g * S;
+        if (FAULT(ATTN_BLOCK_OFF_BY_ONE) && Tr % 16) /* the last partial block's last position read as zeros */
+            for (int64_t h = 0; h < g; h++) sr[h * S + Tr - 1] = 0.f;
+        trace_scores(sr, S, Tr, g, sout ? sout + r * sld * lds : NULL, lds);
+        for (int64_t h = 0; h < g; h++) { /* softmax over the T scores of each head */
+            float *sh = sr + h * S;
+            for (int64_t t = Tr; t < Tp; t++) sh[t] = -INFINITY;
+            f32x16 m = load16(sh);
+            for (int64_t t = 16; t < Tp; t += 16) {
+                f32x16 s = load16(sh + t);
+                for (int i = 0; i < 16; i++) m[i] = s[i] > m[i] ? s[i] : m[i];
+            }
+            float mx = m[0];
+            for (int i = 1; i < 16; i++) mx = m[i] > mx ? m[i] : mx;
+            f32x16 acc = {0}; /* the padding lanes hold exp(-inf) = 0 */
+            for (int64_t t = 0; t < Tp; t += 16) {
+                store16(sh + t, load16(sh + t) - mx);
+                exp16(sh + t);
+                acc += load16(sh + t);
+            }
+            float inv = inv_sum(hsum16(acc));
+            for (int64_t t = 0; t < Tp; t += 16) store16(sh + t, load16(sh + t) * inv); /* the softmax weights */
         }
-        float mx = m[0];
-        for (int i = 1; i < 16; i++) mx = m[i] > mx ? m[i] : mx;
-        f32x16 acc = {0}; /* the padding lanes hold exp(-inf) = 0 */
-        for (int64_t t = 0; t < Tp; t += 16) {
-            store16(sh + t, load16(sh + t) - mx);
-            exp16(sh + t);
-            acc += load16(sh + t);
-        }
-        float inv = inv_sum(hsum16(acc));
-        for (int64_t t = 0; t < Tp; t += 16) store16(sh + t, load16(sh + t) * inv); /* the softmax weights */
     }
     const int gh = values_heads((int)nv);
-    for (int64_t h = 0; h < g; h += gh) {
-        int n = g - h < gh ? (int)(g - h) : gh;
-        values_dispatch(scores + h * Tp, Tp, v, f16, T, (int)nv, n, pf, out + h * hd);
-    }
+    for (int64_t t0 = 0; t0 < Tmax; t0 += VALUES_BLOCK)
+        for (int r = 0; r < R; r++) {
+            const int64_t t1 = t0 + VALUES_BLOCK < T[r] ? t0 + VALUES_BLOCK : T[r];
+            for (int64_t h = 0; t0 < t1 && h < g; h += gh) {
+                int n = g - h < gh ? (int)(g - h) : gh;
+                values_dispatch(scores + (r * g + h) * S, S, v, f16, t0, t1, (int)nv, n, pf, out + r * ldq + h * hd);
+            }
+        }
 }
 
 /* One new row per sequence b: its K and V (rows of k_new, v_new, ldk and ldv floats apart) written into the
@@ -1331,26 +1436,38 @@ static void attend_rows(const float *q, const float *kn, int64_t ldk, const floa
             }
         }
     }
+    /* Row blocks: up to ROW_BLOCK consecutive rows of one sequence at consecutive positions (a prefill's rows)
+     * share each K and V read; a decode row is a block of its own. */
+    enum { ROW_BLOCK = 8 };
+    const int fast = hd % 16 == 0 && hd <= 128;
+    int64_t *first = malloc(sizeof(int64_t) * (B + 1)), nb = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (!fast || b == 0 || b - first[nb - 1] == ROW_BLOCK || kp[b] != kp[b - 1] || T[b] != T[b - 1] + 1)
+            first[nb++] = b;
+    first[nb] = B;
+    const int64_t S = (maxT + 15) & ~(int64_t)15;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * g * ((maxT + 15) & ~(int64_t)15));
+        float *scores = malloc(sizeof(float) * (fast ? ROW_BLOCK : 1) * g * S);
         float *kscratch = malloc(sizeof(float) * 16 * hd);
-        const int fast = hd % 16 == 0 && hd <= 128;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t bk = 0; bk < B * Hkv; bk++) {
-            int64_t b = bk / Hkv, kvh = bk % Hkv; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
+        for (int64_t bk = 0; bk < nb * Hkv; bk++) {
+            int64_t i = bk / Hkv, kvh = bk % Hkv, b = first[i]; /* query heads kvh*g .. kvh*g+g-1 read this KV head */
+            const int R = (int)(first[i + 1] - b);
             const int64_t c = FAULT(BATCH_OTHER_CACHE) && b > 0 && T[b] <= ms[b - 1] ? b - 1 : b; /* the cache read */
             const void *k = (const char *)kp[c] + kvh * ms[c] * hd * es;
             const void *v = (const char *)vp[c] + kvh * ms[c] * hd * es;
             int64_t h0 = b * H + kvh * g;
             float *so = sout ? sout + h0 * lds : NULL;
-            if (fast) attend_group16(q + h0 * hd, k, v, f16, T[b], hd / 16, g, scale, scores, kscratch, out + h0 * hd, so, lds);
+            if (fast) attend_group16(q + h0 * hd, H * hd, k, v, f16, T + b, R, hd / 16, g, scale, scores, S, kscratch,
+                                     out + h0 * hd, so, H, lds);
             else if (f16) attend_group(q + h0 * hd, k, v, 1, T[b], hd, g, scale, scores, out + h0 * hd, so, lds);
             else attend_group(q + h0 * hd, k, v, 0, T[b], hd, g, scale, scores, out + h0 * hd, so, lds);
         }
         free(scores);
         free(kscratch);
     }
+    free(first);
 }
 
 /* A traced step's scores buffer: None, or float32 [B, H, lds] C-contiguous with lds >= every T_b (the caller's

@@ -86,45 +86,56 @@ def step_path(path: str, segments: list[Segment]) -> str:
     return path
 
 
-def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, c_decode: bool, trace,
+def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, c_attention: bool, trace,
                     cache_write, cache_read, attention_scores, attention_heads) -> np.ndarray:
     """Attention of every segment over its own KV cache, heads merged into `merged` [rows, H·hd].
 
-    q [rows, H, hd], k, v [rows, Hkv, hd]: the batched projections of all segments' rows. A segment of
-    several rows (a prefill) writes its K/V, reads its cache and runs the model's stage functions; with
-    `c_decode` (the model's path is not numpy) the one-row (decode) segments of every sequence go through one
-    C call instead, which also writes their K/V. The stage functions are passed by the model module at
-    each call, so the validator's injected bugs (which replace them there) take effect. A trace records
-    each segment's scores (trace_scores)."""
-    one_row: list[tuple[int, int, Segment]] = []
+    q [rows, H, hd], k, v [rows, Hkv, hd]: the batched projections of all segments' rows. With `c_attention`
+    (the model's path is not numpy) every row of every segment - a prefill's rows as much as a decode row -
+    goes through one C call (kernels.ops.decode_attention), which writes the rows' K/V into their caches first
+    and then attends each row over its own causal prefix: the keys are read tile by tile with a running
+    per-row softmax scratch of T floats, so no [H, n, T] matrix exists, and each row's numbers are the same
+    whether it is prefilled in one pass, in chunks, or decoded. On the numpy path each segment writes its
+    K/V, reads its cache and runs the model's stage functions (passed by the model module at each call, so
+    the validator's injected bugs, which replace them there, take effect). A trace records each segment's
+    scores [H, n, T] (masked positions -inf, as attention_scores gives them)."""
     seg_scores: list = [None] * len(segments)
-    row = 0
-    for j, seg in enumerate(segments):  # attention is per sequence (its own cache); the projections are batched
-        rows = slice(row, row + seg.length)
-        if c_decode and seg.length == 1:
-            one_row.append((j, row, seg))  # its cache write happens in decode_attention
-        else:
+    if c_attention:
+        _attend_rows_c(q, k, v, segments, layer, merged, seg_scores if trace is not None and layer == 0 else None)
+    else:
+        row = 0
+        for j, seg in enumerate(segments):  # attention is per sequence (its own cache); the projections are batched
+            rows = slice(row, row + seg.length)
             cache_write(seg.cache, layer, seg.start, k[rows], v[rows])
             k_all, v_all = cache_read(seg.cache, layer, seg.start + seg.length)  # 2 × [Hkv, T, hd]
             scores = attention_scores(q[rows], k_all, seg.start)  # [H, n, T]
             if trace is not None and layer == 0:
                 seg_scores[j] = scores.copy()
             merged[rows] = attention_heads(scores, v_all)  # [n, H·hd]
-        row += seg.length
-    if one_row:
-        caches = ([s.cache.k[layer] for _, _, s in one_row], [s.cache.v[layer] for _, _, s in one_row],
-                  [s.start + 1 for _, _, s in one_row])
-        scores = scores_buffer(len(one_row), q.shape[1], caches[2]) if trace is not None and layer == 0 else None
-        if len(one_row) == q.shape[0]:  # a decode step (every row one sequence's): no gather, no scatter
-            decode_attention(q, k, v, *caches, out=merged, scores=scores)  # [B, H, hd] -> [B, H·hd]
-        else:
-            idx = [r for _, r, _ in one_row]
-            merged[idx] = decode_attention(q[idx], k[idx], v[idx], *caches, scores=scores)  # [B, H, hd] -> [B, H·hd]
-        if scores is not None:
-            for i, (j, _, s) in enumerate(one_row):
-                seg_scores[j] = scores[i, :, None, : s.start + 1]  # [H, 1, T]
+            row += seg.length
     trace_put(trace, layer, "scores", seg_scores)
     return merged
+
+
+def _attend_rows_c(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, seg_scores: list | None):
+    """Every row of every segment as one row of the C attention: row i of a segment starting at `start`
+    attends over positions [0, start + i] of its cache (the kernel writes all rows' K/V before any row reads)."""
+    keys, values, lengths = [], [], []
+    for seg in segments:
+        keys += [seg.cache.k[layer]] * seg.length
+        values += [seg.cache.v[layer]] * seg.length
+        lengths += range(seg.start + 1, seg.start + seg.length + 1)
+    scores = scores_buffer(len(lengths), q.shape[1], lengths) if seg_scores is not None else None
+    decode_attention(q, k, v, keys, values, lengths, out=merged, scores=scores)  # [rows, H, hd] -> [rows, H·hd]
+    if scores is None:
+        return
+    row = 0
+    for j, seg in enumerate(segments):
+        end = seg.start + seg.length
+        s = scores[row : row + seg.length, :, :end].transpose(1, 0, 2).copy()  # [n, H, T] -> [H, n, T]
+        s[:, np.arange(end)[None, :] > (seg.start + np.arange(seg.length))[:, None]] = -np.inf  # the causal mask
+        seg_scores[j] = s
+        row += seg.length
 
 
 def trace_decode_block(trace: dict | None, layer: int, x_in: np.ndarray, stages: dict, out: np.ndarray,

@@ -62,7 +62,8 @@ class ServeConfig:
     api_key: str | None = None
     max_batch: int = 16
     max_queue: int = 256
-    prefill_tokens: int = 64
+    prefill_tokens: int = 512
+    max_gap: float = 2.5
     numerics: str = "float32"
     callback_attempts: int = 6
     callback_timeout: float = 5.0

@@ -38,9 +38,12 @@ def register(subparsers) -> None:
                         "(default: $LLORCH_API_KEY, which keeps the key out of the process list)")
     s.add_argument("--max-batch", type=_ranged_int(1, 1024, "--max-batch"), default=16,
                    help="most sequences decoded together in one step (others wait in the queue)")
-    s.add_argument("--prefill-tokens", type=_ranged_int(1, 1 << 20, "--prefill-tokens"), default=64,
-                   help="prompt tokens a step prefills, as chunks of the waiting prompts, oldest first, beside the "
-                        "decoding requests' rows (default 64; smaller keeps running streams smoother)")
+    s.add_argument("--prefill-tokens", type=_ranged_int(1, 1 << 20, "--prefill-tokens"), default=512,
+                   help="most prompt tokens one step prefills, as chunks of the waiting prompts, oldest first "
+                        "(default 512)")
+    s.add_argument("--max-gap", type=ranged(float, 1.1, 100.0, "--max-gap"), default=2.5,
+                   help="while streams are decoding, a step's prompt chunk is sized (from measured step times) to "
+                        "keep the step under this many decode steps, at least one prompt token (default 2.5)")
     add_numerics_argument(s)
     s.add_argument("--max-queue", type=_ranged_int(1, 100000, "--max-queue"), default=256,
                    help="most jobs waiting for a batch slot before new ones get 503")
@@ -70,7 +73,7 @@ def cmd_serve(a) -> int:
     if a.api_key is not None and not a.api_key:
         raise LlorchError("--api-key must not be empty")
     return serve(ServeConfig(model=a.model, host=a.host, port=a.port, worker_id=a.worker_id, callback_url=a.callback_url,
-                             api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, prefill_tokens=a.prefill_tokens,
+                             api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, prefill_tokens=a.prefill_tokens, max_gap=a.max_gap,
                              numerics=a.numerics, callback_attempts=a.callback_attempts,
                              limits=Limits(max_body_bytes=a.max_body_bytes, max_messages=a.max_messages,
                                            max_chat_chars=a.max_chat_chars),

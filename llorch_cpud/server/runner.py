@@ -255,7 +255,8 @@ async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> 
     for warning in info["warnings"]:
         log(warning, logging.WARNING, event="kernels")
     state.scheduler = Scheduler(engine, state.metrics, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                                on_terminal=state.on_terminal, prefill_tokens=cfg.prefill_tokens)
+                                on_terminal=state.on_terminal, prefill_tokens=cfg.prefill_tokens,
+                                max_gap=cfg.max_gap)
     state.scheduler.start()
     sch = state.scheduler
     gauge = state.metrics.gauge

@@ -8,11 +8,13 @@ side) through a thread-safe inbox. Each loop iteration of the engine thread:
    stream gets its terminal event — and every job past its deadline (`error` TIMEOUT);
 2. admits waiting jobs while fewer than `max_batch` are active;
 3. runs ONE `Engine.step` over every job in decode (one row each) and the next chunks of the
-   admitted-but-not-prefilled jobs' prompts, oldest first, at most `prefill_tokens` prompt tokens
-   in all (`Sequence.chunk`): their rows share the matrix products, attention runs per sequence.
-   A long prompt is thus prefilled a chunk a step while the running streams get a token every
-   step (their gap grows by one chunk's compute, not by the whole prompt's); a prompt's last chunk
-   samples its first token. With the C kernels a row's result does not depend on the other rows
+   admitted-but-not-prefilled jobs' prompts, oldest first (`Sequence.chunk`): their rows share the
+   matrix products, attention runs per sequence. How many prompt tokens a step takes is the
+   `PrefillBudget`'s call: at most `prefill_tokens`, and while streams are decoding no more than keeps
+   the step under `max_gap` times a decode step (measured as the steps run - a prompt token's cost
+   grows with its position, so near the end of an 8k prompt a step may take one). A long prompt is
+   thus prefilled a chunk a step while the running streams get a token every step, their gap
+   bounded; a prompt's last chunk samples its first token. With the C kernels a row's result does not depend on the other rows
    of the step (each row is summed in a fixed order), so a request's logits are bit-identical to
    the CLI's single-sequence run (tests/test_server_scheduler.py); numpy's BLAS
    (LLORCH_KERNELS=numpy) may round differently for another number of rows.
@@ -89,13 +91,46 @@ class Job:
         return end.stop_reason
 
 
+class PrefillBudget:
+    """Prompt tokens the next step prefills: `max_tokens` when no stream is decoding; beside decoding streams,
+    as many as keep the step under `max_gap` x a decode step, at least one.
+
+    Both costs are measured, not assumed: `decode_s` is the moving average of steps without a prompt chunk,
+    `token_s` that of (step time - decode_s) / prompt tokens over mixed steps. A prompt token costs more the
+    later its position (attention reads every cached position), so `token_s` follows the prompt as it grows;
+    until both are known a mixed step takes `first_chunk` tokens."""
+
+    def __init__(self, max_tokens: int = 512, max_gap: float = 2.5, first_chunk: int = 8, alpha: float = 0.5):
+        self.max_tokens, self.max_gap = max(1, max_tokens), max_gap
+        self.first_chunk, self.alpha = first_chunk, alpha
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.alpha * (new - old)
+
+    def tokens(self, decoding: bool) -> int:
+        if not decoding:
+            return self.max_tokens
+        if self.decode_s is None or self.token_s is None:
+            return min(self.first_chunk, self.max_tokens)
+        spare = (self.max_gap - 1.0) * self.decode_s
+        return max(1, min(self.max_tokens, int(spare / max(self.token_s, 1e-9))))
+
+    def record(self, dt: float, decoding: bool, prompt_tokens: int) -> None:
+        if not prompt_tokens:
+            self.decode_s = self._avg(self.decode_s, dt)
+        elif decoding and self.decode_s is not None:
+            self.token_s = self._avg(self.token_s, max(0.0, dt - self.decode_s) / prompt_tokens)
+
+
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 16, max_queue: int = 256,
-                 on_terminal=None, prefill_tokens: int = 64):
+                 on_terminal=None, prefill_tokens: int = 512, max_gap: float = 2.5):
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
-        self.prefill_tokens = max(1, prefill_tokens)  # prompt tokens a step prefills, in chunks of the prompts
+        self.prefill = PrefillBudget(prefill_tokens, max_gap)  # prompt tokens a step prefills
         self.max_queue = max_queue
         self.on_terminal = on_terminal  # called on the loop thread when a job's terminal event is queued
         self.cond = threading.Condition()
@@ -184,19 +219,21 @@ class Scheduler:
             job.seq.t_start = time.perf_counter()  # prefill time excludes time spent queued
             self.active.append(job)
         decoding = [j for j in self.active if j.prefilled]
-        new, budget = [], self.prefill_tokens
+        new, budget = [], self.prefill.tokens(bool(decoding))
+        n_prompt = 0
         for j in self.active:
-            if not j.prefilled and budget > 0:
-                j.seq.chunk = min(budget, len(j.seq.pending))
-                budget -= j.seq.chunk
+            if not j.prefilled and n_prompt < budget:
+                j.seq.chunk = min(budget - n_prompt, len(j.seq.pending))
+                n_prompt += j.seq.chunk
                 new.append(j)
         if not (new or decoding):
             return
         t0 = time.perf_counter()
         self._step(decoding + new)
         dt = time.perf_counter() - t0
+        self.prefill.record(dt, bool(decoding), n_prompt)
         if new:
-            self.metrics.prefill_step(self.prefill_tokens - budget, dt)
+            self.metrics.prefill_step(n_prompt, dt)
         else:
             self.metrics.decode_step(len(decoding), dt)
         for j in new:

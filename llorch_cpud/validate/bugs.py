@@ -55,6 +55,13 @@ def _attn_out_transposed(m):  # every block's attn.c_proj weight replaced by its
     return [(m.weights, n, np.ascontiguousarray(m.dense(n).T)) for n in names]
 
 
+def _numpy_path(m):
+    """The model switched to the numpy path for the bug's duration: the bug replaces a stage function that only
+    that path runs in production (on the C paths the attention kernel writes the K/V rows of prefill and decode
+    alike; its own faults are KERNEL_FAULTS, e.g. KV_SLOT_PAST_40)."""
+    return [(m, "path", "numpy")]
+
+
 def _cache_write_off_by_one(cache, layer, start, k, v):
     return _orig["cache_write"](cache, layer, start + 1, k, v)
 
@@ -125,8 +132,8 @@ BUGS = {
         Bug("transposed_qkv_weight", "c_attn weight used transposed (read as [out, in] and reshaped)", 2,
             lambda m: [(m.weights, "h.0.attn.c_attn.weight",
                         np.ascontiguousarray(m.dense("h.0.attn.c_attn.weight").T).reshape(m.dense("h.0.attn.c_attn.weight").shape))]),
-        Bug("kv_cache_off_by_one", "KV cache written one position late", 3,
-            lambda m: [(gpt2, "cache_write", _cache_write_off_by_one)]),
+        Bug("kv_cache_off_by_one", "KV cache written one position late (numpy path)", 3,
+            lambda m: [(gpt2, "cache_write", _cache_write_off_by_one), *_numpy_path(m)]),
         Bug("wrong_attention_scale", "scores scaled by 1/head_dim instead of 1/sqrt(head_dim)", 4,
             lambda m: [(gpt2, "attention_scores", _scores_wrong_scale)]),
         Bug("no_causal_mask", "attention without the causal mask", 4, lambda m: [(gpt2, "attention_scores", _scores_no_mask)]),
@@ -289,8 +296,8 @@ LLAMA_BUGS = {
            lambda m: [(llama, "apply_rope", _rope_interleaved)]),
         _L("rope_wrong_base", "RoPE base 10000 instead of the file's freq_base (500000 if that is 10000)", 2, _rope_wrong_base),
         _L("qk_not_unpermuted", "attn_q/attn_k rows left in GGUF order with half-rotation RoPE", 2, _qk_left_permuted),
-        _L("kv_cache_off_by_one", "KV cache written one position late", 3,
-           lambda m: [(llama, "cache_write", _llama_cache_write_off_by_one)]),
+        _L("kv_cache_off_by_one", "KV cache written one position late (numpy path)", 3,
+           lambda m: [(llama, "cache_write", _llama_cache_write_off_by_one), *_numpy_path(m)]),
         _L("rope_ignores_cache_offset", "decode steps rotated as position 0 (cache offset ignored)", 2,
            _rope_positions_restart),
         _L("rope_decode_plus_one", "decode steps rotated one position late", 2, _rope_decode_plus_one),
