@@ -231,9 +231,11 @@ class TextStream:
 
 
 class Sequence:
-    """One request in flight."""
+    """One request in flight. Its KV cache holds `max_seq` positions (prompt + max_tokens); it is allocated
+    here, or with `defer_cache` by `allocate_cache` (the server's scheduler, when the job is admitted, so
+    that queued requests hold no cache) or at the latest by the first step."""
 
-    def __init__(self, engine: "Engine", request: Request):
+    def __init__(self, engine: "Engine", request: Request, defer_cache: bool = False):
         self.engine = engine
         self.request = request
         if request.max_tokens < 1:
@@ -258,7 +260,8 @@ class Sequence:
             )
         self.seed = request.seed if request.seed is not None else secrets.randbits(63)
         self.rng = make_rng(self.seed)
-        self.cache = engine.model.new_cache(need)
+        self.max_seq = need  # positions of the KV cache
+        self.cache = None if defer_cache else engine.model.new_cache(need)
         self.pos = 0  # tokens already in the cache
         self.pending = list(self.prompt_ids)  # tokens to feed in the next step
         self.generated: list[int] = []
@@ -281,7 +284,13 @@ class Sequence:
     def done(self) -> bool:
         return self.end is not None or self.error is not None
 
+    def allocate_cache(self) -> None:
+        """Allocate the KV cache now if it was deferred (not after the sequence ended: that freed it)."""
+        if self.cache is None and not self.done:
+            self.cache = self.engine.model.new_cache(self.max_seq)
+
     def segment(self) -> Segment:
+        self.allocate_cache()
         n = len(self.pending) if self.chunk is None else max(1, min(self.chunk, len(self.pending)))
         return Segment(self.cache, self.pos, n)
 
@@ -380,8 +389,8 @@ class Engine:
         eos = tokenizer.eos_token_id
         self.eos_token_id = eos if eos is not None else getattr(model, "eos_token_id", None)
 
-    def start(self, request: Request) -> Sequence:
-        return Sequence(self, request)
+    def start(self, request: Request, defer_cache: bool = False) -> Sequence:
+        return Sequence(self, request, defer_cache)
 
     def step(self, seqs: list[Sequence], trace: dict | None = None) -> list[list]:
         """One forward pass over every live sequence; returns each one's new events."""

@@ -18,8 +18,9 @@ Decisions (see also schemas.py):
   those states, after the API-key check.
 - /execute: the body is validated completely before any work (pydantic, then the prompt is
   tokenised off the event loop and checked against the context window: the field blamed is
-  `prompt` when the prompt alone fills the context, otherwise `max_tokens`). Every failing
-  field is listed. A job_id that is still queued or running gets `409` (same error shape).
+  `prompt` when the prompt alone fills the context, otherwise `max_tokens`), then against the
+  memory budget (budget.py: a request whose KV cache cannot fit even alone, the same fields).
+  Every failing field is listed. A job_id that is still queued or running gets `409` (same error shape).
   The stream opens with `started` as soon as the job is accepted (it may then wait in the
   queue); `metrics` comes just before the terminal `end`; `error` replaces `end` only when
   inference itself fails (`INFERENCE_FAILED`). Cancelled jobs (POST /cancel, SIGTERM) end
@@ -44,6 +45,7 @@ from starlette.requests import ClientDisconnect
 
 from llorch_cpud import __version__
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
+from llorch_cpud.server.budget import MemoryBudget, TooLarge
 from llorch_cpud.server.logs import correlation_id, log
 from llorch_cpud.server.metrics import CONTENT_TYPE, Metrics
 from llorch_cpud.server.scheduler import Job, NotAccepting, QueueFull, Scheduler
@@ -70,6 +72,7 @@ class ServeConfig:
     limits: schemas.Limits = field(default_factory=schemas.Limits)
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive
     request_timeout: float = 600.0  # seconds from acceptance to the terminal event (then error TIMEOUT)
+    memory_budget_mb: float | None = None  # KV caches + one step's activations (None: a share of the machine's)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class WorkerState:
     status: str = "loading"  # loading | healthy | draining
     engine: object = None
     scheduler: Scheduler | None = None
+    budget: MemoryBudget | None = None
     metrics: Metrics = field(default_factory=Metrics)
     jobs: dict = field(default_factory=dict)  # job_id -> Job, until its terminal event is queued
     open_streams: int = 0
@@ -185,7 +189,19 @@ class Admission:
 
     async def context_check(self, prompt, max_tokens) -> tuple[list[int] | None, list[dict]]:
         ids = await self.tokenize(prompt)
-        return ids, context_errors(len(ids), max_tokens, self.state.engine.model.n_ctx, prompt)
+        return ids, self.limit_errors(len(ids), max_tokens, prompt)
+
+    def limit_errors(self, n_prompt: int, max_tokens: int, prompt) -> list[dict]:
+        """The model's context, then the memory budget (one request's KV cache alone)."""
+        errors = context_errors(n_prompt, max_tokens, self.state.engine.model.n_ctx, prompt)
+        if not errors and self.state.budget is not None:
+            errors = self.state.budget.errors(n_prompt, max_tokens, prompt)
+        return errors
+
+    def max_positions(self) -> int:
+        """Prompt tokens + max_tokens of the largest request the context and the memory budget allow."""
+        n_ctx = self.state.engine.model.n_ctx
+        return n_ctx if self.state.budget is None else min(n_ctx, self.state.budget.max_positions)
 
     def submit(self, *, endpoint: str, job_id: str, prompt: str, prompt_ids: list[int], body,
                on_errors=None) -> Job | object:
@@ -201,7 +217,7 @@ class Admission:
         req = Request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling_params(body),
                       seed=body.seed, stop=list(body.stop), job_id=job_id)
         try:
-            seq = state.engine.start(req)
+            seq = state.engine.start(req, defer_cache=True)  # allocated when the scheduler admits the job
         except InvalidRequest as e:
             state.metrics.request(endpoint, "invalid")
             return on_errors([engine_error(e, body.model_dump())], 400)
@@ -213,6 +229,9 @@ class Admission:
             state.metrics.request(endpoint, "overloaded")
             return json_response(503, {"error": {"code": "OVERLOADED", "message": f"queue full ({state.scheduler.max_queue} waiting)"}},
                                  headers={"Retry-After": "1"})
+        except TooLarge:  # the routes check the budget first (limit_errors): only a bypassed check gets here
+            state.metrics.request(endpoint, "invalid")
+            return on_errors(self.limit_errors(len(seq.prompt_ids), body.max_tokens, prompt), 400)
         except NotAccepting:
             state.metrics.request(endpoint, "unavailable")
             return json_response(503, {"status": state.status, "error": {"code": "SHUTTING_DOWN", "message": "worker is shutting down"}})
@@ -398,7 +417,10 @@ def create_app(state: WorkerState, lifespan=None):
                         decode_path=state.engine.model.path, kernels=state.kernels)
         if state.scheduler is not None:
             body.update(active_jobs=state.scheduler.running, queued_jobs=state.scheduler.queued,
-                        max_batch=state.scheduler.max_batch)
+                        max_batch=state.scheduler.max_batch, kv_cache_bytes=state.scheduler.cache_bytes,
+                        kv_cache_peak_bytes=state.scheduler.cache_bytes_peak)
+        if state.budget is not None:
+            body.update(state.budget.describe())
         return json_response(200 if state.status == "healthy" else 503, body)
 
     @app.post("/execute", openapi_extra=schemas.openapi_body(schemas.ExecuteBody),

@@ -57,6 +57,10 @@ def register(subparsers) -> None:
                    help="seconds for a request's headers and body to arrive before the connection is closed (default 30)")
     s.add_argument("--request-timeout", type=ranged(float, 0.1, 86400.0, "--request-timeout"), default=600.0,
                    help="seconds from a job's acceptance to its end; past it the job ends with error TIMEOUT (default 600)")
+    s.add_argument("--memory-budget-mb", type=ranged(float, 1.0, float(1 << 30), "--memory-budget-mb"), default=None,
+                   help="MiB for the running requests' KV caches and one step's activations; a request that cannot fit "
+                        "alone gets 400, one that cannot fit beside the running ones waits in the queue (default: half "
+                        "of the memory available once the model has loaded)")
     s.add_argument("--callback-attempts", type=_ranged_int(1, 100, "--callback-attempts"), default=6,
                    help="ready-callback tries (backoff 0.5 s doubling to 8 s) before start-up fails")
     s.set_defaults(func=cmd_serve)
@@ -77,4 +81,5 @@ def cmd_serve(a) -> int:
                              numerics=a.numerics, callback_attempts=a.callback_attempts,
                              limits=Limits(max_body_bytes=a.max_body_bytes, max_messages=a.max_messages,
                                            max_chat_chars=a.max_chat_chars),
-                             read_timeout=a.read_timeout, request_timeout=a.request_timeout))
+                             read_timeout=a.read_timeout, request_timeout=a.request_timeout,
+                             memory_budget_mb=a.memory_budget_mb))

@@ -6,7 +6,7 @@ through the same validation, queue and engine thread as /execute.
 Decisions:
 - Supported parameters: prompt (a string, a list of one string, or a list of token ids),
   messages, max_tokens (completions default 16; chat default: what the context leaves, at
-  most 2048; `max_completion_tokens` is an alias), temperature, top_p, seed, stop (string or
+  most 2048, within the memory budget; `max_completion_tokens` is an alias), temperature, top_p, seed, stop (string or
   list), stream, stream_options.include_usage, n (must be 1), and the llorch extras top_k,
   min_p, repetition_penalty. `null` means "default". Unsupported parameters that would
   change the output (echo, logprobs, best_of > 1, suffix, tools) are a 400; the rest
@@ -96,7 +96,7 @@ def add_openai_routes(app, state, admission) -> list:
     """Add the routes; return the body models they validate with (for the OpenAPI document)."""
     from sse_starlette import ServerSentEvent
 
-    from llorch_cpud.server.app import JobFeed, context_errors, json_response, read_json, sse_response
+    from llorch_cpud.server.app import JobFeed, json_response, read_json, sse_response
     from llorch_cpud.server.logs import log
     from llorch_cpud.server.scheduler import Job
 
@@ -139,11 +139,10 @@ def add_openai_routes(app, state, admission) -> list:
                 return None, None, openai_errors([schemas.field_error("messages", str(e), None)])
         else:
             prompt = body.prompt
-        n_ctx = state.engine.model.n_ctx
         ids = prompt_ids if prompt_ids is not None else await admission.tokenize(prompt)
         if chat and body.max_tokens is None:
-            body.max_tokens = max(1, min(2048, n_ctx - len(ids)))
-        errors = context_errors(len(ids), body.max_tokens, n_ctx, prompt)
+            body.max_tokens = max(1, min(2048, admission.max_positions() - len(ids)))
+        errors = admission.limit_errors(len(ids), body.max_tokens, prompt)
         if errors:
             state.metrics.request(endpoint, "invalid")
             return None, None, openai_errors(errors)

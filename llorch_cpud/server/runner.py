@@ -5,7 +5,8 @@ Order of events:
    listening socket (a port in use fails at once the same way);
 2. serve HTTP at once: `/health` answers `503 {"status": "loading"}`, every other path 503;
 3. load the model in a background thread (progress lines on stderr), run one warm-up
-   token, start the engine thread; `/health` turns `200 healthy`;
+   token, size the memory budget (budget.py; logged, and shown in /health; a budget too small
+   for one step fails start-up), start the engine thread; `/health` turns `200 healthy`;
 4. POST the ready callback (if `--callback-url`) with retry and exponential backoff; if no
    attempt succeeds the worker shuts down and exits 1 with `error: ready callback ...`;
 5. on SIGTERM (or SIGINT): `/health` turns `503 draining`, new requests get 503, every
@@ -241,11 +242,22 @@ def load_in_background(state: WorkerState, server, tokenizer=None) -> None:
 
 
 async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> None:
+    from llorch_cpud.server.budget import MemoryBudget
     from llorch_cpud.server.scheduler import Scheduler
 
     cfg = state.config
     if state.status != "loading":  # a signal came while loading
         return
+    try:
+        budget = MemoryBudget.for_model(engine.model, budget_mb=cfg.memory_budget_mb, max_batch=cfg.max_batch,
+                                        prefill_tokens=cfg.prefill_tokens)
+    except LlorchError as e:
+        state.fatal_exc, state.fatal = e, str(e)
+        log("start-up failed", level=40, error=state.fatal)
+        server.begin_shutdown()
+        return
+    state.budget = budget
+    log("memory budget", memory_bytes=state.memory_bytes(), **budget.describe())
     state.engine = engine
     state.model_name = display_name(engine.name)
     state.model_bytes = weights_bytes(engine.model)
@@ -256,13 +268,16 @@ async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> 
         log(warning, logging.WARNING, event="kernels")
     state.scheduler = Scheduler(engine, state.metrics, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                                 on_terminal=state.on_terminal, prefill_tokens=cfg.prefill_tokens,
-                                max_gap=cfg.max_gap)
+                                max_gap=cfg.max_gap, budget=budget)
     state.scheduler.start()
     sch = state.scheduler
     gauge = state.metrics.gauge
     gauge("llorch_queue_depth", "Jobs accepted and waiting for a batch slot.", lambda: sch.queued)
     gauge("llorch_active_jobs", "Jobs in the running batch (prefill or decode).", lambda: sch.running)
     gauge("llorch_memory_bytes", "Resident memory of the worker process.", state.memory_bytes)
+    gauge("llorch_kv_cache_bytes", "KV cache bytes held by the active jobs.", lambda: sch.cache_bytes)
+    gauge("llorch_memory_budget_bytes", "The memory budget for KV caches and one step's activations.",
+          lambda: budget.total)
     gauge("llorch_model_loaded", "1 once the model is loaded.", lambda: 1 if state.engine is not None else 0)
     state.status = "healthy"
     log("ready", uri=state.uri, worker_id=state.worker_id, model=state.model_name, memory_bytes=state.memory_bytes(),

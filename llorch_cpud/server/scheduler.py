@@ -23,9 +23,13 @@ A failure confined to one sequence (its sampler, a NaN in its logits) ends that 
 `error` INFERENCE_FAILED (Engine.step); only an exception from the step itself (the forward pass)
 ends every job of that step.
 
+Memory (budget.py): with a `MemoryBudget`, a waiting job is admitted only while the KV caches of the active
+jobs plus its own fit the budget (first come, first admitted); its cache is allocated then, and freed when it
+ends. A job whose cache cannot fit even alone is refused at `submit` (TooLarge).
+
 Backpressure: `max_queue` bounds the jobs waiting for a batch slot — accepted jobs beyond the
-free slots (`max_batch` minus the active jobs), whether or not the engine thread has moved them
-from the inbox yet. A submit past that bound raises QueueFull (the HTTP side answers 503).
+free slots (`max_batch` minus the active jobs, and no more than the memory budget has room for, in
+order), whether or not the engine thread has moved them from the inbox yet. A submit past that bound raises QueueFull (the HTTP side answers 503).
 
 Requests that arrive together thus start decoding together, and no prefill stops the others.
 
@@ -43,6 +47,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llorch_cpud.engine import EndEvent, Engine, ErrorEvent, Sequence, TokenEvent
+from llorch_cpud.server.budget import MemoryBudget, TooLarge
 from llorch_cpud.server.logs import log, now_iso
 from llorch_cpud.server.metrics import Metrics
 
@@ -70,6 +75,7 @@ class Job:
     prefilled: bool = False
     max_seconds: float | None = None  # wall time from acceptance after which the job ends with error TIMEOUT
     accepted_at: float = field(default_factory=time.monotonic)
+    cache_bytes: int = 0  # the KV cache it takes once admitted (Scheduler.submit; KVCache.nbytes)
 
     @property
     def deadline(self) -> float | None:
@@ -126,12 +132,16 @@ class PrefillBudget:
 
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 16, max_queue: int = 256,
-                 on_terminal=None, prefill_tokens: int = 512, max_gap: float = 2.5):
+                 on_terminal=None, prefill_tokens: int = 512, max_gap: float = 2.5,
+                 budget: MemoryBudget | None = None):
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
         self.prefill = PrefillBudget(prefill_tokens, max_gap)  # prompt tokens a step prefills
         self.max_queue = max_queue
+        self.budget = budget  # None: no memory limit but max_batch
+        self.cache_bytes = 0  # KV cache bytes of the active jobs (engine thread writes)
+        self.cache_bytes_peak = 0  # the most the active jobs' caches ever held together (their KVCache.nbytes)
         self.on_terminal = on_terminal  # called on the loop thread when a job's terminal event is queued
         self.cond = threading.Condition()
         self.inbox: deque[Job] = deque()
@@ -151,6 +161,10 @@ class Scheduler:
         with self.cond:
             if not self.accepting:
                 raise NotAccepting()
+            if self.budget is not None:
+                job.cache_bytes = self.budget.cache_bytes(job.seq.max_seq)
+                if job.cache_bytes > self.budget.cache_room:
+                    raise TooLarge(job.seq.max_seq)
             if self.queued >= self.max_queue:
                 raise QueueFull()
             self.inbox.append(job)
@@ -180,7 +194,16 @@ class Scheduler:
         """Accepted jobs waiting for a batch slot: those beyond the free slots (read from any thread; the
         engine thread pops a job from `waiting` before appending it to `active`, so this never over-counts)."""
         free = max(0, self.max_batch - len(self.active))
-        return max(0, len(self.inbox) + len(self.waiting) - free)
+        if self.budget is None:
+            return max(0, len(self.inbox) + len(self.waiting) - free)
+        lined = [*self.waiting, *self.inbox]  # in the order they will be admitted
+        room, fit = self.budget.cache_room - self.cache_bytes, 0
+        for job in lined[:free]:
+            if job.cache_bytes > room:
+                break
+            room -= job.cache_bytes
+            fit += 1
+        return len(lined) - fit
 
     @property
     def running(self) -> int:
@@ -213,11 +236,12 @@ class Scheduler:
         log("engine thread stopped")
 
     def _iterate(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
+        while self.waiting and len(self.active) < self.max_batch and self._fits(self.waiting[0]):
             job = self.waiting.popleft()
             job.admitted = True
             job.seq.t_start = time.perf_counter()  # prefill time excludes time spent queued
             self.active.append(job)
+            self._hold_cache(job)
         decoding = [j for j in self.active if j.prefilled]
         new, budget = [], self.prefill.tokens(bool(decoding))
         n_prompt = 0
@@ -244,6 +268,18 @@ class Scheduler:
                     self.metrics.first_token(j.seq.t_first - j.seq.t_start)
                 log("prefill", job_id=j.job_id, correlation_id=j.correlation_id, prompt_tokens=len(j.seq.prompt_ids),
                     prefill_ms=round((time.perf_counter() - j.seq.t_start) * 1000, 1), batch=len(self.active))
+
+    def _fits(self, job: Job) -> bool:
+        return self.budget is None or self.cache_bytes + job.cache_bytes <= self.budget.cache_room
+
+    def _hold_cache(self, job: Job) -> None:
+        """An admitted job's KV cache: allocated now, counted until the job leaves `active`."""
+        job.seq.allocate_cache()
+        if self.budget is None and job.seq.cache is not None:
+            job.cache_bytes = job.seq.cache.nbytes
+        self.cache_bytes += job.cache_bytes
+        held = sum(j.seq.cache.nbytes for j in self.active if j.seq.cache is not None)
+        self.cache_bytes_peak = max(self.cache_bytes_peak, held)
 
     def _step(self, jobs: list[Job]) -> None:
         before = [len(j.seq.generated) for j in jobs]
@@ -284,6 +320,7 @@ class Scheduler:
     def _remove(self, job: Job) -> None:
         if job in self.active:
             self.active.remove(job)
+            self.cache_bytes -= job.cache_bytes
         elif job in self.waiting:
             self.waiting.remove(job)
         end = job.seq.end
