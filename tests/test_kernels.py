@@ -176,6 +176,48 @@ def test_decode_attention_matches_the_numpy_stage_functions(n_head, n_kv, head_d
         decode_attention(q[:1], k_new[:1], v_new[:1], [caches[0][0]], [caches[0][1]], [101])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n_head,n_kv,head_dim", [(9, 3, 64), (6, 2, 24), (4, 4, 32)])
+def test_prompt_rows_through_the_c_attention(n_head, n_kv, head_dim, dtype):
+    """A prompt's rows as rows of the C attention (models.base: every row of a prefill segment attends over its
+    own causal prefix of the one cache; row blocks of 8 share each K/V read): the K/V of every row are in the
+    cache before any row reads it, each row equals the numpy stage functions' causal attention, and each row's
+    bits are those of the same row computed alone (a decode step), whatever the rows beside it - 1, 8 or 45 rows
+    in a call, starting anywhere."""
+    from llorch_cpud.kernels import decode_attention
+    from llorch_cpud.models.llama import attention_heads, attention_scores
+
+    rng = np.random.default_rng(7)
+    start, n, max_seq = 19, 45, 80
+    base = (rng.standard_normal((2, n_kv, max_seq, head_dim)) * 2).astype(dtype)
+    q = rng.standard_normal((n, n_head, head_dim)).astype(np.float32) * 2
+    k_new = rng.standard_normal((n, n_kv, head_dim)).astype(np.float32)
+    v_new = rng.standard_normal((n, n_kv, head_dim)).astype(np.float32)
+    lengths = list(range(start + 1, start + n + 1))
+
+    def run(rows: slice, cache):
+        r = range(*rows.indices(n))
+        return decode_attention(q[rows], k_new[rows], v_new[rows], [cache[0]] * len(r), [cache[1]] * len(r),
+                                lengths[rows])
+
+    c = base.copy()
+    got = run(slice(None), c)  # [n, H·hd]
+    assert np.array_equal(c[0][:, start : start + n], k_new.transpose(1, 0, 2).astype(dtype))
+    k, v = c[0][:, : start + n].astype(np.float32), c[1][:, : start + n].astype(np.float32)
+    ref = attention_heads(attention_scores(q, k, start), v)  # [n, H·hd], the causal mask over the prompt rows
+    assert np.abs(got - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
+    for rows in (slice(0, 1), slice(3, 11), slice(5, 45, 1), slice(44, 45)):  # fewer rows, other block boundaries
+        c2 = base.copy()
+        first = rows.start
+        if first:  # the positions before the call's first row are in the cache already (an earlier chunk)
+            run(slice(0, first), c2)
+        assert np.array_equal(run(rows, c2), got[rows]), rows
+    # negative control: a row that saw a later row's key (no causal prefix) is off
+    c3 = base.copy()
+    leak = decode_attention(q[:1], k_new[:1], v_new[:1], [c3[0]], [c3[1]], [start + 2])
+    assert np.abs(leak[0] - got[0]).max() > 1e-3
+
+
 @pytest.mark.parametrize("n_head,n_kv,head_dim", [(9, 3, 64), (6, 2, 24), (16, 2, 128), (14, 2, 32)])
 def test_decode_attention_on_float16_caches(n_head, n_kv, head_dim):
     """The q8 numerics' float16 KV cache: the kernel stores the new row rounded as numpy's astype(float16)

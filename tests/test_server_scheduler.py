@@ -10,7 +10,7 @@ import pytest
 from llorch_cpud.engine import EndEvent, Request, TokenEvent
 from llorch_cpud.sampling import SamplingParams
 from llorch_cpud.server.metrics import Metrics
-from llorch_cpud.server.scheduler import Job, NotAccepting, Scheduler
+from llorch_cpud.server.scheduler import Job, NotAccepting, PrefillBudget, Scheduler
 
 PROMPTS = ["Hello.", "Once upon a time", "def f(x):", "The capital of France is", "1 2 3", "Dear Bob,"]
 GREEDY = SamplingParams(temperature=0.0)
@@ -188,8 +188,9 @@ def test_arrivals_prefilled_together_up_to_the_token_budget(engine, prefill_toke
 
 def test_a_prompt_prefilled_in_chunks_gives_the_same_token(engine):
     """Sequence.chunk: the prompt goes in a few tokens a step (nothing sampled until its last chunk), and the
-    first token's logits are those of the one-pass prefill to float32 rounding (a chunk's attention sums over
-    the cache in another order), the greedy tokens the same."""
+    first token's logits are those of the one-pass prefill: bit for bit on the C paths (each row of a prompt is a
+    row of its own in the C attention, whatever the chunks), to float32 rounding on the numpy path (a chunk's
+    attention sums over the cache in another order); the greedy tokens the same."""
     req = Request(prompt=" ".join(PROMPTS), max_tokens=4, sampling=GREEDY)
     whole = engine.start(req)
     whole.keep_logits = True
@@ -202,7 +203,66 @@ def test_a_prompt_prefilled_in_chunks_gives_the_same_token(engine):
         steps += 1
     assert steps == -(-n // 3) and chunked.pos == n
     assert np.abs(chunked.last_logits - whole.last_logits).max() < 1e-4
+    if engine.model.path != "numpy":
+        assert np.array_equal(chunked.last_logits, whole.last_logits)
     chunked.chunk = None
     while not (chunked.done and whole.done):
         engine.step([s for s in (chunked, whole) if not s.done])
     assert chunked.generated == whole.generated
+
+
+# ---------------------------------------------------------------- the prompt chunk beside decoding streams
+
+
+def simulate(budget, decode_s: float, token_s, n_prompt: int, noise: float = 0.1, seed: int = 0):
+    """A long prompt prefilled beside one decoding stream on a model of the step's cost: decode_s for the decode
+    row, token_s(p) for the prompt token at position p, each step's time off by up to +-noise. Returns the step
+    times while the prompt went in (the stream's gaps) and the chunk sizes."""
+    rng = np.random.default_rng(seed)
+    jitter = lambda: 1 + noise * rng.uniform(-1, 1)  # noqa: E731
+    for _ in range(5):  # the stream alone first
+        budget.record(decode_s * jitter(), True, 0)
+    pos, gaps, chunks = 0, [], []
+    while pos < n_prompt:
+        n = min(budget.tokens(True), n_prompt - pos)
+        dt = (decode_s + sum(token_s(p) for p in range(pos, pos + n))) * jitter()
+        budget.record(dt, True, n)
+        gaps.append(dt)
+        chunks.append(n)
+        pos += n
+    return np.array(gaps), chunks
+
+
+def long_prompt_cost(p: int) -> float:  # SmolLM2-like: 3 ms of products + attention growing to 20 ms at 8k
+    return 3e-3 + 20e-3 * p / 8000
+
+
+def test_prompt_chunks_keep_a_decoding_stream_under_max_gap():
+    """While an 8,000-token prompt is prefilled beside a stream, every step stays under 3x the stream's decode step
+    (max_gap 2.5 plus the measurement noise), the chunks shrink as the prompt's positions get dearer, and alone
+    the prompt goes in max_tokens at a time. Negative control: the fixed 64-token chunk the scheduler used before
+    takes ~100x the decode step at the end of the prompt."""
+    decode_s = 15e-3
+    budget = PrefillBudget(max_tokens=512, max_gap=2.5)
+    gaps, chunks = simulate(budget, decode_s, long_prompt_cost, 8000)
+    assert gaps.max() < 3.0 * decode_s
+    assert chunks[1] > chunks[-1] == 1  # a position near 8k costs more than a decode step's spare: one a step
+    assert sum(chunks) == 8000 and len(chunks) < 0.8 * 8000
+    assert budget.tokens(False) == 512
+
+    fixed = PrefillBudget(max_tokens=64, max_gap=1e9)  # the old scheduler: 64 tokens a step whatever they cost
+    gaps_fixed, _ = simulate(fixed, decode_s, long_prompt_cost, 8000)
+    assert gaps_fixed.max() > 50 * decode_s
+
+
+def test_prompt_chunk_before_any_measurement_is_small_and_never_zero():
+    b = PrefillBudget(max_tokens=512, max_gap=2.5, first_chunk=8)
+    assert b.tokens(True) == 8  # nothing measured yet
+    b.record(0.010, True, 0)
+    assert b.tokens(True) == 8  # the decode step known, a prompt token's cost not yet
+    b.record(1.0, True, 8)  # a prompt token far dearer than the spare time: still one token a step
+    assert b.tokens(True) == 1
+    b2 = PrefillBudget(max_tokens=4, max_gap=2.5)
+    b2.record(0.010, True, 0)
+    b2.record(0.0101, True, 8)  # nearly free tokens: capped at max_tokens
+    assert b2.tokens(True) == 4
