@@ -10,7 +10,12 @@ tests/test_gguf_format.py. This module adds what a model loader needs on top:
   weight comes out `[n_out, n_in]` like a PyTorch `nn.Linear.weight`;
 - one-line `ModelLoadError`s naming the file and the tensor or key at fault, for a
   missing file, a file that is not GGUF, a truncated file, an unsupported tensor
-  type and a missing metadata key - never a traceback from gguf internals.
+  type and a missing metadata key - never a traceback from gguf internals;
+- a hostile file costs bounded work: every count, length and dimension read from
+  the header is checked against the bytes the file has left before anything is
+  allocated or looped over for it (llama.cpp's own rules where it has them: no
+  nested arrays, no duplicate keys, at most 4 dimensions, none negative as int64,
+  aligned tensor data that lies inside the file without overlapping).
 
 Usage:
 
@@ -22,7 +27,10 @@ Usage:
 
 from __future__ import annotations
 
+import math
 import os
+import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -84,6 +92,21 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _q(name: str, limit: int = 80) -> str:
+    """repr of a name read from the file, cut to `limit` characters: a message stays one short line."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+class _Corrupt(ValueError):
+    """A header value the file cannot back; the message names the key/tensor, `GGUFFile.open` adds the path."""
+
+
+GGML_MAX_DIMS = 4  # llama.cpp refuses a tensor with more dimensions
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value (a uint8)
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset (no name, no dimensions)
+
+
 # --------------------------------------------------------------------------- reader
 
 
@@ -99,6 +122,12 @@ if _gguf is not None:
         - `_build_tensors`: the stock version raises bare `ValueError`s (unknown type id,
           data past the end of the file) without naming the tensor; this one only records
           each tensor's name, dims, type id and offset, and `GGUFFile` checks them.
+        - `_build_fields`, `_get_str`, `_get_field_parts`, `_build_tensor_info`: the stock
+          parsing, with every count and length checked against the bytes left before it is
+          used (the stock reader loops over an array's declared length even past the end of
+          the file: 2^40 elements ran out of memory), `_Corrupt` naming the key or tensor,
+          and each array's elements read in one piece: numbers as one numpy view, strings
+          decoded straight to a list of str (not one or two views per element).
         """
 
         _raw_tensors: list[tuple[str, tuple[int, ...], int, int]]
@@ -116,14 +145,145 @@ if _gguf is not None:
             count = int(count)
             return plain[offset : offset + dt.itemsize * count].view(dt)[:count]
 
-        def _build_tensors(self, start_offs, fields):
-            raw = []
-            for field in fields:
-                _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
+        def _need(self, offs: int, n: int, what: str) -> None:
+            """Nothing, if the file has n bytes at offs; else _Corrupt saying what needed them."""
+            size = self._plain.shape[0]
+            if n > size - offs:
+                raise _Corrupt(f"{what} at byte {offs} needs {n} bytes, but the file has {size} "
+                               f"(truncated or corrupt GGUF file)")
+
+        def _fits(self, count: int, offs: int, least: int, what: str) -> None:
+            """Nothing, if `count` items of at least `least` bytes each can follow offs; else _Corrupt."""
+            left = self._plain.shape[0] - offs
+            if count > left // least:
+                raise _Corrupt(f"{what} {count} is impossible: the {left} bytes left after byte {offs} hold at most "
+                               f"{left // least} (truncated or corrupt GGUF file)")
+
+        def _value_type(self, raw: int, what: str = "value type") -> GGUFValueType:
+            try:
+                return GGUFValueType(int(raw))
+            except ValueError:
+                raise _Corrupt(f"unknown {what} id {int(raw)}") from None
+
+        def _get_str(self, offset):
+            self._need(offset, 8, "a string length")
+            slen = self._get(offset, np.uint64)
+            n = int(slen[0])
+            self._need(offset + 8, n, f"a string of {n} bytes")
+            return slen, self._get(offset + 8, np.uint8, n)
+
+        def _strings(self, offs: int, n: int) -> tuple[list[str], int]:
+            """n length-prefixed strings from offs, decoded (invalid UTF-8 replaced): (strings, end offset)."""
+            self._fits(n, offs, 8, "array length (of strings)")
+            buf = memoryview(self._plain)
+            size = len(buf)
+            little = (sys.byteorder == "little") == (self.byte_order == "I")
+            length = struct.Struct("<Q" if little else ">Q").unpack_from
+            out = []
+            append = out.append
+            for i in range(n):
+                if offs + 8 > size:
+                    self._need(offs, 8, f"the length of string {i} of {n}")
+                (slen,) = length(buf, offs)
+                offs += 8
+                if slen > size - offs:
+                    self._need(offs, slen, f"string {i} of {n} ({slen} bytes)")
+                append(str(buf[offs : offs + slen], "utf-8", "replace"))
+                offs += slen
+            return out, offs
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            vtype = self._value_type(raw_type)
+            if vtype == GGUFValueType.STRING:
+                slen, data = self._get_str(orig_offs)
+                return 8 + len(data), [slen, data], [1], [vtype]
+            scalar = self.gguf_scalar_to_np.get(vtype)
+            if scalar is not None:
+                size = np.dtype(scalar).itemsize
+                self._need(orig_offs, size, f"a {vtype.name} value")
+                return size, [self._get(orig_offs, scalar)], [0], [vtype]
+            # an array: element type, element count, the elements
+            self._need(orig_offs, 12, "an array header")
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, n, offs = self._value_type(raw_itype[0], "array element type"), int(alen[0]), orig_offs + 12
+            if itype == GGUFValueType.ARRAY:
+                raise _Corrupt("is an array of arrays, which GGUF readers do not support (llama.cpp refuses it too)")
+            if itype == GGUFValueType.STRING:
+                strings, end = self._strings(offs, n)
+                return end - orig_offs, [raw_itype, alen, strings], [2], [vtype, itype]
+            scalar = self.gguf_scalar_to_np[itype]
+            size = np.dtype(scalar).itemsize
+            self._fits(n, offs, size, f"array length (of {itype.name})")
+            return 12 + n * size, [raw_itype, alen, self._get(offs, scalar, n)], [2], [vtype, itype]
+
+        def _build_fields(self, offs, count):
+            count = int(count)
+            self._fits(count, offs, _MIN_KV_BYTES, "GGUF header metadata key count")
+            for i in range(count):
+                orig_offs = offs
+                try:
+                    kv_klen, kv_kdata = self._get_str(offs)
+                except _Corrupt as exc:
+                    raise _Corrupt(f"GGUF metadata key {i}: {exc}") from None
+                key = bytes(kv_kdata).decode("utf-8", errors="replace")
+                if key in self.fields:
+                    raise _Corrupt(f"duplicate GGUF metadata key {_q(key)} (llama.cpp refuses such a file too)")
+                offs += 8 + len(kv_kdata)
+                try:
+                    self._need(offs, 4, "the value type")
+                    raw_kv_type = self._get(offs, np.uint32)
+                    size, parts, idxs, types = self._get_field_parts(offs + 4, raw_kv_type[0])
+                except _Corrupt as exc:
+                    raise _Corrupt(f"GGUF metadata key {_q(key)}: {exc}") from None
+                self._push_field(_gguf.ReaderField(orig_offs, key, [kv_klen, kv_kdata, raw_kv_type, *parts],
+                                                   [3 + j for j in idxs], types), skip_sum=True)
+                offs += 4 + size
+            return offs
+
+        def _check_alignment(self) -> None:
+            field = self.fields.get("general.alignment")
+            if field is None:
+                return
+            if field.types != [GGUFValueType.UINT32]:
+                kind = "/".join(t.name for t in field.types)
+                raise _Corrupt(f"GGUF metadata key 'general.alignment' should be a UINT32, got {kind}")
+            alignment = int(field.parts[-1][0])
+            if alignment == 0 or alignment & (alignment - 1):
+                raise _Corrupt(f"GGUF metadata key 'general.alignment' = {alignment} is not a power of two")
+
+        def _build_tensor_info(self, offs, count):
+            self._check_alignment()  # stock __init__ checks it next, in fewer words
+            count = int(count)
+            self._fits(count, offs, _MIN_TENSOR_INFO_BYTES, "GGUF header tensor count")
+            infos = []
+            for i in range(count):
+                try:
+                    _name_len, name_data = self._get_str(offs)
+                except _Corrupt as exc:
+                    raise _Corrupt(f"tensor {i}: name: {exc}") from None
                 name = bytes(name_data).decode("utf-8", errors="replace")
-                ne = tuple(int(d) for d in dims.tolist())
-                raw.append((name, ne, int(raw_dtype[0]), int(start_offs) + int(offset_tensor[0])))
-            self._raw_tensors = raw
+                offs += 8 + len(name_data)
+                try:
+                    self._need(offs, 4, "the dimension count")
+                    n_dims = int(self._get(offs, np.uint32)[0])
+                    if n_dims > GGML_MAX_DIMS:
+                        raise _Corrupt(f"has {n_dims} dimensions; a GGUF tensor has at most {GGML_MAX_DIMS}")
+                    self._need(offs + 4, 8 * n_dims + 12, f"{n_dims} dimensions, the type and the offset")
+                    ne = tuple(int(d) for d in self._get(offs + 4, np.uint64, n_dims))
+                    for j, d in enumerate(ne):
+                        if d >= 1 << 63:
+                            raise _Corrupt(f"dimension {j} is {d}, negative ({d - (1 << 64)}) as the int64 ggml reads")
+                    offs += 4 + 8 * n_dims
+                    type_id, rel = int(self._get(offs, np.uint32)[0]), int(self._get(offs + 4, np.uint64)[0])
+                except _Corrupt as exc:
+                    raise _Corrupt(f"tensor {_q(name)}: {exc}") from None
+                infos.append((name, ne, type_id, rel))
+                offs += 12
+            return offs, infos
+
+        def _build_tensors(self, start_offs, fields):
+            self._raw_tensors = [(name, ne, type_id, int(start_offs) + rel) for name, ne, type_id, rel in fields]
             self.tensors = []
 
 
@@ -141,17 +301,10 @@ def _field_value(field: Any) -> Any:
         return bytes(parts[field.data[0]]).decode("utf-8", errors="replace")
     if main != GGUFValueType.ARRAY:
         return parts[field.data[0]].tolist()[0]
-    if len(types) > 2 and types[1] == GGUFValueType.ARRAY:  # nested arrays: rare; trust gguf's own decoder
-        return field.contents()
-    if not field.data:
-        return []
-    sub = types[-1]
-    if sub == GGUFValueType.STRING:
-        return [bytes(parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    first = field.data[0]
-    # Elements of a numeric array are stored back to back, so the parts are consecutive
-    # one-element views; concatenating them is one C call instead of a Python loop.
-    return np.concatenate(parts[first : first + len(field.data)]).tolist()
+    # _Reader keeps an array's elements in one part: a list of str, or one numpy view of all the numbers
+    # (nested arrays are refused while reading)
+    values = parts[field.data[0]]
+    return values if isinstance(values, list) else values.tolist()
 
 
 # --------------------------------------------------------------------------- tensors
@@ -197,6 +350,8 @@ class GGUFFile:
             raise ModelLoadError(f"{path}: GGUF file not found")
         if os.path.isdir(path):
             raise ModelLoadError(f"{path}: is a directory, not a GGUF file")
+        if not os.path.isfile(path):  # a FIFO would block the read below forever; a device has no size
+            raise ModelLoadError(f"{path}: not a regular file (a pipe or a device?), not a GGUF file")
         try:
             file_size = os.path.getsize(path)
             with open(path, "rb") as fh:
@@ -211,6 +366,8 @@ class GGUFFile:
             raise ModelLoadError(f"{path}: truncated GGUF file: {file_size} bytes, the header alone needs 24")
         try:
             reader = _Reader(path, "r")
+        except _Corrupt as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
         except Exception as exc:  # gguf raises ValueError/IndexError/KeyError/OverflowError on corrupt headers
             detail = _one_line(f"{type(exc).__name__}: {exc}")
             if "version" in str(exc):
@@ -226,19 +383,25 @@ class GGUFFile:
             version = int(reader.fields["GGUF.version"].parts[0][0])
         except Exception as exc:
             raise ModelLoadError(f"{path}: corrupt GGUF metadata ({_one_line(exc)})") from None
-        # The reader's fields are ~10^5 small numpy views (one per vocabulary string, ...): tens of
-        # MB of objects once `metadata` holds the plain values. Nothing reads them after this.
+        # Nothing reads the reader's fields after this (the metadata holds the plain values).
         reader.fields = {}
 
         infos: dict[str, GGUFTensorInfo] = {}
+        alignment, data_offset = int(reader.alignment), int(reader.data_offset)
         for name, ne, type_id, offset in reader._raw_tensors:
             if name in infos:
-                raise ModelLoadError(f"{path}: duplicate tensor {name!r}")
+                raise ModelLoadError(f"{path}: duplicate tensor {_q(name)}")
             try:
                 qtype = GGMLQuantizationType(type_id)
             except ValueError:
                 qtype = None
-            n_elements = int(np.prod(ne, dtype=np.int64)) if ne else 1
+            n_elements = math.prod(ne)  # Python ints: a product that overflows int64 is seen, not wrapped
+            if n_elements >= 1 << 63:
+                raise ModelLoadError(f"{path}: tensor {_q(name)} has dimensions {list(ne)}: {n_elements} elements, "
+                                     f"more than the int64 ggml counts in")
+            if (offset - data_offset) % alignment:
+                raise ModelLoadError(f"{path}: tensor {_q(name)} data at offset {offset - data_offset} is not a "
+                                     f"multiple of the file's alignment {alignment}")
             if qtype is None:
                 type_name, block, tsize, n_bytes = f"UNKNOWN_{type_id}", None, None, None
             else:
@@ -246,18 +409,23 @@ class GGUFFile:
                 block, tsize = GGML_QUANT_SIZES[qtype]
                 if ne and ne[0] % block != 0:
                     raise ModelLoadError(
-                        f"{path}: tensor {name!r} of type {type_name} has row length {ne[0]}, "
+                        f"{path}: tensor {_q(name)} of type {type_name} has row length {ne[0]}, "
                         f"not a multiple of its block size {block}")
                 n_bytes = n_elements // block * tsize
                 if offset + n_bytes > file_size:
                     raise ModelLoadError(
-                        f"{path}: truncated GGUF file: tensor {name!r} ({type_name}, {n_bytes} bytes at offset "
+                        f"{path}: truncated GGUF file: tensor {_q(name)} ({type_name}, {n_bytes} bytes at offset "
                         f"{offset}) ends at byte {offset + n_bytes}, but the file has only {file_size} bytes")
             infos[name] = GGUFTensorInfo(
                 name=name, type_id=type_id, type_name=type_name, shape=tuple(reversed(ne)),
                 n_elements=n_elements, n_bytes=n_bytes, offset=offset, block_size=block, type_size=tsize)
+        placed = sorted((i for i in infos.values() if i.n_bytes), key=lambda i: i.offset)
+        for prev, this in zip(placed, placed[1:]):
+            if this.offset < prev.offset + prev.n_bytes:
+                raise ModelLoadError(f"{path}: tensors {_q(prev.name)} (bytes {prev.offset} to "
+                                     f"{prev.offset + prev.n_bytes}) and {_q(this.name)} (from byte {this.offset}) overlap")
 
-        return cls(path, reader, metadata, infos, version, int(reader.alignment), int(reader.data_offset), file_size)
+        return cls(path, reader, metadata, infos, version, alignment, data_offset, file_size)
 
     def close(self) -> None:
         """Let go of the memory map. Arrays from `tensor()` are copies and stay valid; views from `raw()`
@@ -314,7 +482,7 @@ class GGUFFile:
         try:
             return self._infos[name]
         except KeyError:
-            raise ModelLoadError(f"{self.path}: missing tensor {name!r}") from None
+            raise ModelLoadError(f"{self.path}: missing tensor {_q(name)}") from None
 
     def tensor_info(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(ggml type name, numpy shape), e.g. ("Q4_1", (576, 576))."""
@@ -346,7 +514,7 @@ class GGUFFile:
         info = self.info(name)
         if info.n_bytes is None:
             raise ModelLoadError(
-                f"{self.path}: tensor {name!r} has unsupported ggml type id {info.type_id} (unknown to gguf {gguf_version()})")
+                f"{self.path}: tensor {_q(name)} has unsupported ggml type id {info.type_id} (unknown to gguf {gguf_version()})")
         plain = self._check_open()
         data = plain[info.offset : info.offset + info.n_bytes]
         row_bytes = info.shape[-1] // info.block_size * info.type_size if info.shape else info.n_bytes
@@ -359,10 +527,10 @@ class GGUFFile:
         tname = info.type_name
         if info.n_bytes is None:
             raise ModelLoadError(
-                f"{self.path}: tensor {name!r} has unsupported ggml type id {info.type_id} (unknown to gguf {gguf_version()})")
+                f"{self.path}: tensor {_q(name)} has unsupported ggml type id {info.type_id} (unknown to gguf {gguf_version()})")
         if tname not in SUPPORTED_TYPES:
             raise ModelLoadError(
-                f"{self.path}: tensor {name!r} has unsupported type {tname} (cannot dequantize; "
+                f"{self.path}: tensor {_q(name)} has unsupported type {tname} (cannot dequantize; "
                 f"supported: {', '.join(sorted(SUPPORTED_TYPES))})")
         raw = self.raw(name)
         if tname in _PLAIN_TYPES:
@@ -371,11 +539,11 @@ class GGUFFile:
             return np.array(values, dtype=dtype, order="C", copy=True)
         if self._swapped:
             raise ModelLoadError(
-                f"{self.path}: tensor {name!r}: {tname} in a big-endian GGUF is not supported")
+                f"{self.path}: tensor {_q(name)}: {tname} in a big-endian GGUF is not supported")
         try:
             values = _gguf_quants.dequantize(raw, GGMLQuantizationType(info.type_id))
         except NotImplementedError:
-            raise ModelLoadError(f"{self.path}: tensor {name!r} has unsupported type {tname} (cannot dequantize)") from None
+            raise ModelLoadError(f"{self.path}: tensor {_q(name)} has unsupported type {tname} (cannot dequantize)") from None
         out = np.ascontiguousarray(values.reshape(info.shape), dtype=dtype)
         if not out.flags.writeable or np.may_share_memory(out, raw):
             out = out.copy()

@@ -6,6 +6,8 @@ Pickle checkpoints (pytorch_model.bin) are refused: unpickling can run arbitrary
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,17 @@ def weight_files(folder: Path) -> list[Path]:
         return [single]
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{index}: not a valid safetensors index ({e!r})") from None
+            raw = json.loads(index.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({type(e).__name__}: {str(e)[:200]})") from None
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: 'weight_map' should be a non-empty object mapping tensor names to shard "
+                                 f"files, got {type(weight_map).__name__}")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+                raise ModelLoadError(f"{index}: 'weight_map' gives tensor {name!r:.80} the shard {shard!r:.80}, "
+                                     "not a file name in this folder")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():
@@ -56,6 +66,85 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 CHUNK_BYTES = 4 << 20
+
+#: dtype -> bytes per element, for the dtypes `read_tensor` can convert to float32 (numpy has no bfloat16/float8).
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                      "U16": 2, "U8": 1, "BOOL": 1}
+#: The most header this loader reads (the format allows 100 MB): a GPT-2 of 1024 layers, the most GPT2Config takes,
+#: has ~14k tensors, ~1.5 MB of header; 8 MiB keeps a hostile header's parsed JSON to ~100 MB of Python objects.
+MAX_HEADER_BYTES = 8 << 20
+#: Tensors read per opening of a file (`load_safetensors`): each opening parses the whole header again.
+OPEN_BYTES = 64 << 20
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[int, int]]:
+    """{tensor name: (begin, end) in the data} of a .safetensors file, in header order, once its header is checked
+    the way the format requires - a JSON object of entries whose dtype, shape and data_offsets agree, stored back to
+    back over the whole data - with a one-line ModelLoadError naming the file and the tensor otherwise. Every number
+    is checked against the file's size before anything is read for it."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path}: not a safetensors file ({size} bytes; its header length alone needs 8)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ModelLoadError(f"{path}: safetensors header length {n} runs past the end of the file ({size} bytes): "
+                                 "truncated or corrupt")
+        if n > MAX_HEADER_BYTES:
+            raise ModelLoadError(f"{path}: safetensors header of {n} bytes is more than the {MAX_HEADER_BYTES} this "
+                                 "loader reads")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise ModelLoadError(f"{path}: safetensors header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: safetensors header should be a JSON object, got {type(header).__name__}")
+    data_size = size - 8 - n
+    out: dict[str, tuple[int, int]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ModelLoadError(f"{path}: safetensors header '__metadata__' should map strings to strings")
+            continue
+        where = f"{path}: tensor {name!r:.80}"
+        if not isinstance(info, dict):
+            raise ModelLoadError(f"{where}: header entry should be an object, got {type(info).__name__}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ModelLoadError(f"{where}: dtype {dtype!r:.40} unsupported (this loader reads "
+                                 f"{', '.join(SAFETENSORS_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ModelLoadError(f"{where}: shape {shape!r:.80} should be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ModelLoadError(f"{where}: data_offsets {offsets!r:.80} should be [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise ModelLoadError(f"{where}: data_offsets [{begin}, {end}] are reversed or negative")
+        if end > data_size:
+            raise ModelLoadError(f"{where}: data_offsets [{begin}, {end}] run past the end of the data "
+                                 f"({data_size} bytes): truncated or corrupt file")
+        n_bytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype]  # Python ints: no overflow
+        if n_bytes != end - begin:
+            raise ModelLoadError(f"{where}: shape {shape} of {dtype} is {n_bytes} bytes, but data_offsets [{begin}, "
+                                 f"{end}] hold {end - begin}")
+        out[name] = (begin, end)
+    placed = sorted(out.items(), key=lambda kv: kv[1])
+    for (prev, (_, prev_end)), (name, (begin, end)) in zip(placed, placed[1:]):
+        if begin < prev_end:
+            raise ModelLoadError(f"{path}: tensor {name!r:.80}: data_offsets [{begin}, {end}] overlap the data of "
+                                 f"tensor {prev!r:.80} (which ends at {prev_end})")
+    at, prev = 0, None
+    for name, (begin, end) in placed:
+        if begin != at:
+            raise ModelLoadError(f"{path}: tensor {name!r:.80}: data_offsets [{begin}, {end}] leave bytes {at} to "
+                                 f"{begin} of the data unused (safetensors stores tensors back to back)")
+        at, prev = end, name
+    if at != data_size:
+        raise ModelLoadError(f"{path}: {data_size - at} bytes after the last tensor's data (tensor {prev!r:.80}): "
+                             "corrupt safetensors file")
+    return out
 
 
 def read_tensor(st, name: str) -> np.ndarray:
@@ -82,20 +171,31 @@ def load_safetensors(files: list[Path], strip_prefixes: tuple[str, ...] = ()) ->
 
     out: dict[str, np.ndarray] = {}
     for f in files:
-        try:
-            with safe_open(str(f), framework="numpy") as st:
-                names = list(st.keys())
-            for name in names:
-                key = name
-                for p in strip_prefixes:
-                    if key.startswith(p):
-                        key = key[len(p) :]
-                # the file is opened (memory-mapped) per tensor: closing it unmaps the pages just read,
-                # so the process never holds the whole file's mapping on top of the copies
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name, (begin, end) in safetensors_header(f).items():
+            if groups[-1] and size + end - begin > OPEN_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += end - begin
+        # the file is opened (memory-mapped) per group of tensors of at most OPEN_BYTES (or one larger tensor):
+        # closing it unmaps the pages just read, so the process never holds the whole file's mapping on top of the
+        # copies, and a file of many tiny tensors is not opened (its header parsed) once per tensor
+        for group in groups:
+            try:
                 with safe_open(str(f), framework="numpy") as st:
-                    out[key] = read_tensor(st, name)
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from None
+                    for name in group:
+                        key = name
+                        for p in strip_prefixes:
+                            if key.startswith(p):
+                                key = key[len(p) :]
+                        try:
+                            out[key] = read_tensor(st, name)
+                        except (SafetensorError, ValueError, TypeError, AttributeError) as e:
+                            raise ModelLoadError(f"{f}: tensor {name!r:.80}: cannot read ({e})") from None
+            except (SafetensorError, OSError, ValueError, TypeError) as e:
+                raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from None
     return out
 
 

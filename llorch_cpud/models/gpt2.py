@@ -52,8 +52,8 @@ class GPT2Config:
 
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in d.items() if k in known}
-        for name, value in values.items():
-            kind, lo, hi = CONFIG_RULES[name]
+        for name, value in {**values, **{k: d[k] for k in CHECKED_ONLY if k in d}}.items():
+            kind, lo, hi = CONFIG_RULES.get(name) or CHECKED_ONLY[name]
             if value is None and name in OPTIONAL_FIELDS:
                 continue
             ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
@@ -80,6 +80,9 @@ CONFIG_RULES = {  # field -> (type, low, high): bounds far beyond any GPT-2, far
     "bos_token_id": (int, 0, 1 << 22),
     "eos_token_id": (int, 0, 1 << 22),
 }
+#: Fields this model does not read but other GPT-2 code does (n_ctx: the legacy name of the context length):
+#: checked the same way, so a config that is absurd to them is refused here too.
+CHECKED_ONLY = {"n_ctx": (int, 1, 1 << 20)}
 
 
 # ---------------------------------------------------------------- stage functions

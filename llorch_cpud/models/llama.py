@@ -73,60 +73,71 @@ class LlamaConfig:
         arch = f.architecture
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
-                f"{f.path}: unsupported model architecture general.architecture = {arch!r} "
+                f"{f.path}: unsupported model architecture general.architecture = {arch!r:.60} "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         a = arch + "."
 
-        def integer(key: str, default: int | None = None) -> int:
-            value = f.require(a + key, int) if default is None else f.get(a + key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ModelLoadError(f"{f.path}: GGUF metadata key {a + key!r} should be a non-negative integer, "
+        def integer(key: str, lo: int, hi: int, default: int | None = None) -> int:
+            value = f.require(a + key) if default is None else f.get(a + key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ModelLoadError(f"{f.path}: GGUF metadata key {a + key!r} should be an integer in [{lo}, {hi}], "
                                      f"got {value!r:.60}")
             return value
 
-        def number(key: str, default: float | None = None) -> float:
-            value = f.require(a + key, (int, float)) if default is None else f.get(a + key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ModelLoadError(f"{f.path}: GGUF metadata key {a + key!r} should be a number, got {value!r:.60}")
+        def number(key: str, default: float | None = None, above: float = 0.0, below: float = math.inf) -> float:
+            value = f.require(a + key) if default is None else f.get(a + key, default)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not above < value < below):
+                rule = f"a finite number above {above:g}" + (f" and below {below:g}" if below < math.inf else "")
+                raise ModelLoadError(f"{f.path}: GGUF metadata key {a + key!r} should be {rule}, got {value!r:.60}")
             return float(value)
 
-        n_embd = integer("embedding_length")
-        n_head = integer("attention.head_count")
-        n_kv_head = integer("attention.head_count_kv", n_head)
-        if n_head == 0 or n_kv_head == 0 or n_head % n_kv_head:
-            raise ModelLoadError(f"{f.path}: {a}attention.head_count {n_head} is not a multiple of "
-                                 f"{a}attention.head_count_kv {n_kv_head}")
-        head_dim = integer("attention.key_length", n_embd // n_head)
-        if integer("attention.value_length", head_dim) != head_dim:
+        # Bounds far beyond any Llama-family model (405B: 126 blocks, 16384 wide, 128 heads, 53248 FFN; 10M
+        # context), far below what would make the checks and tables built from them a runaway allocation.
+        n_layer = integer("block_count", 1, 1024)
+        n_embd = integer("embedding_length", 1, 1 << 16)
+        n_head = integer("attention.head_count", 1, 1 << 12)
+        n_kv_head = integer("attention.head_count_kv", 1, 1 << 12, n_head)
+        if n_head % n_kv_head:
+            raise ModelLoadError(f"{f.path}: GGUF metadata key {a + 'attention.head_count_kv'!r} = {n_kv_head} does "
+                                 f"not divide {a + 'attention.head_count'!r} = {n_head}")
+        if a + "attention.key_length" not in f.metadata and n_embd % n_head:
+            raise ModelLoadError(f"{f.path}: GGUF metadata key {a + 'embedding_length'!r} = {n_embd} is not divisible "
+                                 f"by {a + 'attention.head_count'!r} = {n_head} (and no {a + 'attention.key_length'!r} "
+                                 f"gives the head size)")
+        head_dim = integer("attention.key_length", 1, 1 << 12, n_embd // n_head)
+        if integer("attention.value_length", 1, 1 << 12, head_dim) != head_dim:
             raise ModelLoadError(f"{f.path}: {a}attention.value_length differs from key_length (unsupported)")
         if head_dim % 2:
             raise ModelLoadError(f"{f.path}: head_dim {head_dim} is odd; rotary embedding needs an even one")
-        rope_dim = integer("rope.dimension_count", head_dim)
+        rope_dim = integer("rope.dimension_count", 1, 1 << 12, head_dim)
         if rope_dim != head_dim:
             raise ModelLoadError(f"{f.path}: {a}rope.dimension_count = {rope_dim} (partial rotary) "
                                  f"is unsupported; head_dim is {head_dim}")
         scaling = f.get(a + "rope.scaling.type") or "none"
         if scaling not in ("none", "linear"):
-            raise ModelLoadError(f"{f.path}: {a}rope.scaling.type = {scaling!r} is unsupported (none, linear are)")
+            raise ModelLoadError(f"{f.path}: {a}rope.scaling.type = {scaling!r:.60} is unsupported (none, linear are)")
         factor = number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
-        if factor <= 0:
-            raise ModelLoadError(f"{f.path}: {a}rope.scaling.factor = {factor} must be positive")
         if f.get(a + "expert_count", 0):
-            raise ModelLoadError(f"{f.path}: {a}expert_count = {f.get(a + 'expert_count')}: mixture-of-experts "
+            raise ModelLoadError(f"{f.path}: {a}expert_count = {f.get(a + 'expert_count')!r:.60}: mixture-of-experts "
                                  f"Llama models are unsupported")
-        vocab = f.info("token_embd.weight").shape[0]  # the embedding's rows are the vocabulary the model has
+        embd = f.info("token_embd.weight")  # its rows are the vocabulary the model has
+        if len(embd.shape) != 2 or not 1 <= embd.shape[0] <= 1 << 22:
+            raise ModelLoadError(f"{f.path}: tensor 'token_embd.weight' has shape {embd.shape}, expected "
+                                 f"[vocabulary (1 to {1 << 22}), {a}embedding_length]")
+        vocab = embd.shape[0]
         return cls(
-            n_layer=integer("block_count"),
+            n_layer=n_layer,
             n_embd=n_embd,
             n_head=n_head,
             n_kv_head=n_kv_head,
-            n_ff=integer("feed_forward_length"),
+            n_ff=integer("feed_forward_length", 1, 1 << 18),
             vocab_size=vocab,
-            n_ctx=integer("context_length", 2048),
+            n_ctx=integer("context_length", 1, 1 << 24, 2048),
             head_dim=head_dim,
             rope_base=number("rope.freq_base", 10000.0),
             rope_linear_factor=factor,
-            rms_norm_eps=number("attention.layer_norm_rms_epsilon"),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", below=1.0),
             tied_embeddings="output.weight" not in f,
             architecture=arch,
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
@@ -481,7 +492,7 @@ def load_llama(f, quantized: bool | None = None, path: str | None = None) -> Lla
     known |= {f"blk.{i}.{t}" for i in range(cfg.n_layer) for t in _BLOCK_TENSORS}
     extra = [n for n in f.tensor_names() if n not in known]
     if extra:
-        raise ModelLoadError(f"{f.path}: tensor {extra[0]!r} is not part of the Llama architecture this loader runs "
+        raise ModelLoadError(f"{f.path}: tensor {extra[0]!r:.80} is not part of the Llama architecture this loader runs "
                              f"({len(extra)} such tensors; refusing to ignore weights)")
     shapes = _expected_shapes(cfg)
     weights: dict = {}
@@ -553,8 +564,8 @@ def load_gguf_model(path, tokenizer=None, decode_path: str | None = None) -> tup
     tok = tokenizer if tokenizer is not None else gguf_tokenizer(f)
     n_tok = tok.vocab_size
     if n_tok > model.vocab_size:
-        raise ModelLoadError(f"{f.path}: tokenizer has {n_tok} tokens but token_embd.weight only "
-                             f"{model.vocab_size} rows")
+        raise ModelLoadError(f"{f.path}: GGUF metadata key 'tokenizer.ggml.tokens' has {n_tok} tokens but tensor "
+                             f"'token_embd.weight' only {model.vocab_size} rows")
     if model.eos_token_id is None:
         model.eos_token_id = tok.eos_token_id
     return model, tok

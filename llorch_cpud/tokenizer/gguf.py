@@ -123,14 +123,33 @@ class GGUFTokenizerInfo:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def _require(metadata: dict[str, Any], key: str, kind: type, where: str) -> Any:
+def _require(metadata: dict[str, Any], key: str, kind: type, where: str,
+             of: type | tuple[type, ...] | None = None) -> Any:
     if key not in metadata:
         raise ModelLoadError(f"{where}missing required GGUF metadata key {key!r}")
     value = metadata[key]
     if not isinstance(value, kind):
         raise ModelLoadError(
             f"{where}GGUF metadata key {key!r} should be {kind.__name__}, got {type(value).__name__}")
+    if of is not None:
+        _check_elements(value, key, of, where)
     return value
+
+
+def _check_elements(values: list, key: str, of: type | tuple[type, ...], where: str) -> None:
+    """ModelLoadError naming the key unless every element is an `of` (a bool is not a number here)."""
+    kinds = of if isinstance(of, tuple) else (of,)
+    for i, v in enumerate(values):
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            want = "/".join(k.__name__ for k in kinds)
+            raise ModelLoadError(f"{where}GGUF metadata key {key!r} should be an array of {want}, but element {i} is "
+                                 f"{type(v).__name__} {v!r:.40}")
+
+
+#: The longest token text a sentencepiece vocabulary may hold here. Its merges are derived by trying every split of
+#: every token (`_spm_merges`), work quadratic in a token's length: a 200k-character token took ~10 s. Real
+#: sentencepiece vocabularies (Llama 2, Mistral, Gemma) have no token longer than ~100 characters.
+MAX_SPM_TOKEN_CHARS = 1024
 
 
 def _optional_id(metadata: dict[str, Any], key: str, n_vocab: int, where: str) -> int | None:
@@ -171,7 +190,7 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
 
 
 def _build_bpe(metadata: dict[str, Any], tokens: list[str], where: str) -> tuple[Tokenizer, bool]:
-    merges_raw = _require(metadata, "tokenizer.ggml.merges", list, where)
+    merges_raw = _require(metadata, "tokenizer.ggml.merges", list, where, of=str)
     merges = []
     for m in merges_raw:
         left, sep, right = m.partition(" ")
@@ -185,10 +204,15 @@ def _build_bpe(metadata: dict[str, Any], tokens: list[str], where: str) -> tuple
             pre = BPE_PRE_TOKENIZERS["default"]  # what llama.cpp does for a file without the key
         else:
             raise ModelLoadError(
-                f"{where}unsupported GGUF metadata value tokenizer.ggml.pre = {pre_name!r} "
+                f"{where}unsupported GGUF metadata value tokenizer.ggml.pre = {pre_name!r:.60} "
                 f"(supported: {', '.join(sorted(BPE_PRE_TOKENIZERS))})")
-    tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=merges, fuse_unk=False, byte_fallback=False,
-                               ignore_merges=pre.ignore_merges))
+    try:
+        bpe = models.BPE(vocab=_vocab(tokens), merges=merges, fuse_unk=False, byte_fallback=False,
+                         ignore_merges=pre.ignore_merges)
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. "Token `zz` out of vocabulary"
+        raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.merges' does not fit "
+                             f"'tokenizer.ggml.tokens' ({' '.join(str(e).split())[:200]})") from None
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in pre.regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
@@ -214,9 +238,17 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
 
 def _build_spm(metadata: dict[str, Any], tokens: list[str], types: list[int], where: str) -> tuple[Tokenizer, bool]:
     scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    if not isinstance(scores, list):
+        raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.scores' should be list, got {type(scores).__name__}")
+    _check_elements(scores, "tokenizer.ggml.scores", (int, float), where)
     if len(scores) != len(tokens):
         raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.scores' has {len(scores)} "
                              f"entries for {len(tokens)} tokens")
+    longest = max(range(len(tokens)), key=lambda i: len(tokens[i]))
+    if len(tokens[longest]) > MAX_SPM_TOKEN_CHARS:
+        raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.tokens': token {longest} is "
+                             f"{len(tokens[longest])} characters long; a sentencepiece vocabulary may hold tokens of at "
+                             f"most {MAX_SPM_TOKEN_CHARS}")
     unk_id = _optional_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens), where)
     unk = tokens[unk_id] if unk_id is not None else None
     tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=_spm_merges(tokens, scores, types),
@@ -245,10 +277,14 @@ def load_gguf_tokenizer(metadata: Any, source: str | None = None) -> GGUFTokeniz
         metadata = metadata.metadata
     where = f"{source}: " if source else ""
     model = _require(metadata, "tokenizer.ggml.model", str, where)
-    tokens = _require(metadata, "tokenizer.ggml.tokens", list, where)
+    tokens = _require(metadata, "tokenizer.ggml.tokens", list, where, of=str)
     if not tokens:
         raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.tokens' is empty")
     types = metadata.get("tokenizer.ggml.token_type") or []
+    if not isinstance(types, list):
+        raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.token_type' should be list, "
+                             f"got {type(types).__name__}")
+    _check_elements(types, "tokenizer.ggml.token_type", int, where)
     if types and len(types) != len(tokens):
         raise ModelLoadError(f"{where}GGUF metadata key 'tokenizer.ggml.token_type' has {len(types)} "
                              f"entries for {len(tokens)} tokens")
@@ -258,7 +294,7 @@ def load_gguf_tokenizer(metadata: Any, source: str | None = None) -> GGUFTokeniz
         tok, default_add_bos = _build_spm(metadata, tokens, types, where)
     else:
         raise ModelLoadError(
-            f"{where}unsupported GGUF metadata value tokenizer.ggml.model = {model!r} "
+            f"{where}unsupported GGUF metadata value tokenizer.ggml.model = {model!r:.60} "
             f"(supported: 'gpt2', 'llama')")
     control_ids = _add_added_tokens(tok, tokens, types, where)
 
@@ -273,7 +309,13 @@ def load_gguf_tokenizer(metadata: Any, source: str | None = None) -> GGUFTokeniz
         single = ([f"{tokens[bos_id]}:0"] if add_bos else []) + ["$A:0"] + ([f"{tokens[eos_id]}:0"] if add_eos else [])
         pair = single + ["$B:1"] + ([f"{tokens[eos_id]}:1"] if add_eos else [])
         special = [(tokens[i], i) for i in {bos_id if add_bos else None, eos_id if add_eos else None} if i is not None]
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+        try:
+            tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+        except ValueError as e:  # e.g. a token text with ':' in it: the template's own separator
+            ends = (("bos", add_bos), ("eos", add_eos))
+            keys = " / ".join(repr(f"tokenizer.ggml.{k}_token_id") for k, on in ends if on)
+            raise ModelLoadError(f"{where}GGUF metadata key {keys} names a token whose text cannot be added at the "
+                                 f"ends of the input ({' '.join(str(e).split())[:120]})") from None
 
     eot_id = _optional_id(metadata, "tokenizer.ggml.eot_token_id", n, where)
     if eot_id is None:
