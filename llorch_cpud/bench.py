@@ -128,14 +128,19 @@ def run_llamacpp(model: str | None, prompt_tokens: int, new_tokens: int) -> dict
     load_s = time.perf_counter() - t0
     ids = prompt_ids_for(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False), prompt_tokens)
 
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # the last evaluated position's logits (Llama.scores holds them only with logits_all)
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+
     def greedy(prompt, n):
         llm.reset()
         llm.eval(prompt)
         t_first = time.perf_counter()
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits()))
         for _ in range(n - 1):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits()))
         return t_first
 
     greedy(ids[:8], 4)
