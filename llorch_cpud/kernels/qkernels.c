@@ -1383,7 +1383,8 @@ static void attend_group16(const float *q, int64_t ldq, const void *k, const voi
             f32x16 m = load16(sh);
             for (int64_t t = 16; t < Tp; t += 16) {
                 f32x16 s = load16(sh + t);
-                for (int i = 0; i < 16; i++) m[i] = s[i] > m[i] ? s[i] : m[i];
+                i32x16 gt = s > m; /* lane by lane s > m ? s : m, as a vector select (a lane loop ran scalar) */
+                m = (f32x16)(((i32x16)s & gt) | ((i32x16)m & ~gt));
             }
             float mx = m[0];
             for (int i = 1; i < 16; i++) mx = m[i] > mx ? m[i] : mx;
