@@ -317,7 +317,7 @@ def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmark ours against peers in the same run")
     b.add_argument("--model", default=None)
     b.add_argument("--peers", default="transformers", help="comma-separated: transformers,llamacpp,llama-server")
-    b.add_argument("--prompt-tokens", type=ranged(int, 1, 4096, "--prompt-tokens"), default=128)
+    b.add_argument("--prompt-tokens", type=ranged(int, 1, 32768, "--prompt-tokens"), default=128)
     b.add_argument("--new-tokens", type=ranged(int, 2, 4096, "--new-tokens"), default=128)
     b.add_argument("--concurrency", default="1", help="comma-separated stream counts, e.g. 1,8")
     b.add_argument("--repeats", type=ranged(int, 1, 50, "--repeats"), default=3)

@@ -266,3 +266,14 @@ def test_prompt_chunk_before_any_measurement_is_small_and_never_zero():
     b2.record(0.010, True, 0)
     b2.record(0.0101, True, 8)  # nearly free tokens: capped at max_tokens
     assert b2.tokens(True) == 4
+
+
+def test_a_few_slow_decode_steps_do_not_move_the_bound():
+    """The steps slowed as a long request arrives (its tokenising holds the GIL) must not raise the decode step the
+    chunk is sized against: the median of the recent ones. Negative control: their mean would move 40%."""
+    b = PrefillBudget(max_tokens=512, max_gap=2.0)
+    steps = [0.010] * 20 + [0.050] * 3
+    for dt in steps:
+        b.record(dt, True, 0)
+    assert b.decode_s == 0.010
+    assert np.mean(steps) > 1.4 * 0.010

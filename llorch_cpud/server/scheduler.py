@@ -41,6 +41,7 @@ never collected first. The event loop never waits on this thread.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from collections import deque
@@ -101,19 +102,22 @@ class PrefillBudget:
     """Prompt tokens the next step prefills: `max_tokens` when no stream is decoding; beside decoding streams,
     as many as keep the step under `max_gap` x a decode step, at least one.
 
-    Both costs are measured, not assumed: `decode_s` is the moving average of steps without a prompt chunk,
-    `token_s` that of (step time - decode_s) / prompt tokens over mixed steps. A prompt token costs more the
+    Both costs are measured, not assumed: `decode_s` is the median of the last `window` steps without a prompt
+    chunk (a median, so that the few steps slowed when a request arrives - its tokenising holds the GIL - do not
+    set the bound), `token_s` the moving average of (step time - decode_s) / prompt tokens over mixed steps. A prompt token costs more the
     later its position (attention reads every cached position), so `token_s` follows the prompt as it grows;
     until both are known a mixed step takes `first_chunk` tokens."""
 
-    def __init__(self, max_tokens: int = 512, max_gap: float = 2.0, first_chunk: int = 8, alpha: float = 0.5):
+    def __init__(self, max_tokens: int = 512, max_gap: float = 2.0, first_chunk: int = 8, alpha: float = 0.5,
+                 window: int = 32):
         self.max_tokens, self.max_gap = max(1, max_tokens), max_gap
         self.first_chunk, self.alpha = first_chunk, alpha
-        self.decode_s: float | None = None
+        self.decode_steps: deque[float] = deque(maxlen=window)
         self.token_s: float | None = None
 
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.alpha * (new - old)
+    @property
+    def decode_s(self) -> float | None:
+        return statistics.median(self.decode_steps) if self.decode_steps else None
 
     def tokens(self, decoding: bool) -> int:
         if not decoding:
@@ -124,10 +128,12 @@ class PrefillBudget:
         return max(1, min(self.max_tokens, int(spare / max(self.token_s, 1e-9))))
 
     def record(self, dt: float, decoding: bool, prompt_tokens: int) -> None:
+        decode_s = self.decode_s
         if not prompt_tokens:
-            self.decode_s = self._avg(self.decode_s, dt)
-        elif decoding and self.decode_s is not None:
-            self.token_s = self._avg(self.token_s, max(0.0, dt - self.decode_s) / prompt_tokens)
+            self.decode_steps.append(dt)
+        elif decoding and decode_s is not None:
+            t = max(0.0, dt - decode_s) / prompt_tokens
+            self.token_s = t if self.token_s is None else self.token_s + self.alpha * (t - self.token_s)
 
 
 class Scheduler:
