@@ -15,13 +15,20 @@ llama-server, --llama-server PATH or $LLORCH_LLAMA_SERVER) with streaming client
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llorch_cpud.arguments import add_numerics_argument, ranged
+from llorch_cpud.bench_server import bench_concurrency, progress_bar
+from llorch_cpud.errors import LlorchError
+from llorch_cpud.formats import resolve
 
 RUNNERS = ("ours", "transformers", "llamacpp")
 SEED_TEXT = (
@@ -34,8 +41,6 @@ SEED_TEXT = (
 
 
 def peak_rss_mb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -47,8 +52,7 @@ def prompt_ids_for(tokenizer_encode, n: int) -> list[int]:
 
 
 def run_ours(model: str | None, prompt_tokens: int, new_tokens: int, numerics: str = "float32") -> dict:
-    from llorch_cpud.cli import load_engine
-    from llorch_cpud.engine import Request
+    from llorch_cpud.engine import Request, load_engine  # numpy and the kernels: not at CLI start-up
     from llorch_cpud.sampling import SamplingParams
 
     t0 = time.perf_counter()
@@ -86,8 +90,6 @@ def load_tokenizer_only(path: Path):
 def run_transformers(model: str | None, prompt_tokens: int, new_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
-
-    from llorch_cpud.formats import resolve
 
     torch.set_num_threads(os.cpu_count() or 1)
     path = resolve(model)
@@ -177,8 +179,6 @@ def available(name: str, args) -> str | None:
 def measure(name: str, args) -> dict:
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
-    from llorch_cpud.formats import resolve
-
     model = str(resolve(args.model))
     cmd = [runner_python(name, args), "-m", "llorch_cpud.bench", "--runner", name, "--model", model,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
@@ -188,12 +188,6 @@ def measure(name: str, args) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"{name} runner failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def progress_bar(done: int, total: int, width: int = 20) -> str:
-    """`[########------------] 3/8`: the bench's progress, one line per finished measurement."""
-    filled = round(width * done / total) if total else width
-    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -270,8 +264,6 @@ def bench(args) -> dict:
     peers = [p for p in args.peers.split(",") if p]
     unknown = [p for p in peers if p not in RUNNERS and p != "llama-server"]
     if unknown:
-        from llorch_cpud.errors import LlorchError
-
         raise LlorchError(f"--peers: unknown peer {unknown[0]!r} (known: transformers, llamacpp, llama-server)")
     names = ["ours"] + [p for p in peers if p in RUNNERS and p != "ours"]
     skipped = {}
@@ -303,8 +295,6 @@ def bench(args) -> dict:
     }
     if "llama-server" in peers or any(c > 1 for c in args.concurrency):
         try:
-            from llorch_cpud.bench_server import bench_concurrency
-
             result["concurrency"] = bench_concurrency(args, "llama-server" in peers)
         except ImportError as e:
             result["skipped"]["concurrency"] = f"server benchmark unavailable: {e}"
@@ -312,8 +302,6 @@ def bench(args) -> dict:
 
 
 def register(sub) -> None:
-    from llorch_cpud.cli import add_numerics_argument, ranged
-
     b = sub.add_parser("bench", help="benchmark ours against peers in the same run")
     b.add_argument("--model", default=None)
     b.add_argument("--peers", default="transformers", help="comma-separated: transformers,llamacpp,llama-server")
@@ -329,8 +317,6 @@ def register(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from llorch_cpud.errors import LlorchError
-
     try:
         args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     except ValueError:
@@ -350,8 +336,6 @@ def cmd_bench(args) -> int:
 
 
 def _runner_main() -> None:
-    import argparse
-
     p = argparse.ArgumentParser()
     p.add_argument("--runner", choices=RUNNERS, required=True)
     p.add_argument("--model")

@@ -21,6 +21,10 @@ import threading
 import time
 from pathlib import Path
 
+from llorch_cpud.formats import resolve
+
+# httpx is imported where it is used: this module loads with the CLI (bench registers its subcommand).
+
 TOPICS = ["the ocean", "a city at night", "an old library", "mountain weather", "a train journey",
           "a chess match", "a kitchen garden", "the first computers", "a lighthouse", "a desert road"]
 
@@ -147,6 +151,12 @@ def start_llama_server(binary: str, model: str, parallel: int, ctx: int) -> tupl
     return proc, base
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """`[########------------] 3/8`: the bench's progress, one line per finished measurement."""
+    filled = round(width * done / total) if total else width
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+
+
 def per_round_ratio(a: list[dict], b: list[dict], key: str) -> float | None:
     """Median over rounds of a[i][key] / b[i][key] (runs of the same round were measured back to back)."""
     ratios = [x[key] / y[key] for x, y in zip(a, b) if x.get(key) and y.get(key)]
@@ -154,9 +164,6 @@ def per_round_ratio(a: list[dict], b: list[dict], key: str) -> float | None:
 
 
 def bench_concurrency(args, with_llama_server: bool) -> dict:
-    from llorch_cpud.bench import progress_bar
-    from llorch_cpud.formats import resolve
-
     model = str(resolve(args.model))
     levels = sorted(set(args.concurrency))
     numerics = getattr(args, "numerics", "float32")

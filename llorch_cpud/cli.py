@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from llorch_cpud.arguments import add_numerics_argument, ranged
 from llorch_cpud.errors import LlorchError
 
+# The subcommands import what they run (engine, formats, validate: numpy and the C kernels) inside their
+# functions, so that `--help` and argument errors answer without loading them.
 # Modules that define a subcommand with `register(subparsers)`; the parser they add sets `func`.
 # They must not import heavy dependencies at module level.
 PLUGIN_COMMANDS = [m for m in ("llorch_cpud.server.cli", "llorch_cpud.bench") if importlib.util.find_spec(m)]
@@ -27,28 +30,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-
-
-def ranged(kind, lo=None, hi=None, name=""):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name or 'value'} must be {kind.__name__}, got {text!r}") from None
-        if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN is neither
-            raise argparse.ArgumentTypeError(f"{name or 'value'} must be in [{lo}, {hi}], got {text}")
-        return v
-
-    return parse
-
-
-NUMERICS_HELP = ("products on quantized (GGUF Q4_0/Q4_1/Q5_0/Q8_0) weights: float32 = float32 activations, the dequantized "
-                 "model's numbers (default); q8 = activations quantized to 8 bits per 32-block and integer dot "
-                 "products, as llama.cpp computes (faster; its own tolerances in validate)")
-
-
-def add_numerics_argument(parser) -> None:
-    parser.add_argument("--numerics", choices=("float32", "q8"), default="float32", help=NUMERICS_HELP)
 
 
 def build_parser() -> Parser:
@@ -97,16 +78,6 @@ def build_parser() -> Parser:
     return p
 
 
-def load_engine(spec: str | None, numerics: str = "float32", tokenizer=None, decode_path: str | None = None):
-    from llorch_cpud.engine import Engine
-    from llorch_cpud.formats import load_model, resolve
-
-    path = resolve(spec)
-    model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics, tokenizer=tokenizer,
-                                        decode_path=decode_path)
-    return Engine(model, tokenizer, name=name), path
-
-
 def chat_prompt(engine, text: str) -> str:
     from llorch_cpud.tokenizer.chat import apply_chat_template
 
@@ -114,7 +85,7 @@ def chat_prompt(engine, text: str) -> str:
 
 
 def cmd_generate(a) -> int:
-    from llorch_cpud.engine import EndEvent, ErrorEvent, Request
+    from llorch_cpud.engine import EndEvent, ErrorEvent, Request, load_engine
     from llorch_cpud.sampling import SamplingParams
 
     engine, _ = load_engine(a.model, numerics=a.numerics)
@@ -148,7 +119,7 @@ def cmd_generate(a) -> int:
 def path_engines(engine, spec, numerics: str, paths: str | None) -> list:
     """One engine per decode path `validate` checks (models.base.PATHS): the production engine's own, the others
     built from it (stages: the same weights) or loaded again (numpy: float32 arrays, as without the extension)."""
-    from llorch_cpud.engine import Engine
+    from llorch_cpud.engine import Engine, load_engine
     from llorch_cpud.kernels import enabled
     from llorch_cpud.models.base import PATHS
 
@@ -181,6 +152,7 @@ def cmd_validate(a) -> int:
         from llorch_cpud.validate import isolated
 
         return isolated.main(a.report)
+    from llorch_cpud.engine import load_engine
     from llorch_cpud.validate import report as rep
     from llorch_cpud.validate.runner import parse_references, validate
 

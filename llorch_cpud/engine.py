@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
+from llorch_cpud.formats import load_model, resolve
 from llorch_cpud.models.base import Model, Segment
 from llorch_cpud.sampling import SamplingParams, make_rng, sample
 from llorch_cpud.tokenizer import Tokenizer
@@ -433,3 +434,12 @@ class Engine:
         cache = self.model.new_cache(len(prompt_ids))
         hidden = self.model.forward(np.array(prompt_ids, dtype=np.int64), [Segment(cache, 0, len(prompt_ids))], trace)
         return np.concatenate([self.model.logits(hidden[i : i + 1]) for i in range(hidden.shape[0])])  # [seq, vocab]
+
+
+def load_engine(spec: str | None, numerics: str = "float32", tokenizer=None, decode_path: str | None = None):
+    """(Engine, local path) for a --model value (formats.load_model's arguments): what the CLI, the server's
+    loader thread, the benchmark and the tests run."""
+    path = resolve(spec)
+    model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics, tokenizer=tokenizer,
+                                        decode_path=decode_path)
+    return Engine(model, tokenizer, name=name), path

@@ -33,7 +33,8 @@ def build(fault: str, dest: Path) -> Path:
 
 def child(args) -> int:
     """Runs inside the faulty copy: validate on every prompt, one JSON line each."""
-    from llorch_cpud.cli import load_engine, path_engines
+    from llorch_cpud.cli import path_engines
+    from llorch_cpud.engine import load_engine
     from llorch_cpud.kernels import _qkernels
     from llorch_cpud.validate import references
     from llorch_cpud.validate.runner import validate

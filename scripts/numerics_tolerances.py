@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llorch_cpud.cli import load_engine
+from llorch_cpud.engine import load_engine
 from llorch_cpud.validate.runner import validate
 
 WORDS = ("time people year way day thing man world life hand part child eye woman place work week case point "

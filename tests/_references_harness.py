@@ -23,7 +23,7 @@ if "CACHEDB" not in os.environ:
     os.environ["CACHEDB"] = os.path.join(_tinygrad_cache, "cache.db")
     atexit.register(shutil.rmtree, _tinygrad_cache, True)
 
-from llorch_cpud.cli import load_engine  # noqa: E402
+from llorch_cpud.engine import load_engine  # noqa: E402
 from llorch_cpud.validate import references  # noqa: E402
 from llorch_cpud.validate.bugs import inject  # noqa: E402
 from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints  # noqa: E402

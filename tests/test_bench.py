@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from llorch_cpud.bench import progress_bar, table
+from llorch_cpud.bench import table
+from llorch_cpud.bench_server import progress_bar
 
 
 def test_progress_bar():

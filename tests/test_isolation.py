@@ -23,7 +23,7 @@ N = 10
 
 @pytest.fixture(scope="module")
 def engine(gpt2_small):
-    from llorch_cpud.cli import load_engine
+    from llorch_cpud.engine import load_engine
 
     return load_engine(str(gpt2_small))[0]
 

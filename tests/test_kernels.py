@@ -15,6 +15,8 @@ from llorch_cpud import kernels
 from llorch_cpud.kernels import PackedMatrix, QuantMatrix, as_dense, linear, linear_many, take_rows
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built")
+# Tests of what a model loads as or runs on the C path: with LLORCH_KERNELS=numpy models load dense.
+needs_c_path = pytest.mark.skipif(not kernels.enabled(), reason="models load on the numpy path (LLORCH_KERNELS=numpy)")
 
 
 def make_blocks(kind: str, n_out: int, n_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +112,7 @@ def test_bad_buffers_raise_instead_of_reading_out_of_bounds():
         QuantMatrix.from_blocks("Q3_K", np.zeros((4, 110), np.uint8), (4, 256))
 
 
+@needs_c_path
 def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
     """The default SmolLM2 loads its matrices as QuantMatrix (4-5x fewer bytes than float32), and
     the plain numpy model (quantized=False, as LLORCH_KERNELS=numpy) computes the same logits to float32 rounding."""
@@ -246,6 +249,7 @@ def test_decode_attention_on_float16_caches(n_head, n_kv, head_dim):
         decode_attention(q[:2], k_new[:2], v_new[:2], [caches[0], caches[1].astype(np.float32)], values[:2], lengths[:2])
 
 
+@needs_c_path
 @pytest.mark.parametrize("numerics", ["float32", "q8"])
 def test_decode_steps_fast_path_equals_numpy_path(numerics):
     """A batched decode step of the quantized SmolLM2 (C attention for one-row segments) gives the

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from llorch_cpud.cli import load_engine
+from llorch_cpud.engine import load_engine
 from llorch_cpud.engine import Request
 from llorch_cpud.models import llama
 from llorch_cpud.models.base import Segment

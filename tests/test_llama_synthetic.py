@@ -21,7 +21,8 @@ from llorch_cpud.kernels import PackedMatrix, QuantMatrix  # noqa: E402
 from llorch_cpud.errors import ModelLoadError  # noqa: E402
 from llorch_cpud.formats import load_model  # noqa: E402
 from llorch_cpud.formats.gguf import GGUFFile  # noqa: E402
-from llorch_cpud.models.llama import load_gguf_model, unpermute_rows  # noqa: E402
+from llorch_cpud.formats.gguf_load import load_gguf_model  # noqa: E402
+from llorch_cpud.models.llama import unpermute_rows  # noqa: E402
 
 from make_llama_gguf import TOKENIZER_KEYS, llamacpp_permute, write_llama_gguf  # noqa: E402 (scripts/)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llorch_cpud import kernels
-from llorch_cpud.cli import load_engine
+from llorch_cpud.engine import load_engine
 from llorch_cpud.validate import references
 from llorch_cpud.validate.bugs import LLAMA_BUGS, inject
 from llorch_cpud.validate.checkpoints import CHECKPOINTS, NUMERICS_TOLERANCES

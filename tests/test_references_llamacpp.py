@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llorch_cpud.cli import load_engine
+from llorch_cpud.engine import load_engine
 from llorch_cpud.validate import references, report, runner
 from llorch_cpud.validate.bugs import inject
 from llorch_cpud.validate.checkpoints import OurSide, run_checkpoints

@@ -233,7 +233,7 @@ def small(small_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_engine(gpt2_full):
-    from llorch_cpud.cli import load_engine
+    from llorch_cpud.engine import load_engine
 
     return load_engine(str(gpt2_full))[0]
 
@@ -265,13 +265,14 @@ def test_health_loading_then_ready_and_callback(full, receiver):
     assert statuses[-1] == 200 and all(s == 503 for s in statuses[:-1])
     assert full.execute_while_loading is not None and full.execute_while_loading.status_code == 503
     loading_lat = [lat for _, s, _, lat in full.seen if s == 503]
-    FIGURES["health_while_loading"] = summary(loading_lat)
-    # The loader reads large tensors in ~4 MB slices and the tokenizer (~100 ms of GIL-holding calls for
-    # GPT-2) is built before the worker listens, so no poll waits long: measured here max 30-60 ms (the
-    # first poll); before the tokenizer moved, 45+30 ms holds showed up as 137 ms on a busy machine.
-    # The bound is generous for shared machines and still fails on a loader holding the GIL per tensor.
-    timeline = [(round(t, 3), round(lat * 1000, 1)) for t, s, _, lat in full.seen if s == 503]
-    assert max(loading_lat) < 0.25, f"(t s, latency ms) while loading: {timeline}"
+    FIGURES["health_while_loading"] = summary(loading_lat)  # reported, not asserted: it depends on the machine
+    # /health answers while the weights load, not only before the loader starts or after it ends: the worker's
+    # own memory figure grows between two "loading" answers, so the loader made progress between them and
+    # /health was served in between (a loader holding the GIL for the whole load leaves one answer, or
+    # several with the same figure). Ordered by the worker's state, not by elapsed time.
+    loading = [(round(t, 3), b["memory_bytes"]) for t, s, b, _ in full.seen if s == 503]
+    assert len(loading) >= 2, f"(t s, memory bytes) of the loading answers: {loading}"
+    assert loading[-1][1] > loading[0][1], f"no loader progress between the loading answers: {loading}"
 
     body = httpx.get(f"{full.base}/health").json()
     assert body["status"] == "healthy" and body["model_loaded"] is True

@@ -60,7 +60,7 @@ def report_figures():
 
 @pytest.fixture(scope="module")
 def engine(gpt2_small):
-    from llorch_cpud.cli import load_engine
+    from llorch_cpud.engine import load_engine
 
     return load_engine(str(gpt2_small))[0]
 
@@ -104,7 +104,7 @@ def test_budget_arithmetic_and_the_fields_it_blames():
 
 @pytest.mark.slow
 def test_a_requests_bytes_are_its_caches_nbytes(engine, smollm2_gguf):
-    from llorch_cpud.cli import load_engine
+    from llorch_cpud.engine import load_engine
 
     engines = [("gpt2 float32", engine), ("llama float32", load_engine(str(smollm2_gguf))[0]),
                ("llama q8", load_engine(str(smollm2_gguf), numerics="q8")[0])]
@@ -268,7 +268,7 @@ ROOM_MIB = 23.4  # for caches: two of those requests, not three; and one request
 
 @pytest.fixture(scope="module")
 def deep_engine(deep):
-    from llorch_cpud.cli import load_engine
+    from llorch_cpud.engine import load_engine
 
     return load_engine(str(deep))[0]
 

@@ -18,7 +18,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def engine(gpt2_small):
-    from llorch_cpud.cli import load_engine
+    from llorch_cpud.engine import load_engine
 
     return load_engine(str(gpt2_small))[0]
 

@@ -138,7 +138,7 @@ class CountingInner:
 @pytest.fixture(scope="module")
 def smollm_tokenizer(smollm2_gguf):
     from llorch_cpud.formats.gguf import GGUFFile
-    from llorch_cpud.models.llama import gguf_tokenizer
+    from llorch_cpud.formats.gguf_load import gguf_tokenizer
 
     if not smollm2_gguf.is_file():
         pytest.skip(f"{smollm2_gguf} is missing")
@@ -228,7 +228,7 @@ def test_sentencepiece_leading_space_and_byte_fallback_stream_exactly(tmp_path):
     from test_gguf_tokenizer import write_spm_gguf
 
     from llorch_cpud.formats.gguf import GGUFFile
-    from llorch_cpud.models.llama import gguf_tokenizer
+    from llorch_cpud.formats.gguf_load import gguf_tokenizer
 
     tok = gguf_tokenizer(GGUFFile.open(write_spm_gguf(tmp_path / "spm.gguf")))
     pieces = [tok.inner.token_to_id(p) for p in ["▁", "▁the", "▁world", "he", "lo", "e▁", "<|user|>", "H", "!", "<s>"]]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llorch_cpud.cli import load_engine
+from llorch_cpud.engine import load_engine
 from llorch_cpud.validate import references
 from llorch_cpud.validate.bugs import BUGS, inject
 from llorch_cpud.validate.runner import check

@@ -1,6 +1,9 @@
 """Model sources: a Hugging Face folder, a .gguf file, a hub name, or the embedded default.
 
 `load_model(spec)` is the one entry point; it returns (model, tokenizer, display name).
+
+Each format's reader, model and tokenizer are imported inside the function that loads that format: this
+module loads with the CLI (`resolve`), and a GGUF load need not import safetensors and GPT-2, nor a folder gguf.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def load_tokenizer(spec: str | None):
         return load_hf_tokenizer(path, eos_token_id=GPT2Config.from_hf(raw, source=str(path / "config.json")).eos_token_id)
     if path.suffix == ".gguf" and path.is_file():
         from llorch_cpud.formats.gguf import GGUFFile
-        from llorch_cpud.models.llama import gguf_tokenizer
+        from llorch_cpud.formats.gguf_load import gguf_tokenizer
 
         return gguf_tokenizer(GGUFFile.open(path))
     _load_model(spec)  # raises the precise error for what this path is
@@ -112,7 +115,7 @@ def _load_model(spec: str | None, tokenizer=None, decode_path: str | None = None
         raise ModelLoadError(f"{path / 'config.json'}: model_type {model_type!r} unsupported in a folder (gpt2 is; Llama-family models load from .gguf)")
     if path.suffix == ".gguf":
         try:
-            from llorch_cpud.models.llama import load_gguf_model
+            from llorch_cpud.formats.gguf_load import load_gguf_model
         except ImportError:
             raise ModelLoadError(f"{path}: GGUF models are not supported by this build") from None
         model, tok = load_gguf_model(path, tokenizer, decode_path)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llorch_cpud import kernels
 from llorch_cpud.errors import ModelLoadError
+from llorch_cpud.models.gpt2 import GPT2, GPT2Config
+from llorch_cpud.tokenizer import load_hf_tokenizer
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -205,9 +208,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 def load_gpt2_folder(folder: Path, tokenizer=None, decode_path: str | None = None):
     """A GPT2 model and its tokenizer from a Hugging Face folder (`tokenizer`: one already built from it);
     `decode_path` (models.base.PATHS; None: the best this build has) - "numpy" keeps numpy arrays."""
-    from llorch_cpud.models.gpt2 import GPT2, GPT2Config
-    from llorch_cpud.tokenizer import load_hf_tokenizer
-
     raw = read_config(folder)
     cfg = GPT2Config.from_hf(raw, source=str(folder / "config.json"))
     if cfg.activation_function != "gelu_new":
@@ -222,8 +222,6 @@ def load_gpt2_folder(folder: Path, tokenizer=None, decode_path: str | None = Non
         if weights[name].shape != shape:
             raise ModelLoadError(f"{folder}: tensor {name!r} has shape {weights[name].shape}, config says {shape}")
     weights = {k: weights[k] for k in expected}  # drop buffers like h.0.attn.bias and an untied lm_head copy
-    from llorch_cpud import kernels
-
     packed = kernels.enabled() and decode_path != "numpy"
     for name in weights:
         if name.endswith(CONV1D_WEIGHTS):

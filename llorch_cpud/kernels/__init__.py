@@ -16,7 +16,7 @@ import platform
 from llorch_cpud.kernels.ops import (KernelMatrix, as_dense, blas_single_thread, decode_attention, linear,
                                      linear_many, take_rows)
 from llorch_cpud.kernels.packed import PackedMatrix
-from llorch_cpud.kernels.quantized import QUANT_TYPES, QuantMatrix, available
+from llorch_cpud.kernels.quantized import QUANT_TYPES, QuantMatrix, _qkernels, available
 
 
 def enabled() -> bool:
@@ -61,8 +61,6 @@ def info() -> dict:
     """Which kernel path this process runs and why: the C build's instruction sets (fixed when pip compiled it,
     -march=native unless LLORCH_PORTABLE=1), the CPU's, and a one-line warning for each way it is slower than it
     could be."""
-    from llorch_cpud.kernels.quantized import _qkernels
-
     cpu = cpu_features()
     out = {"cpu": cpu_name(), "cpu_isa": sorted(f for f in cpu if f in ISA_FLAGS), "built": _qkernels is not None,
            "enabled": enabled(), "build_isa": [], "tier": "numpy", "openmp": 0, "warnings": []}

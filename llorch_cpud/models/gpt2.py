@@ -18,6 +18,7 @@ import numpy as np
 
 from llorch_cpud import kernels
 from llorch_cpud.cache import KVCache, cache_read, cache_write
+from llorch_cpud.errors import ModelLoadError
 from llorch_cpud.kernels import PackedMatrix, linear, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
@@ -48,8 +49,6 @@ class GPT2Config:
         """The fields this model reads from a Hugging Face config, each checked for its type and a sane
         range (ModelLoadError naming `source` and the field): an absurd value fails here, before anything
         is allocated for it."""
-        from llorch_cpud.errors import ModelLoadError
-
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in d.items() if k in known}
         for name, value in {**values, **{k: d[k] for k in CHECKED_ONLY if k in d}}.items():

@@ -24,7 +24,6 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -541,31 +540,3 @@ def load_llama(f, quantized: bool | None = None, path: str | None = None) -> Lla
     rope = RopeTables(cfg.head_dim, cfg.rope_base, min(cfg.n_ctx, 8192), cfg.rope_linear_factor, freq_factors)
     f.release_pages()  # every weight is copied out of the mapping: its pages need not stay resident
     return Llama(cfg, weights, rope=rope, gguf=f, qk_row_order=order, path=path)
-
-
-def gguf_tokenizer(f) -> "object":
-    """The Tokenizer a GGUFFile's metadata describes."""
-    from llorch_cpud.tokenizer import Tokenizer
-    from llorch_cpud.tokenizer.gguf import load_gguf_tokenizer
-
-    info = load_gguf_tokenizer(f)
-    return Tokenizer(inner=info.tokenizer, eos_token_id=info.eos_id, bos_token_id=info.bos_id, add_bos=info.add_bos,
-                     chat_template=info.chat_template)
-
-
-def load_gguf_model(path, tokenizer=None, decode_path: str | None = None) -> tuple[Llama, "object"]:
-    """(model, tokenizer) from a .gguf file: weights held as the kernels need them (`decode_path` "numpy": as
-    float32 arrays, the path without the C extension), tokenizer from its metadata (`tokenizer`: one already
-    built from this file)."""
-    from llorch_cpud.formats.gguf import GGUFFile
-
-    f = GGUFFile.open(Path(path))
-    model = load_llama(f, quantized=False if decode_path == "numpy" else None, path=decode_path)
-    tok = tokenizer if tokenizer is not None else gguf_tokenizer(f)
-    n_tok = tok.vocab_size
-    if n_tok > model.vocab_size:
-        raise ModelLoadError(f"{f.path}: GGUF metadata key 'tokenizer.ggml.tokens' has {n_tok} tokens but tensor "
-                             f"'token_embd.weight' only {model.vocab_size} rows")
-    if model.eos_token_id is None:
-        model.eos_token_id = tok.eos_token_id
-    return model, tok

@@ -39,19 +39,23 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import Request  # module level: FastAPI resolves the string annotations here
-from sse_starlette import EventSourceResponse
-from starlette.requests import ClientDisconnect
+import psutil
+from fastapi import FastAPI, Request  # Request at module level: FastAPI resolves the string annotations here
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from sse_starlette import ServerSentEvent
 
 from llorch_cpud import __version__
+from llorch_cpud.engine import Request as EngineRequest
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
+from llorch_cpud.sampling import SamplingParams
+from llorch_cpud.server import schemas
 from llorch_cpud.server.budget import MemoryBudget, TooLarge
 from llorch_cpud.server.logs import correlation_id, log
 from llorch_cpud.server.metrics import CONTENT_TYPE, Metrics
+from llorch_cpud.server.openai_routes import add_openai_routes
+from llorch_cpud.server.responses import JobFeed, errors_response, json_response, read_json, sse_response
 from llorch_cpud.server.scheduler import Job, NotAccepting, QueueFull, Scheduler
-from llorch_cpud.server import schemas
-
-SSE_PING_S = 15
 
 
 @dataclass
@@ -98,8 +102,6 @@ class WorkerState:
 
     def memory_bytes(self) -> int:
         try:
-            import psutil
-
             return int(psutil.Process(os.getpid()).memory_info().rss)
         except Exception:
             return 0
@@ -110,40 +112,6 @@ class WorkerState:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def json_response(status: int, body: dict, headers: dict | None = None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(status_code=status, content=body, headers=headers)
-
-
-def errors_response(errors: list[dict], status: int = 400):
-    return json_response(status, {"errors": schemas.order(errors)})
-
-
-async def read_json(request, limits: schemas.Limits) -> tuple[object, list[dict], int]:
-    """(value, [], 400) or (None, errors, status): 415 wrong Content-Type, 413 too large, 400 not strict JSON.
-    The status is the one for any error found in the body from here on (400 unless the body itself is at fault)."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";", 1)[0].strip().lower() != "application/json":
-        return None, [schemas.field_error("body", "Content-Type must be application/json", ctype or None,
-                                          "Content-Type: application/json")], 415
-    cap = limits.max_body_bytes
-    too_large = [schemas.field_error("body", f"body larger than {cap} bytes", None, f"at most {cap} bytes (--max-body-bytes)")]
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        return None, too_large, 413
-    raw = bytearray()
-    try:
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > cap:
-                return None, too_large, 413
-    except ClientDisconnect:
-        return None, [schemas.field_error("body", "the client closed the connection before the whole body arrived")], 400
-    data, errors = await asyncio.to_thread(schemas.parse_json, bytes(raw))
-    return data, errors, 400
 
 
 def context_errors(n_prompt: int, max_tokens: int, n_ctx: int, prompt: str) -> list[dict]:
@@ -172,8 +140,6 @@ def engine_error(e: InvalidRequest, body: dict) -> dict:
 
 
 def sampling_params(body):
-    from llorch_cpud.sampling import SamplingParams
-
     return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                           repetition_penalty=body.repetition_penalty)
 
@@ -207,14 +173,12 @@ class Admission:
                on_errors=None) -> Job | object:
         """Synchronous (no await between the duplicate check and the registration)."""
         on_errors = on_errors or errors_response
-        from llorch_cpud.engine import Request
-
         state = self.state
         if job_id in state.jobs:
             state.metrics.request(endpoint, "conflict")
             return on_errors([schemas.field_error("job_id", "a job with this job_id is already queued or running",
                                                   job_id, "unique among queued and running jobs")], 409)
-        req = Request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling_params(body),
+        req = EngineRequest(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling_params(body),
                       seed=body.seed, stop=list(body.stop), job_id=job_id)
         try:
             seq = state.engine.start(req, defer_cache=True)  # allocated when the scheduler admits the job
@@ -239,74 +203,6 @@ class Admission:
         log("job accepted", job_id=job_id, endpoint=endpoint, prompt_tokens=len(seq.prompt_ids),
             max_tokens=body.max_tokens, seed=seq.seed, temperature=body.temperature, queued=state.scheduler.queued)
         return job
-
-
-class JobFeed:
-    """A consumer's view of one job: its events until the terminal one.
-
-    `close()` (idempotent) must run when the consumer is done — normally, on error, or when
-    the client went away — and cancels the job if it has not ended (freeing its KV cache
-    within one engine step). Streaming responses (JobStream) call it when the response ends,
-    however it ends; non-streaming ones when the result is collected or the client left."""
-
-    def __init__(self, state: WorkerState, job: Job):
-        self.state, self.job = state, job
-        self.closed = False
-        self._pending: asyncio.Future | None = None
-        state.open_streams += 1
-
-    async def next_batch(self, timeout: float) -> list | None:
-        """The next list of events, or None after `timeout` seconds (for consumers that poll for disconnects)."""
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self.job.queue.get())
-        done, _ = await asyncio.wait({self._pending}, timeout=timeout)  # a timeout does not cancel the get
-        if not done:
-            return None
-        batch, self._pending = self._pending.result(), None
-        return batch
-
-    async def events(self):
-        while True:
-            batch = await self.job.queue.get()
-            for kind, ev in batch:
-                yield kind, ev
-                if kind in ("end", "error"):
-                    return
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.state.open_streams -= 1
-        if self._pending is not None:
-            self._pending.cancel()
-        job = self.job
-        if not job.terminal:
-            job.cancel("disconnect")
-            if self.state.scheduler is not None:
-                self.state.scheduler.wake()
-            log("client went away; job cancelled", job_id=job.job_id, correlation_id=job.correlation_id)
-
-
-class JobStream(EventSourceResponse):
-    """The SSE response of one job. Its feed is closed (the job cancelled if it has not ended, the open
-    stream count released) however the response ends: finished, client gone, or failed before its first
-    byte."""
-
-    def __init__(self, feed: JobFeed, content, headers: dict | None = None):
-        super().__init__(content, ping=SSE_PING_S, headers=headers)
-        self.feed = feed
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.feed.close()
-
-
-def sse_response(feed: JobFeed, gen, job_id: str):
-    """`job_id` has passed schemas.JobId (or was made by the worker): safe in a header."""
-    return JobStream(feed, gen, headers={"X-Job-ID": job_id})
 
 
 def end_payload(end) -> dict:
@@ -381,12 +277,6 @@ class Gate:
 
 
 def create_app(state: WorkerState, lifespan=None):
-    from fastapi import FastAPI
-    from fastapi.responses import Response
-    from sse_starlette import ServerSentEvent
-
-    from llorch_cpud.server.openai_routes import add_openai_routes
-
     app = FastAPI(title="llorch-cpud worker", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", lifespan=lifespan)
     admission = Admission(state)
@@ -490,8 +380,6 @@ def create_app(state: WorkerState, lifespan=None):
     def openapi():
         """FastAPI's document, with the request bodies (validated by hand, see read_json) from their models."""
         if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             doc.setdefault("components", {}).setdefault("schemas", {}).update(schemas.openapi_components(body_models))
             app.openapi_schema = doc

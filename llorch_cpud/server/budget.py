@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llorch_cpud.errors import LlorchError
+from llorch_cpud.server.schemas import field_error
 
 MIB = 1 << 20
 DEFAULT_FRACTION = 0.5
@@ -139,8 +140,6 @@ class MemoryBudget:
 
     def errors(self, n_prompt: int, max_tokens: int, prompt) -> list[dict]:
         """The field errors of a request whose KV cache cannot fit even alone ([] when it fits)."""
-        from llorch_cpud.server.schemas import field_error
-
         limit = self.max_positions
         if n_prompt + max_tokens <= limit:
             return []

@@ -5,12 +5,14 @@ No heavy imports here (fastapi, uvicorn, numpy): `llorch-cpud generate` imports 
 
 from __future__ import annotations
 
+import argparse
 import os
+
+from llorch_cpud.arguments import add_numerics_argument, ranged
+from llorch_cpud.errors import LlorchError
 
 
 def _ranged_int(lo, hi, name):
-    import argparse
-
     def parse(text):
         try:
             v = int(text)
@@ -24,8 +26,6 @@ def _ranged_int(lo, hi, name):
 
 
 def register(subparsers) -> None:
-    from llorch_cpud.cli import add_numerics_argument, ranged
-
     s = subparsers.add_parser("serve", help="run the worker daemon (HTTP: /health, /execute, /v1/completions, ...)")
     s.add_argument("--model", default=None,
                    help="Hugging Face folder, .gguf file or hub name (default: embedded SmolLM2-135M-Instruct)")
@@ -67,8 +67,7 @@ def register(subparsers) -> None:
 
 
 def cmd_serve(a) -> int:
-    from llorch_cpud.errors import LlorchError
-    from llorch_cpud.server.app import ServeConfig
+    from llorch_cpud.server.app import ServeConfig  # fastapi, numpy: only when serving
     from llorch_cpud.server.schemas import Limits
     from llorch_cpud.server.runner import serve
 

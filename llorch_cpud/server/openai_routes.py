@@ -26,9 +26,14 @@ import time
 import uuid
 
 from fastapi import Request  # module level: FastAPI resolves the string annotations here
+from sse_starlette import ServerSentEvent
 
 from llorch_cpud.errors import InvalidRequest
 from llorch_cpud.server import schemas
+from llorch_cpud.server.logs import log
+from llorch_cpud.server.responses import JobFeed, json_response, read_json, sse_response
+from llorch_cpud.server.scheduler import Job
+from llorch_cpud.tokenizer.chat import apply_chat_template
 
 UNSUPPORTED = {
     "echo": lambda v: v is True,
@@ -42,8 +47,6 @@ UNSUPPORTED = {
 
 
 def openai_errors(errors: list[dict], status: int = 400):
-    from llorch_cpud.server.app import json_response
-
     errors = schemas.order(errors)
     kind = {404: "not_found_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     first = errors[0] if errors else {}
@@ -94,12 +97,6 @@ def _normalise(data: dict, chat: bool) -> tuple[dict, list[dict], list[int] | No
 
 def add_openai_routes(app, state, admission) -> list:
     """Add the routes; return the body models they validate with (for the OpenAPI document)."""
-    from sse_starlette import ServerSentEvent
-
-    from llorch_cpud.server.app import JobFeed, json_response, read_json, sse_response
-    from llorch_cpud.server.logs import log
-    from llorch_cpud.server.scheduler import Job
-
     def model_card():
         return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "llorch-cpud",
                 "context_length": state.engine.model.n_ctx}
@@ -154,8 +151,6 @@ def add_openai_routes(app, state, admission) -> list:
         return job, body, None
 
     def apply_template(body) -> str:
-        from llorch_cpud.tokenizer.chat import apply_chat_template
-
         return apply_chat_template(state.engine.tokenizer, [m.model_dump() for m in body.messages])
 
     async def collect(request, feed: JobFeed):

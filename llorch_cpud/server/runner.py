@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import socket
 import sys
@@ -27,9 +28,14 @@ import time
 from pathlib import Path
 
 from llorch_cpud import kernels
+from llorch_cpud.engine import EndEvent, Request, load_engine
 from llorch_cpud.errors import LlorchError
+from llorch_cpud.formats import load_tokenizer, resolve
+from llorch_cpud.sampling import SamplingParams
 from llorch_cpud.server.app import ServeConfig, WorkerState, create_app
+from llorch_cpud.server.budget import MemoryBudget
 from llorch_cpud.server.logs import configure, log
+from llorch_cpud.server.scheduler import Scheduler
 
 DRAIN_TIMEOUT_S = 15.0
 LOAD_PROGRESS_EVERY_S = 2.0
@@ -200,10 +206,6 @@ async def post_callback(state: WorkerState, server) -> None:
 def load_in_background(state: WorkerState, server, tokenizer=None) -> None:
     """Load the model off the event loop; hand the engine to the loop when done (`tokenizer`: the
     model's, built before the worker listened)."""
-    from llorch_cpud.cli import load_engine
-    from llorch_cpud.engine import EndEvent, Request
-    from llorch_cpud.sampling import SamplingParams
-
     cfg, loop = state.config, state.loop
     done = threading.Event()
     t0 = time.perf_counter()
@@ -242,9 +244,6 @@ def load_in_background(state: WorkerState, server, tokenizer=None) -> None:
 
 
 async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> None:
-    from llorch_cpud.server.budget import MemoryBudget
-    from llorch_cpud.server.scheduler import Scheduler
-
     cfg = state.config
     if state.status != "loading":  # a signal came while loading
         return
@@ -288,10 +287,8 @@ async def on_loaded(state: WorkerState, server, engine, load_seconds: float) -> 
 
 def preload_modules() -> None:
     """Import what the loader thread will use (module bodies and C extensions' init hold the GIL)."""
-    import importlib
-
-    for name in ("llorch_cpud.cli", "llorch_cpud.engine", "llorch_cpud.formats.hf", "llorch_cpud.models.gpt2",
-                 "llorch_cpud.models.llama", "llorch_cpud.kernels.ops", "llorch_cpud.kernels.screen",
+    for name in ("llorch_cpud.engine", "llorch_cpud.formats.hf", "llorch_cpud.formats.gguf_load",
+                 "llorch_cpud.models.gpt2", "llorch_cpud.models.llama", "llorch_cpud.kernels.ops", "llorch_cpud.kernels.screen",
                  "llorch_cpud.tokenizer", "llorch_cpud.sampling", "tokenizers", "safetensors.numpy", "gguf",
                  "numpy.random", "threadpoolctl", "psutil"):
         try:
@@ -304,8 +301,6 @@ def serve(cfg: ServeConfig) -> int:
     configure()
     import uvicorn
     from sse_starlette.sse import AppStatus
-
-    from llorch_cpud.formats import load_tokenizer, resolve
 
     AppStatus.disable_automatic_graceful_drain()  # we end streams ourselves, each with a terminal event
     path = resolve(cfg.model)  # a missing model fails before anything else

@@ -31,7 +31,15 @@ import llorch_cpud.sampling as sampling
 from llorch_cpud.sampling import SamplingParams
 from llorch_cpud.validate.decode import BATCHED
 from llorch_cpud.validate.references.base import NotAvailable
-from llorch_cpud.validate.report import tol_text
+
+
+def tol_text(x: float) -> str:
+    """A tolerance as SPEC writes it: 1e-3 as "1e-3", 1.5 as "1.5"."""
+    if x and abs(math.log10(abs(x))) >= 3:
+        m, e = f"{x:e}".split("e")
+        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+    return f"{x:g}"
+
 
 # id -> (name, tolerance). Names for the norm depend on the family.
 CHECKPOINTS = {

@@ -31,6 +31,13 @@ from typing import Callable
 
 import numpy as np
 
+import llorch_cpud.models.gpt2 as gpt2
+from llorch_cpud.cache import KVCache
+from llorch_cpud.models.base import Segment
+from llorch_cpud.validate.references._framework import GPT2Hparams
+from llorch_cpud.validate.references.base import ReferenceUnavailable, available_module
+from llorch_cpud.validate.runner import base_versions
+
 E, H, SEQ_LN, SEQ = 1024, 16, 2, 5
 HD = E // H
 EPS = 1e-5
@@ -135,10 +142,6 @@ COMPONENTS = [
 
 
 def ours(key: str, I: Inputs) -> np.ndarray:
-    import llorch_cpud.models.gpt2 as gpt2
-    from llorch_cpud.cache import KVCache
-    from llorch_cpud.models.base import Segment
-
     if key == "layer_norm":
         return gpt2.layer_norm(I.x_ln, I.ln_w, I.ln_b, EPS)
     if key == "qkv":
@@ -164,8 +167,6 @@ class TransformersSide:
     note = "torch.nn.LayerNorm, transformers Conv1D / eager_attention_forward / GPT2MLP / GPT2Block, float32"
 
     def __init__(self):
-        from llorch_cpud.validate.references.base import available_module
-
         available_module("torch")
         available_module("transformers")
         import torch
@@ -288,8 +289,6 @@ class _FrameworkSide:
         if key == "ffn":
             return self.back(m.ffn(t(I.h), t(I.fc_w), t(I.fc_b), t(I.mlp_proj_w), t(I.mlp_proj_b)))
         if key == "block":
-            from llorch_cpud.validate.references._framework import GPT2Hparams
-
             cfg = GPT2Hparams(n_layer=1, n_embd=E, n_head=H, n_inner=4 * E, vocab_size=1, n_positions=64, eps=EPS,
                               scale_attn_weights=True, scale_by_inverse_layer_idx=False)
             w = {k: t(v) for k, v in I.block_w.items()}
@@ -364,9 +363,6 @@ def compare(ours_out: np.ndarray, ref_out: np.ndarray) -> tuple[float, str]:
 
 def run_isolated(references: list[str] | None = None, log=print) -> dict:
     """Every component against every installed reference; returns the report dict."""
-    from llorch_cpud.validate.references.base import ReferenceUnavailable
-    from llorch_cpud.validate.runner import base_versions
-
     names = references or list(SIDES)
     sides, skipped = {}, {}
     for name in names:

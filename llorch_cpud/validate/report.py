@@ -6,13 +6,7 @@ import json
 import math
 from pathlib import Path
 
-
-def tol_text(x: float) -> str:
-    """A tolerance as SPEC writes it: 1e-3 as "1e-3", 1.5 as "1.5"."""
-    if x and abs(math.log10(abs(x))) >= 3:
-        m, e = f"{x:e}".split("e")
-        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
-    return f"{x:g}"
+from llorch_cpud.validate.checkpoints import tol_text
 
 
 def fmt_diff(r: dict) -> str:

@@ -7,6 +7,9 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy
+
+from llorch_cpud import __version__
 from llorch_cpud.engine import Engine
 from llorch_cpud.errors import LlorchError
 from llorch_cpud.validate import references
@@ -36,16 +39,10 @@ def weights_note(path: Path) -> str:
 
 
 def base_versions() -> dict[str, str]:
-    import numpy
-
-    from llorch_cpud import __version__
-
     v = {"llorch-cpud": __version__, "python": sys.version.split()[0], "numpy": numpy.__version__,
          "platform": platform.platform()}
     try:
-        import numpy as np
-
-        cfg = np.show_config(mode="dicts")
+        cfg = numpy.show_config(mode="dicts")
         v["blas"] = f"{cfg['Build Dependencies']['blas']['name']} {cfg['Build Dependencies']['blas'].get('version', '')}".strip()
     except Exception:
         pass
