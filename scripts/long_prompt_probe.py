@@ -131,7 +131,9 @@ def main() -> None:
         with httpx.Client(timeout=3600) as c, c.stream("POST", f"{base}/execute", json=body) as r:
             events = list(sse_events(r))
         t1 = time.perf_counter()
-        gaps = [b - a_ for s in stamps for a_, b in zip(s, s[1:]) if a_ >= t0 and b <= t1]
+        pairs = [(a_, b) for s in stamps for a_, b in zip(s, s[1:]) if a_ >= t0 and b <= t1]
+        gaps = [b - a_ for a_, b in pairs]
+        worst = sorted(pairs, key=lambda p: p[0] - p[1])[:5]  # the longest gaps: when (s after the post) and how long
         h = [d for t, d in health if t0 <= t <= t1]
         rss_after = vm_hwm_mb(proc.pid)
         stop.set()  # the stream is still open: SIGTERM must end it
@@ -144,7 +146,8 @@ def main() -> None:
             "usual_gap_ms": round(usual * 1e3, 1), "gaps_during_prefill": len(gaps),
             "gap_median_ms": round(statistics.median(gaps) * 1e3, 1),
             "gap_p99_ms": round(float(np.percentile(gaps, 99)) * 1e3, 1), "gap_max_ms": round(max(gaps) * 1e3, 1),
-            "gap_max_over_usual": round(max(gaps) / usual, 2), "gap_p99_over_usual": round(float(np.percentile(gaps, 99)) / usual, 2),
+            "gap_max_over_usual": round(max(gaps) / usual, 2),
+            "longest_gaps_at_s_ms": [(round(a_ - t0, 2), round((b - a_) * 1e3, 1)) for a_, b in worst], "gap_p99_over_usual": round(float(np.percentile(gaps, 99)) / usual, 2),
             "ttft_s": round(t1 - t0, 1), "prefill_tok_s": round(n / (t1 - t0), 1),
             "health_polls": len(h), "health_max_ms": round(max(h) * 1e3, 1),
             "vm_hwm_mb_before": round(rss_before), "vm_hwm_mb_after": round(rss_after),
