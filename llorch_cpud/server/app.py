@@ -69,7 +69,7 @@ class ServeConfig:
     max_batch: int = 16
     max_queue: int = 256
     prefill_tokens: int = 512
-    max_gap: float = 2.0
+    max_gap: float = 1.5
     numerics: str = "float32"
     callback_attempts: int = 6
     callback_timeout: float = 5.0

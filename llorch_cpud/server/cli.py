@@ -41,9 +41,9 @@ def register(subparsers) -> None:
     s.add_argument("--prefill-tokens", type=_ranged_int(1, 1 << 20, "--prefill-tokens"), default=512,
                    help="most prompt tokens one step prefills, as chunks of the waiting prompts, oldest first "
                         "(default 512)")
-    s.add_argument("--max-gap", type=ranged(float, 1.1, 100.0, "--max-gap"), default=2.0,
+    s.add_argument("--max-gap", type=ranged(float, 1.1, 100.0, "--max-gap"), default=1.5,
                    help="while streams are decoding, a step's prompt chunk is sized (from measured step times) to "
-                        "keep the step under this many decode steps, at least one prompt token (default 2.0)")
+                        "keep the step under this many decode steps, at least one prompt token (default 1.5)")
     add_numerics_argument(s)
     s.add_argument("--max-queue", type=_ranged_int(1, 100000, "--max-queue"), default=256,
                    help="most jobs waiting for a batch slot before new ones get 503")

@@ -108,7 +108,7 @@ class PrefillBudget:
     later its position (attention reads every cached position), so `token_s` follows the prompt as it grows;
     until both are known a mixed step takes `first_chunk` tokens."""
 
-    def __init__(self, max_tokens: int = 512, max_gap: float = 2.0, first_chunk: int = 8, alpha: float = 0.5,
+    def __init__(self, max_tokens: int = 512, max_gap: float = 1.5, first_chunk: int = 1, alpha: float = 0.5,
                  window: int = 32):
         self.max_tokens, self.max_gap = max(1, max_tokens), max_gap
         self.first_chunk, self.alpha = first_chunk, alpha
@@ -138,7 +138,7 @@ class PrefillBudget:
 
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 16, max_queue: int = 256,
-                 on_terminal=None, prefill_tokens: int = 512, max_gap: float = 2.0,
+                 on_terminal=None, prefill_tokens: int = 512, max_gap: float = 1.5,
                  budget: MemoryBudget | None = None):
         self.engine = engine
         self.metrics = metrics
