@@ -280,7 +280,10 @@ def budget_mb(deep_engine) -> float:
 
 
 def start_worker(deep, tmp_path_factory, name, *args):
-    w = Worker(deep, tmp_path_factory.mktemp(name), *args)
+    """A worker on the deep fixture. `--max-gap 100`: a burst's prompts are prefilled as fast as they come (not
+    throttled beside the requests already decoding), so that what the burst holds together is set by the memory
+    budget alone, the same in the budgeted run and its bypassed control."""
+    w = Worker(deep, tmp_path_factory.mktemp(name), "--max-gap", "100", *args)
     w.start()
     return w
 
