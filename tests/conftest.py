@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_figures(request):
+    """A test module's measured numbers (its module-level `FIGURES` dict), printed when the module ends: reported,
+    never asserted, since they depend on the machine."""
+    yield
+    figures = getattr(request.module, "FIGURES", None)
+    if figures:
+        print(f"\nmeasured ({request.module.__name__}):", json.dumps(figures, indent=1))
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,14 @@ Conv1D biases, no rotary, gelu_new; packed float32)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from llorch_cpud import kernels
 from llorch_cpud.engine import Engine, Request
-from llorch_cpud.formats import apply_numerics, load_model
+from llorch_cpud.formats import load_model
 from llorch_cpud.models import base
 from llorch_cpud.sampling import SamplingParams
 
@@ -65,8 +67,7 @@ def run_steps(engine, path: str, n_steps: int = 5, traces: list | None = None):
 @pytest.mark.parametrize("name", ["smollm2", "mixed", "mqa", "kquant"])
 @pytest.mark.parametrize("numerics", ["float32", "q8"])
 def test_fused_block_is_bit_identical_to_the_ops_path(models, name, numerics, monkeypatch):
-    model, tok, _ = load_model(str(models[name]))
-    apply_numerics(model, numerics)
+    model, tok, _ = load_model(str(models[name]), numerics=numerics)
     engine = Engine(model, tok)
     engine.eos_token_id = None
     check_fused_equals_ops(engine, model.config.n_layer, monkeypatch)
@@ -118,17 +119,15 @@ def test_fused_gpt2_block_takes_its_biases_seriously(gpt2_small):
     from llorch_cpud.models import gpt2
 
     model, _, _ = load_model(str(gpt2_small))
-    w, cfg = dict(model.weights), model.config
+    b, cfg = model.weights.blocks[0], model.config
     x = np.random.default_rng(0).standard_normal((2, cfg.n_embd)).astype(np.float32)
     segments = [base.Segment(start=0, length=1, cache=model.new_cache(4)) for _ in range(2)]
-    base_out = gpt2.decode_block(x, w, 0, cfg, segments)
+    base_out = gpt2.decode_block(x, b, 0, cfg, segments)
     assert np.isfinite(base_out).all() and not np.array_equal(base_out, x)
-    for name in ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
-        changed = dict(w)
-        changed["h.0." + name] = w["h.0." + name] + np.float32(0.5)
+    for name in ("ln_1_bias", "attn_c_attn_bias", "attn_c_proj_bias", "ln_2_bias", "mlp_c_fc_bias", "mlp_c_proj_bias"):
+        changed = dataclasses.replace(b, **{name: getattr(b, name) + np.float32(0.5)})
         assert not np.array_equal(gpt2.decode_block(x, changed, 0, cfg, segments), base_out), name
-    short = dict(w)
-    short["h.0.mlp.c_fc.bias"] = w["h.0.mlp.c_fc.bias"][:-1]
+    short = dataclasses.replace(b, mlp_c_fc_bias=b.mlp_c_fc_bias[:-1])
     with pytest.raises(ValueError, match="up bias"):
         gpt2.decode_block(x, short, 0, cfg, segments)
 
@@ -136,17 +135,16 @@ def test_fused_gpt2_block_takes_its_biases_seriously(gpt2_small):
 def test_fused_block_takes_its_arguments_seriously(models):
     """Negative controls: a different eps or layer changes the result; a wrong cache is refused by name."""
     model, tok, _ = load_model(str(models["mixed"]))
-    w, cfg = model.weights, model.config
+    cfg = model.config
     cache = model.new_cache(8)
     x = np.random.default_rng(0).standard_normal((1, cfg.n_embd)).astype(np.float32)
     cos, sin = model.rope.rows(np.array([0]))
 
     def run(eps=cfg.rms_norm_eps, layer=0, caches=None):
-        p = f"blk.{layer}."
+        b = model.weights.blocks[layer]
         return kernels.ops.decode_block(
-            x, w[p + "attn_norm.weight"], [w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]],
-            w[p + "attn_output.weight"], w[p + "ffn_norm.weight"], [w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"]],
-            w[p + "ffn_down.weight"], cos, sin, caches or [cache], [1], layer, cfg.n_head, cfg.n_kv_head,
+            x, b.attn_norm_weight, [b.attn_q_weight, b.attn_k_weight, b.attn_v_weight], b.attn_output_weight,
+            b.ffn_norm_weight, [b.ffn_gate_weight, b.ffn_up_weight], b.ffn_down_weight, cos, sin, caches or [cache], [1], layer, cfg.n_head, cfg.n_kv_head,
             cfg.head_dim, eps)
 
     base = run()

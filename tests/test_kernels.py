@@ -119,18 +119,18 @@ def test_model_keeps_q4_1_quantized_and_float32_mode_agrees(tmp_path):
     from llorch_cpud.formats import default_model_path
     from llorch_cpud.formats.gguf import GGUFFile
     from llorch_cpud.models.base import Segment
-    from llorch_cpud.models.llama import load_llama
+    from llorch_cpud.formats.gguf_load import load_llama
 
     path = default_model_path()
     if not path.exists():
         pytest.skip("SmolLM2 GGUF not installed")
     qm = load_llama(GGUFFile.open(path))
     dm = load_llama(GGUFFile.open(path), quantized=False)
-    assert isinstance(qm.weights["blk.0.ffn_up.weight"], QuantMatrix)
-    assert isinstance(qm.weights["token_embd.weight"], QuantMatrix)  # Q8_0
-    assert isinstance(dm.weights["blk.0.ffn_up.weight"], np.ndarray)
-    q_bytes = sum(w.nbytes for w in qm.weights.values())
-    d_bytes = sum(w.nbytes for w in dm.weights.values())
+    assert isinstance(qm.weights.blocks[0].ffn_up_weight, QuantMatrix)
+    assert isinstance(qm.weights.token_embd_weight, QuantMatrix)  # Q8_0
+    assert isinstance(dm.weights.blocks[0].ffn_up_weight, np.ndarray)
+    q_bytes = sum(w.nbytes for w in qm.tensors().values())
+    d_bytes = sum(w.nbytes for w in dm.tensors().values())
     assert q_bytes * 4 < d_bytes
     tokens = np.array([1, 504, 3458, 282, 4649, 314], dtype=np.int64)
     for model in (qm, dm):
@@ -258,16 +258,15 @@ def test_decode_steps_fast_path_equals_numpy_path(numerics):
     activation rounding in a later layer, which moves logits by up to ~1 (measured 0.75 with a float32
     cache too): there the bound is the q8 profile's checkpoint-8 tolerance."""
     from llorch_cpud.validate.checkpoints import NUMERICS_TOLERANCES
-    from llorch_cpud.formats import apply_numerics, default_model_path
+    from llorch_cpud.formats import default_model_path
     from llorch_cpud.formats.gguf import GGUFFile
     from llorch_cpud.models.base import Segment
-    from llorch_cpud.models.llama import load_llama
+    from llorch_cpud.formats.gguf_load import load_llama
 
     path = default_model_path()
     if not path.exists():
         pytest.skip("SmolLM2 GGUF not installed")
-    model = load_llama(GGUFFile.open(path))
-    apply_numerics(model, numerics)
+    model = load_llama(GGUFFile.open(path), numerics=numerics)
     assert model.new_cache(4).k.dtype == (np.float16 if numerics == "q8" else np.float32)
     prompts = [[1, 504, 3458, 282], [1, 9690, 28, 2115, 314, 253, 1345], [1, 42]]
     caches = [model.new_cache(16) for _ in prompts]

@@ -95,17 +95,15 @@ def test_config_from_gguf_metadata(engine):
     assert (c.vocab_size, c.n_ctx, c.rope_base) == (49152, 8192, 100000.0)
     assert c.rms_norm_eps == pytest.approx(1e-5, rel=1e-6) and c.tied_embeddings
     assert m.vocab_size == 49152 and m.n_ctx == 8192 and engine.eos_token_id == IM_END
-    assert "output.weight" not in m.weights
-    # the raw quantized blocks stay reachable for quantized kernels, in the HF row order via qk_row_order
-    raw = m.gguf.raw("blk.0.attn_q.weight")
-    assert raw.shape == (576, 576 // 32 * 20)  # Q4_1: 20 bytes per 32 weights
+    assert "output.weight" not in m.tensors() and m.weights.output_weight is None
+    assert m.weights.head is m.weights.token_embd_weight
+    # the row order applied to attn_q / attn_k (llama.cpp's rotary permutation undone) is recorded per tensor
     assert set(m.qk_row_order) == {f"blk.{i}.attn_{x}.weight" for i in range(30) for x in "qk"}
 
 
 def test_weights_bit_identical_to_transformers(engine, hf):
     """Every tensor, dequantized and (for attn_q / attn_k) un-permuted, equals transformers' parameter exactly."""
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-    w = engine.model.weights
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "token_embd.weight"}  # tied head
     parts = [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),

@@ -22,7 +22,7 @@ from llorch_cpud.errors import ModelLoadError  # noqa: E402
 from llorch_cpud.formats import load_model  # noqa: E402
 from llorch_cpud.formats.gguf import GGUFFile  # noqa: E402
 from llorch_cpud.formats.gguf_load import load_gguf_model  # noqa: E402
-from llorch_cpud.models.llama import unpermute_rows  # noqa: E402
+from llorch_cpud.formats.gguf_load import unpermute_rows  # noqa: E402
 
 from make_llama_gguf import TOKENIZER_KEYS, llamacpp_permute, write_llama_gguf  # noqa: E402 (scripts/)
 
@@ -63,14 +63,14 @@ def test_loads_hf_layout_weights(synthetic, variant):
     h, kv, tied = VARIANTS[variant]
     assert (model.config.n_head, model.config.n_kv_head, model.config.tied_embeddings) == (h, kv, tied)
     assert model.config.rms_norm_eps == pytest.approx(1e-6) and model.config.rope_base == 10000.0
-    assert ("output.weight" in model.weights) == (not tied)
+    assert ("output.weight" in model.tensors()) == (not tied)
     for name in ("blk.0.attn_k.weight", "blk.1.attn_v.weight"):  # F16 / F32: exact up to the F16 rounding
         assert np.abs(model.dense(name) - hf[name]).max() <= 1e-3 * np.abs(hf[name]).max()
     for name in ("blk.0.attn_q.weight", "blk.1.attn_q.weight"):  # Q8_0, un-permuted: within quantization error
         assert np.abs(model.dense(name) - hf[name]).max() <= 0.02 * np.abs(hf[name]).max()
     assert tok.encode("Hello.") == [19556, 30]
     if kernels.enabled():  # every matrix is held for a C kernel: F16 as float16, other types as float32
-        w = model.weights
+        w = model.tensors()
         assert isinstance(w["blk.0.attn_q.weight"], QuantMatrix) and w["blk.0.attn_q.weight"].kind == "Q8_0"
         assert isinstance(w["blk.0.attn_k.weight"], PackedMatrix) and w["blk.0.attn_k.weight"].w.dtype == np.float16
         assert isinstance(w["blk.0.attn_v.weight"], PackedMatrix) and w["blk.0.attn_v.weight"].w.dtype == np.float32
@@ -130,7 +130,7 @@ def test_k_quant_model_is_held_quantized_and_passes_against_transformers(tmp_pat
     if kernels.enabled():
         for name, kind in (("blk.0.attn_q.weight", "Q4_1F"), ("blk.0.attn_k.weight", "Q8_S16"),
                            ("blk.0.attn_v.weight", "Q8_DM"), ("token_embd.weight", "Q8_S16"), ("output.weight", "Q4_1F")):
-            assert isinstance(model.weights[name], QuantMatrix) and model.weights[name].kind == kind, name
+            assert isinstance(model.tensors()[name], QuantMatrix) and model.tensors()[name].kind == kind, name
     assert_checkpoints_pass_against_transformers(path, model, tok, "mlp.down_proj", "blk.1.ffn_down.weight")
 
 

@@ -21,10 +21,10 @@ def copy(src, dst):
 def test_loads_single_and_sharded(gpt2_small, gpt2_medium_ish):
     m, tok, _ = load_model(str(gpt2_small))
     assert m.config.n_layer == 2 and m.dense("h.0.attn.c_attn.weight").shape == (64, 192)
-    assert all(m.dense(n).dtype == np.float32 for n in m.weights)
+    assert all(m.dense(n).dtype == np.float32 for n in m.tensors())
     m2, _, _ = load_model(str(gpt2_medium_ish))
     assert m2.config.n_layer == 4 and m2.n_ctx == 64
-    assert "h.0.attn.bias" not in m2.weights  # buffers are dropped
+    assert "h.0.attn.bias" not in m2.tensors()  # buffers are dropped
 
 
 def test_tokenizer_alone_is_the_models_and_can_be_handed_to_the_loader(gpt2_small, smollm2_gguf, tmp_path):
@@ -45,7 +45,8 @@ def test_weights_equal_transformers_state_dict(gpt2_small):
 
     ref = GPT2LMHeadModel.from_pretrained(gpt2_small).transformer.state_dict()
     m, _, _ = load_model(str(gpt2_small))
-    for name in m.weights:  # packed or not, the values are the checkpoint's exactly
+    assert set(m.tensors()) == set(ref)  # every checkpoint tensor has its field
+    for name in m.tensors():  # packed or not, the values are the checkpoint's exactly
         assert np.array_equal(m.dense(name), ref[name].numpy()), name
     assert isinstance(torch.__version__, str)
 

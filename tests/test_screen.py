@@ -184,10 +184,10 @@ def test_real_smollm2_head_in_float32_screens_to_a_few_rows(smollm2_gguf):
     handful of rows to rescore (measured: median 1, at most 3 of 49152)."""
     from llorch_cpud.formats import load_model
     from llorch_cpud.models.base import Segment
-    from llorch_cpud.models.llama import final_norm, head_weight
+    from llorch_cpud.models.llama import final_norm
 
     model, tok, _ = load_model(str(smollm2_gguf))
-    head = PackedMatrix.from_dense(head_weight(model.weights).dequantize())
+    head = PackedMatrix.from_dense(model.weights.head.dequantize())
     screen = HeadScreen.build(head)
     counts = []
     for text in ["The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 4,", "asdkj qwe zzxv"]:

@@ -247,13 +247,6 @@ def greedy_reference(engine, prompt, n):
     return ends[0].text
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_figures():
-    yield
-    if FIGURES:
-        print("\nmeasured:", json.dumps(FIGURES, indent=1))
-
-
 # ---------------------------------------------------------------------------- start-up
 
 

@@ -51,13 +51,6 @@ def words(i: int, n: int) -> str:
     return " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_figures():
-    yield
-    if FIGURES:
-        print("\nmeasured:", json.dumps(FIGURES, indent=1))
-
-
 @pytest.fixture(scope="module")
 def engine(gpt2_small):
     from llorch_cpud.engine import load_engine

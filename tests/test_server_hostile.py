@@ -55,13 +55,6 @@ def limited(gpt2_small, tmp_path_factory):
     w.stop()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_figures():
-    yield
-    if FIGURES:
-        print("\nmeasured:", json.dumps(FIGURES, indent=1))
-
-
 def stream(base, body, headers=AUTH, on_event=None, timeout=60):
     """POST /execute and read its SSE stream: (response headers, [(event, data)])."""
     out = []

@@ -72,13 +72,6 @@ SPECS = [
 assert len(SPECS) == STREAMS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_figures():
-    yield
-    if FIGURES:
-        print("\nmeasured:", json.dumps(FIGURES, indent=1))
-
-
 @pytest.fixture(scope="module")
 def worker(smollm2_gguf, tmp_path_factory):
     w = Worker(smollm2_gguf, tmp_path_factory.mktemp("soak"), "--max-batch", str(STREAMS), "--prefill-tokens", "1024")

@@ -48,6 +48,10 @@ def load_model(spec: str | None, numerics: str = "float32", tokenizer=None, deco
     (kernels.quantized.NUMERICS: "float32", the default, or "q8", llama.cpp's 8-bit activations).
     `tokenizer`: one load_tokenizer(spec) already built (the worker builds it before it listens).
     `decode_path`: how decode steps run (models.base.PATHS; None: fused with the C kernels, else numpy)."""
+    from llorch_cpud.kernels.quantized import NUMERICS
+
+    if numerics not in NUMERICS:
+        raise ModelLoadError(f"numerics must be one of {', '.join(NUMERICS)}, not {numerics!r}")
     if decode_path is not None:
         from llorch_cpud.kernels import enabled
         from llorch_cpud.models.base import PATHS
@@ -57,22 +61,8 @@ def load_model(spec: str | None, numerics: str = "float32", tokenizer=None, deco
         if decode_path != "numpy" and not enabled():
             raise ModelLoadError(f"decode path {decode_path!r} needs the C kernels, which this install lacks "
                                  "(or LLORCH_KERNELS=numpy)")
-    model, tok, name = _load_model(spec, tokenizer, decode_path)
-    apply_numerics(model, numerics, name)
+    model, tok, name = _load_model(spec, tokenizer, decode_path, numerics)
     return model, tok, name
-
-
-def apply_numerics(model, numerics: str, name: str = "model") -> None:
-    """Set how the model's quantized products treat activations; `model.numerics` records it."""
-    from llorch_cpud.kernels.quantized import NUMERICS, set_numerics
-
-    if numerics not in NUMERICS:
-        raise ModelLoadError(f"numerics must be one of {', '.join(NUMERICS)}, not {numerics!r}")
-    n = set_numerics(model.weights, numerics)
-    if numerics != "float32" and n == 0:
-        raise ModelLoadError(f"{name}: --numerics {numerics} needs weights held quantized by the C kernels "
-                             "(GGUF Q4_0/Q4_1/Q5_0/Q8_0); this model has none")
-    model.numerics = numerics
 
 
 def load_tokenizer(spec: str | None):
@@ -82,10 +72,10 @@ def load_tokenizer(spec: str | None):
     GPT-2's 50k vocabulary and merges): the worker does that before /health answers."""
     path = resolve(spec)
     if path.is_dir() and (raw := read_config_if_gpt2(path)) is not None:
-        from llorch_cpud.models.gpt2 import GPT2Config
+        from llorch_cpud.formats.hf import gpt2_config
         from llorch_cpud.tokenizer import load_hf_tokenizer
 
-        return load_hf_tokenizer(path, eos_token_id=GPT2Config.from_hf(raw, source=str(path / "config.json")).eos_token_id)
+        return load_hf_tokenizer(path, eos_token_id=gpt2_config(raw, source=str(path / "config.json")).eos_token_id)
     if path.suffix == ".gguf" and path.is_file():
         from llorch_cpud.formats.gguf import GGUFFile
         from llorch_cpud.formats.gguf_load import gguf_tokenizer
@@ -102,7 +92,7 @@ def read_config_if_gpt2(folder: Path) -> dict | None:
     return raw if raw.get("model_type") == "gpt2" else None
 
 
-def _load_model(spec: str | None, tokenizer=None, decode_path: str | None = None):
+def _load_model(spec: str | None, tokenizer=None, decode_path: str | None = None, numerics: str = "float32"):
     path = resolve(spec)
     name = spec or path.stem
     if path.is_dir():
@@ -110,7 +100,7 @@ def _load_model(spec: str | None, tokenizer=None, decode_path: str | None = None
 
         model_type = read_config(path).get("model_type")
         if model_type == "gpt2":
-            model, tok = load_gpt2_folder(path, tokenizer, decode_path)
+            model, tok = load_gpt2_folder(path, tokenizer, decode_path, numerics)
             return model, tok, name
         raise ModelLoadError(f"{path / 'config.json'}: model_type {model_type!r} unsupported in a folder (gpt2 is; Llama-family models load from .gguf)")
     if path.suffix == ".gguf":
@@ -118,7 +108,7 @@ def _load_model(spec: str | None, tokenizer=None, decode_path: str | None = None
             from llorch_cpud.formats.gguf_load import load_gguf_model
         except ImportError:
             raise ModelLoadError(f"{path}: GGUF models are not supported by this build") from None
-        model, tok = load_gguf_model(path, tokenizer, decode_path)
+        model, tok = load_gguf_model(path, tokenizer, decode_path, numerics)
         return model, tok, name
     if path.name in ("pytorch_model.bin",) or path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         raise ModelLoadError(f"{path}: pickle checkpoints are refused (unpickling can run arbitrary code); use safetensors or GGUF")

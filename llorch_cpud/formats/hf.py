@@ -14,7 +14,8 @@ import numpy as np
 
 from llorch_cpud import kernels
 from llorch_cpud.errors import ModelLoadError
-from llorch_cpud.models.gpt2 import GPT2, GPT2Config
+from llorch_cpud.models.base import NameTable, build_weights, expand_names
+from llorch_cpud.models.gpt2 import GPT2, GPT2Block, GPT2Config, GPT2Weights
 from llorch_cpud.tokenizer import load_hf_tokenizer
 
 SAFETENSORS = "model.safetensors"
@@ -202,67 +203,115 @@ def load_safetensors(files: list[Path], strip_prefixes: tuple[str, ...] = ()) ->
     return out
 
 
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# ---------------------------------------------------------------- GPT-2
+
+#: GPT-2's checkpoint tensors (Hugging Face names, "transformer." stripped) -> GPT2Weights / GPT2Block fields.
+GPT2_NAMES: NameTable = {
+    "wte.weight": "wte_weight",
+    "wpe.weight": "wpe_weight",
+    "ln_f.weight": "ln_f_weight",
+    "ln_f.bias": "ln_f_bias",
+    "h.{i}.ln_1.weight": "ln_1_weight",
+    "h.{i}.ln_1.bias": "ln_1_bias",
+    "h.{i}.attn.c_attn.weight": "attn_c_attn_weight",
+    "h.{i}.attn.c_attn.bias": "attn_c_attn_bias",
+    "h.{i}.attn.c_proj.weight": "attn_c_proj_weight",
+    "h.{i}.attn.c_proj.bias": "attn_c_proj_bias",
+    "h.{i}.ln_2.weight": "ln_2_weight",
+    "h.{i}.ln_2.bias": "ln_2_bias",
+    "h.{i}.mlp.c_fc.weight": "mlp_c_fc_weight",
+    "h.{i}.mlp.c_fc.bias": "mlp_c_fc_bias",
+    "h.{i}.mlp.c_proj.weight": "mlp_c_proj_weight",
+    "h.{i}.mlp.c_proj.bias": "mlp_c_proj_bias",
+}
+#: The Conv1D matrices ([in, out]): packed as Wᵀ for the C kernels.
+CONV1D_FIELDS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
+
+OPTIONAL_FIELDS = ("n_inner", "bos_token_id", "eos_token_id")
+CONFIG_RULES = {  # field -> (type, low, high): bounds far beyond any GPT-2, far below a runaway allocation
+    "vocab_size": (int, 1, 1 << 22),
+    "n_positions": (int, 1, 1 << 20),
+    "n_embd": (int, 1, 1 << 16),
+    "n_layer": (int, 1, 1024),
+    "n_head": (int, 1, 1 << 12),
+    "n_inner": (int, 1, 1 << 18),
+    "layer_norm_epsilon": ((int, float), 0.0, 1.0),
+    "activation_function": (str, None, None),
+    "scale_attn_weights": (bool, None, None),
+    "bos_token_id": (int, 0, 1 << 22),
+    "eos_token_id": (int, 0, 1 << 22),
+}
+#: Fields this model does not read but other GPT-2 code does (n_ctx: the legacy name of the context length):
+#: checked the same way, so a config that is absurd to them is refused here too.
+CHECKED_ONLY = {"n_ctx": (int, 1, 1 << 20)}
 
 
-def load_gpt2_folder(folder: Path, tokenizer=None, decode_path: str | None = None):
+def gpt2_config(d: dict, source: str = "config.json") -> GPT2Config:
+    """The fields GPT2Config reads from a Hugging Face config, each checked for its type and a sane range
+    (ModelLoadError naming `source` and the field): an absurd value fails here, before anything is allocated."""
+    known = set(GPT2Config.__dataclass_fields__)
+    values = {k: v for k, v in d.items() if k in known}
+    for name, value in {**values, **{k: d[k] for k in CHECKED_ONLY if k in d}}.items():
+        kind, lo, hi = CONFIG_RULES.get(name) or CHECKED_ONLY[name]
+        if value is None and name in OPTIONAL_FIELDS:
+            continue
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if ok and lo is not None:
+            ok = lo <= value <= hi if kind is int else lo < value < hi  # (a NaN fails)
+        if not ok:
+            rule = {int: f"an integer in [{lo}, {hi}]", float: f"a number in ({lo}, {hi})", bool: "true or false",
+                    str: "a string"}[kind if kind in (int, bool, str) else float]
+            raise ModelLoadError(f"{source}: {name} must be {rule}, got {value!r:.80}")
+    return GPT2Config(**values)
+
+
+def load_gpt2_folder(folder: Path, tokenizer=None, decode_path: str | None = None, numerics: str = "float32"):
     """A GPT2 model and its tokenizer from a Hugging Face folder (`tokenizer`: one already built from it);
     `decode_path` (models.base.PATHS; None: the best this build has) - "numpy" keeps numpy arrays."""
     raw = read_config(folder)
-    cfg = GPT2Config.from_hf(raw, source=str(folder / "config.json"))
+    cfg = gpt2_config(raw, source=str(folder / "config.json"))
     if cfg.activation_function != "gelu_new":
         raise ModelLoadError(f"{folder / 'config.json'}: activation_function {cfg.activation_function!r} unsupported (GPT-2 uses gelu_new)")
     if cfg.n_embd % cfg.n_head:
         raise ModelLoadError(f"{folder / 'config.json'}: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
-    weights = load_safetensors(weight_files(folder), strip_prefixes=("transformer.",))
+    if numerics != "float32":
+        raise ModelLoadError(f"{folder}: --numerics {numerics} needs weights held quantized by the C kernels "
+                             "(GGUF Q4_0/Q4_1/Q5_0/Q8_0); this model has none")
+    tensors = load_safetensors(weight_files(folder), strip_prefixes=("transformer.",))
     expected = gpt2_weight_shapes(cfg)
     for name, shape in expected.items():
-        if name not in weights:
+        if name not in tensors:
             raise ModelLoadError(f"{folder}: tensor {name!r} missing from the safetensors files")
-        if weights[name].shape != shape:
-            raise ModelLoadError(f"{folder}: tensor {name!r} has shape {weights[name].shape}, config says {shape}")
-    weights = {k: weights[k] for k in expected}  # drop buffers like h.0.attn.bias and an untied lm_head copy
+        if tensors[name].shape != shape:
+            raise ModelLoadError(f"{folder}: tensor {name!r} has shape {tensors[name].shape}, config says {shape}")
+    names = expand_names(GPT2_NAMES, cfg.n_layer)  # buffers like h.0.attn.bias and an untied lm_head copy: not read
+    weights = build_weights(names, tensors, GPT2Weights, GPT2Block, cfg.n_layer)
     packed = kernels.enabled() and decode_path != "numpy"
-    for name in weights:
-        if name.endswith(CONV1D_WEIGHTS):
+    for blk in weights.blocks:
+        for field in CONV1D_FIELDS:
+            w = getattr(blk, field)
             if packed:  # Conv1D [in, out] = Wᵀ: packed as W [out, in] for the C kernel (models/gpt2.conv1d)
-                weights[name] = kernels.PackedMatrix.from_dense(weights[name].T)
+                setattr(blk, field, kernels.PackedMatrix.from_dense(w.T))
             else:
                 # Same [in, out] tensor, stored column-major: `x @ W` then reads W as contiguous rows of
                 # dot products (BLAS "T" matvec), which streams memory faster than the axpy form.
-                weights[name] = np.asfortranarray(weights[name])
+                setattr(blk, field, np.asfortranarray(w))
     if packed:  # the tied head [vocab, n_embd] (also the embedding: rows are looked up in the packed form)
-        weights["wte.weight"] = kernels.PackedMatrix.from_dense(weights["wte.weight"])
+        weights.wte_weight = kernels.PackedMatrix.from_dense(weights.wte_weight)
     if tokenizer is None:
         tokenizer = load_hf_tokenizer(folder, eos_token_id=cfg.eos_token_id)
-    return GPT2(cfg, weights, path=decode_path), tokenizer
+    return GPT2(cfg, weights, names, path=decode_path), tokenizer
 
 
 def gpt2_weight_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Every tensor a GPT-2 checkpoint must hold, with its shape (Conv1D weights are [in, out])."""
     d, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
-    shapes: dict[str, tuple[int, ...]] = {
-        "wte.weight": (cfg.vocab_size, d),
-        "wpe.weight": (cfg.n_positions, d),
-        "ln_f.weight": (d,),
-        "ln_f.bias": (d,),
-    }
+    per_block = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+                 "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+                 "mlp.c_fc.weight": (d, inner), "mlp.c_fc.bias": (inner,), "mlp.c_proj.weight": (inner, d),
+                 "mlp.c_proj.bias": (d,)}
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (cfg.vocab_size, d), "wpe.weight": (cfg.n_positions, d),
+                                          "ln_f.weight": (d,), "ln_f.bias": (d,)}
     for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        shapes.update(
-            {
-                p + "ln_1.weight": (d,),
-                p + "ln_1.bias": (d,),
-                p + "attn.c_attn.weight": (d, 3 * d),
-                p + "attn.c_attn.bias": (3 * d,),
-                p + "attn.c_proj.weight": (d, d),
-                p + "attn.c_proj.bias": (d,),
-                p + "ln_2.weight": (d,),
-                p + "ln_2.bias": (d,),
-                p + "mlp.c_fc.weight": (d, inner),
-                p + "mlp.c_fc.bias": (inner,),
-                p + "mlp.c_proj.weight": (inner, d),
-                p + "mlp.c_proj.bias": (d,),
-            }
-        )
+        shapes.update({f"h.{i}.{name}": shape for name, shape in per_block.items()})
     return shapes

@@ -165,42 +165,63 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+class DecodeBlock:
+    """A pre-norm block's decode step - one row per sequence - prepared once from its weights, run as one C call:
+    the norm, the Q/K/V products, rope, the cache write and attention (decode_attention), the output product and
+    residual, the norm, the up products and activation, down and residual: the functions of this module, in the
+    order the models' `block` calls them, so the result is bit-identical to calling them one by one
+    (tests/test_decode_block.py). The weights' kernel arguments are built here, once; a call passes only the
+    activations, the caches and the positions.
+
+    Llama: RMSNorm, up = [gate, up] with silu(gate) * up, rotary at each call. GPT-2: `norm_biases` (ln_1, ln_2
+    biases: LayerNorm), `biases` of the (fused) qkv, o, up and down products (Conv1D), up = [c_fc] with gelu_new,
+    `gelu` = its constants (c, k), no rotary."""
+
+    def __init__(self, attn_norm: np.ndarray, qkv: list, o, ffn_norm: np.ndarray, up: list, down, n_head: int,
+                 n_kv_head: int, head_dim: int, eps: float, *, norm_biases=(None, None),
+                 biases=(None, None, None, None), gelu: tuple[float, float] | None = None):
+        parts = lambda ws: (f.kernel_args(),) if (f := fused_parent(ws)) is not None else tuple(w.kernel_args() for w in ws)  # noqa: E731
+        (b_qkv, b_o, b_up, b_down), (b_an, b_fn) = biases, norm_biases
+        self.weights = (_vec(attn_norm), _vec(b_an), parts(qkv), _vec(b_qkv), o.kernel_args(), _vec(b_o),
+                        _vec(ffn_norm), _vec(b_fn), parts(up), _vec(b_up), down.kernel_args(), _vec(b_down))
+        self.n_head, self.n_kv_head, self.head_dim, self.n_ff, self.eps = n_head, n_kv_head, head_dim, up[0].shape[0], eps
+        self.activation = (0, 0.0, 0.0) if gelu is None else (1, *gelu)  # silu(gate)·up, or gelu_new(c, k)
+
+    def __call__(self, x: np.ndarray, cos: np.ndarray | None, sin: np.ndarray | None, caches: list,
+                 lengths: list[int], layer: int, trace: dict | None = None) -> np.ndarray:
+        """x [B, n_embd] (not modified); cos, sin [B, head_dim] (None without rotary); caches[b]: sequence b's
+        KVCache, whose layer `layer` gets the row's K, V at lengths[b] - 1 -> [B, n_embd].
+
+        `trace`: a dict that receives the stage tensors this very call computes (copied out by the C code as it
+        goes; the result is bit-identical either way): ln_1, q [B, H, hd] (after rotary), k, v [B, Hkv, hd],
+        scores [B, H, max T_b] (scaled, before the softmax; NaN past a row's length), attn_out, ln_2, ffn_out."""
+        x = np.array(x, dtype=np.float32, order="C")  # [B, n_embd] the block writes its output here
+        f16 = caches[0].k.dtype == np.float16
+        buffers = None
+        if trace is not None:
+            B, E = x.shape
+            H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+            shapes = {"ln_1": (B, E), "q": (B, H, hd), "k": (B, Hkv, hd), "v": (B, Hkv, hd), "attn_out": (B, E),
+                      "ln_2": (B, E), "ffn_out": (B, E)}
+            trace.update({name: np.empty(shape, np.float32) for name, shape in shapes.items()})
+            trace["scores"] = scores_buffer(B, H, lengths)
+            buffers = tuple(trace[n] for n in ("ln_1", "q", "k", "v", "scores", "attn_out", "ln_2", "ffn_out"))
+        _qkernels.decode_block(x, *self.weights, _vec(cos), _vec(sin), [c.k for c in caches], [c.v for c in caches],
+                               lengths, layer, self.n_head, self.n_kv_head, self.head_dim, self.n_ff, self.eps, f16,
+                               *self.activation, buffers)
+        return x
+
+
+def _vec(v):
+    return None if v is None else np.ascontiguousarray(v, dtype=np.float32)
+
+
 def decode_block(x: np.ndarray, attn_norm: np.ndarray, qkv: list, o, ffn_norm: np.ndarray, up: list, down,
                  cos: np.ndarray | None, sin: np.ndarray | None, caches: list, lengths: list[int], layer: int,
                  n_head: int, n_kv_head: int, head_dim: int, eps: float, *, norm_biases=(None, None),
                  biases=(None, None, None, None), gelu: tuple[float, float] | None = None,
                  trace: dict | None = None) -> np.ndarray:
-    """A pre-norm block for a decode step - one row per sequence - in one C call: the norm, the Q/K/V
-    products, rope, the cache write and attention (decode_attention), the output product and residual, the
-    norm, the up products and activation, down and residual: the functions of this module, in the order the
-    models' `block` calls them, so the result is bit-identical to calling them one by one
-    (tests/test_decode_block.py); what goes is ~12 Python calls per block.
-
-    Llama: RMSNorm, rotary (cos, sin [B, head_dim]), up = [gate, up] with silu(gate) * up. GPT-2:
-    `norm_biases` (ln_1, ln_2 biases: LayerNorm), `biases` of the (fused) qkv, o, up and down products
-    (Conv1D), cos = sin = None, up = [c_fc] with gelu_new, `gelu` = its constants (c, k).
-    x [B, n_embd] (not modified); caches[b]: sequence b's KVCache, whose layer `layer` gets the row's K, V
-    at lengths[b] - 1 -> [B, n_embd].
-
-    `trace`: a dict that receives the stage tensors this very call computes (copied out by the C code as it
-    goes; the result is bit-identical either way): ln_1, q [B, H, hd] (after rotary), k, v [B, Hkv, hd],
-    scores [B, H, max T_b] (scaled, before the softmax; NaN past a row's length), attn_out, ln_2, ffn_out."""
-    x = np.array(x, dtype=np.float32, order="C")  # [B, n_embd] the block writes its output here
-    f16 = caches[0].k.dtype == np.float16
-    parts = lambda ws: (f.kernel_args(),) if (f := fused_parent(ws)) is not None else tuple(w.kernel_args() for w in ws)  # noqa: E731
-    vec = lambda v: None if v is None else np.ascontiguousarray(v, dtype=np.float32)  # noqa: E731
-    (b_qkv, b_o, b_up, b_down), (b_an, b_fn) = biases, norm_biases
-    gc, gk = gelu if gelu is not None else (0.0, 0.0)
-    buffers = None
-    if trace is not None:
-        B, E = x.shape
-        shapes = {"ln_1": (B, E), "q": (B, n_head, head_dim), "k": (B, n_kv_head, head_dim),
-                  "v": (B, n_kv_head, head_dim), "attn_out": (B, E), "ln_2": (B, E), "ffn_out": (B, E)}
-        trace.update({name: np.empty(shape, np.float32) for name, shape in shapes.items()})
-        trace["scores"] = scores_buffer(B, n_head, lengths)
-        buffers = tuple(trace[n] for n in ("ln_1", "q", "k", "v", "scores", "attn_out", "ln_2", "ffn_out"))
-    _qkernels.decode_block(x, vec(attn_norm), vec(b_an), parts(qkv), vec(b_qkv), o.kernel_args(), vec(b_o),
-                           vec(ffn_norm), vec(b_fn), parts(up), vec(b_up), down.kernel_args(), vec(b_down), vec(cos),
-                           vec(sin), [c.k for c in caches], [c.v for c in caches], lengths, layer, n_head, n_kv_head,
-                           head_dim, up[0].shape[0], eps, f16, 0 if gelu is None else 1, gc, gk, buffers)
-    return x
+    """DecodeBlock prepared and called once (the tests' form): [B, n_embd] -> [B, n_embd]."""
+    block = DecodeBlock(attn_norm, qkv, o, ffn_norm, up, down, n_head, n_kv_head, head_dim, eps,
+                        norm_biases=norm_biases, biases=biases, gelu=gelu)
+    return block(x, cos, sin, caches, lengths, layer, trace)

@@ -9,7 +9,7 @@ matrix products (projections, FFN, head) run once over all rows; attention runs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
@@ -26,13 +26,19 @@ class Segment:
 
 
 class Model(Protocol):
+    """What the engine, the server and the validator use of a model (models/gpt2.py, models/llama.py)."""
+
     family: str  # "gpt2" | "llama"
+    config: object  # the family's config dataclass (GPT2Config, LlamaConfig)
+    weights: object  # the family's weights dataclass (GPT2Weights, LlamaWeights): one field per checkpoint tensor
     n_ctx: int  # longest sequence the model supports
     vocab_size: int
+    eos_token_id: int | None
+    numerics: str  # how quantized products treat activations (kernels.quantized.NUMERICS), fixed at load
+    path: str  # how decode steps run (PATHS), chosen when the model is built
+    quantized: bool  # whether the matrices are held for the C kernels (packed or quantized)
 
     def new_cache(self, max_seq: int) -> KVCache: ...
-
-    path: str  # how decode steps run (PATHS), chosen when the model is built
 
     def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
         """[rows] token ids -> [rows, n_embd] final hidden states (before the final norm).
@@ -50,6 +56,97 @@ class Model(Protocol):
         """[rows, n_embd] -> [rows]: argmax of `logits(hidden)` per row, exactly, without the full head
         product (kernels.screen); None when the head has no screen (then the engine takes the logits)."""
         ...
+
+    def with_path(self, path: str) -> "Model":
+        """The same model (the same weight objects) running decode steps on another path (PATHS)."""
+        ...
+
+    def stages(self, layer: int = 0):
+        """Block `layer`'s stage functions on given inputs (the validator's isolated checkpoints)."""
+        ...
+
+    def tensors(self) -> dict[str, object]:
+        """Every weight by its checkpoint name (as the loader's name table gives them), held as the model holds it."""
+        ...
+
+    def tensor_slot(self, name: str) -> tuple[object, str]:
+        """(object, field) holding the weight of checkpoint name `name`: getattr/setattr on them reads/replaces it."""
+        ...
+
+    def dense(self, name: str) -> np.ndarray:
+        """The weight of checkpoint name `name` as the checkpoint's float32 array (kernel matrices unpacked)."""
+        ...
+
+
+# ---------------------------------------------------------------- weights by checkpoint name
+
+#: A format's name table: checkpoint tensor name -> weights field. "{i}" in a name stands for the block index, and
+#: such a name maps to a field of `weights.blocks[i]`; any other to a field of the weights object itself.
+NameTable = dict[str, str]
+
+
+class BlockWeights:
+    """Base of a family's block weights dataclass. It holds the block's prepared decode kernel
+    (kernels.ops.DecodeBlock, built once from the weights by the family's `decode_kernel`); replacing any weight
+    (the validator's injected bugs do) drops it, so the next decode step prepares it from what the block holds."""
+
+    decode = None  # the prepared kernels.ops.DecodeBlock, or None
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name != "decode":
+            object.__setattr__(self, "decode", None)
+
+
+def expand_names(table: NameTable, n_layer: int) -> dict[str, tuple[int | None, str]]:
+    """Every checkpoint name of a model with `n_layer` blocks -> (block index or None, field)."""
+    out: dict[str, tuple[int | None, str]] = {}
+    for pattern, field in table.items():
+        if "{i}" in pattern:
+            out.update({pattern.format(i=i): (i, field) for i in range(n_layer)})
+        else:
+            out[pattern] = (None, field)
+    return out
+
+
+class NamedWeights:
+    """`tensors`, `tensor_slot`: a model's weights looked up by checkpoint name through the name table the loader
+    built it with (`self.names`, expand_names' output). The math never uses names; the validator and tests do."""
+
+    names: dict[str, tuple[int | None, str]]
+    weights: object
+
+    def tensor_slot(self, name: str) -> tuple[object, str]:
+        if name not in self.names:
+            raise KeyError(f"no tensor {name!r} in this {type(self).__name__}")
+        i, field = self.names[name]
+        return (self.weights if i is None else self.weights.blocks[i]), field
+
+    def tensors(self) -> dict[str, object]:
+        held = {name: getattr(*self.tensor_slot(name)) for name in self.names}
+        return {name: w for name, w in held.items() if w is not None}  # an optional tensor the file lacks
+
+
+def build_weights(names: dict, tensors: dict, weights_cls, block_cls, n_layer: int):
+    """A family's weights dataclass from tensors by checkpoint name, through the expanded name table `names`
+    (checkpoint name -> (block, field)); a name the tensors lack is None (an optional tensor)."""
+    top: dict = {}
+    blocks: list[dict] = [{} for _ in range(n_layer)]
+    for name, (i, field) in names.items():
+        (top if i is None else blocks[i])[field] = tensors.get(name)
+    return weights_cls(**top, blocks=[block_cls(**b) for b in blocks])
+
+
+def weight_values(weights) -> list:
+    """Every tensor of a weights dataclass (its blocks' too), in field order; None fields left out."""
+    out = []
+    for f in fields(weights):
+        value = getattr(weights, f.name)
+        if f.name == "blocks":
+            out += [v for b in value for v in weight_values(b)]
+        elif value is not None and not isinstance(value, (int, float, str, bool)):
+            out.append(value)
+    return out
 
 
 #: How a model runs its blocks, chosen when the model is built (`Model.path`):

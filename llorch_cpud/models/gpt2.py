@@ -1,10 +1,11 @@
 """GPT-2 in numpy: one small pure function per checkpoint stage, composed into a forward pass.
 
-Weights are named exactly as in the Hugging Face checkpoint (`h.0.attn.c_attn.weight`, ...).
-Conv1D weights are [in, out], so a projection is `x @ W + b` - written `conv1d(x, W, b)`, because
+Weights are a `GPT2Weights` (blocks: `GPT2Block`), whose fields are named after the Hugging Face checkpoint's
+tensors (`h.0.attn.c_attn.weight` is `blocks[0].attn_c_attn_weight`); formats/hf.py builds them through its name
+table. Conv1D weights are [in, out], so a projection is `x @ W + b` - written `conv1d(x, W, b)`, because
 with the C kernels built the loader packs each W (as Wᵀ, `kernels.PackedMatrix`) for a kernel that
 reads the weights once per batched decode step (see kernels/packed.py). `GPT2.dense(name)` is any
-weight as the checkpoint's float32 array.
+weight, by checkpoint name, as the checkpoint's float32 array.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import numpy as np
 
 from llorch_cpud import kernels
 from llorch_cpud.cache import KVCache, cache_read, cache_write
-from llorch_cpud.errors import ModelLoadError
 from llorch_cpud.kernels import PackedMatrix, linear, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
-from llorch_cpud.models.base import (Segment, attend_segments, choose_path, step_path, trace_decode_block,
-                                     trace_put)
+from llorch_cpud.models.base import (BlockWeights, NamedWeights, Segment, attend_segments, choose_path, step_path,
+                                     trace_decode_block, trace_put)
 
 
 @dataclass(frozen=True)
@@ -44,44 +44,40 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    @classmethod
-    def from_hf(cls, d: dict, source: str = "config.json") -> "GPT2Config":
-        """The fields this model reads from a Hugging Face config, each checked for its type and a sane
-        range (ModelLoadError naming `source` and the field): an absurd value fails here, before anything
-        is allocated for it."""
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in d.items() if k in known}
-        for name, value in {**values, **{k: d[k] for k in CHECKED_ONLY if k in d}}.items():
-            kind, lo, hi = CONFIG_RULES.get(name) or CHECKED_ONLY[name]
-            if value is None and name in OPTIONAL_FIELDS:
-                continue
-            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-            if ok and lo is not None:
-                ok = lo <= value <= hi if kind is int else lo < value < hi  # (a NaN fails)
-            if not ok:
-                rule = {int: f"an integer in [{lo}, {hi}]", float: f"a number in ({lo}, {hi})", bool: "true or false",
-                        str: "a string"}[kind if kind in (int, bool, str) else float]
-                raise ModelLoadError(f"{source}: {name} must be {rule}, got {value!r:.80}")
-        return cls(**values)
+
+Matrix = "np.ndarray | PackedMatrix"  # a Conv1D weight: [in, out] float32 array, or packed (Wᵀ) for the C kernels
 
 
-OPTIONAL_FIELDS = ("n_inner", "bos_token_id", "eos_token_id")
-CONFIG_RULES = {  # field -> (type, low, high): bounds far beyond any GPT-2, far below a runaway allocation
-    "vocab_size": (int, 1, 1 << 22),
-    "n_positions": (int, 1, 1 << 20),
-    "n_embd": (int, 1, 1 << 16),
-    "n_layer": (int, 1, 1024),
-    "n_head": (int, 1, 1 << 12),
-    "n_inner": (int, 1, 1 << 18),
-    "layer_norm_epsilon": ((int, float), 0.0, 1.0),
-    "activation_function": (str, None, None),
-    "scale_attn_weights": (bool, None, None),
-    "bos_token_id": (int, 0, 1 << 22),
-    "eos_token_id": (int, 0, 1 << 22),
-}
-#: Fields this model does not read but other GPT-2 code does (n_ctx: the legacy name of the context length):
-#: checked the same way, so a config that is absurd to them is refused here too.
-CHECKED_ONLY = {"n_ctx": (int, 1, 1 << 20)}
+@dataclass
+class GPT2Block(BlockWeights):
+    """Block i's weights, named after the checkpoint's `h.{i}.*` tensors (dots as underscores)."""
+
+    ln_1_weight: np.ndarray  # [n_embd]
+    ln_1_bias: np.ndarray  # [n_embd]
+    attn_c_attn_weight: Matrix  # [n_embd, 3·n_embd]
+    attn_c_attn_bias: np.ndarray  # [3·n_embd]
+    attn_c_proj_weight: Matrix  # [n_embd, n_embd]
+    attn_c_proj_bias: np.ndarray  # [n_embd]
+    ln_2_weight: np.ndarray  # [n_embd]
+    ln_2_bias: np.ndarray  # [n_embd]
+    mlp_c_fc_weight: Matrix  # [n_embd, n_inner]
+    mlp_c_fc_bias: np.ndarray  # [n_inner]
+    mlp_c_proj_weight: Matrix  # [n_inner, n_embd]
+    mlp_c_proj_bias: np.ndarray  # [n_embd]
+
+    def matrices(self) -> list:
+        return [self.attn_c_attn_weight, self.attn_c_proj_weight, self.mlp_c_fc_weight, self.mlp_c_proj_weight]
+
+
+@dataclass
+class GPT2Weights:
+    """A GPT-2's weights, named after the checkpoint's tensors; blocks[i] holds `h.{i}.*`."""
+
+    wte_weight: "np.ndarray | PackedMatrix"  # [vocab, n_embd] token embeddings, also the tied head
+    wpe_weight: np.ndarray  # [n_positions, n_embd] learned position embeddings
+    blocks: list[GPT2Block]
+    ln_f_weight: np.ndarray  # [n_embd]
+    ln_f_bias: np.ndarray  # [n_embd]
 
 
 # ---------------------------------------------------------------- stage functions
@@ -170,100 +166,108 @@ def ffn(x, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias, fast: bool = Fals
     return conv1d(a, c_proj_weight, c_proj_bias)  # [rows, n_inner] -> [rows, n_embd]
 
 
-def attention(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], path: str = "numpy",
+def attention(x, blk: GPT2Block, i: int, cfg: GPT2Config, segments: list[Segment], path: str = "numpy",
               trace=None) -> np.ndarray:
     """Self-attention of block i over every segment, writing K/V into each segment's cache (`path`: the model's)."""
-    p = f"h.{i}.attn."
-    q, k, v = qkv_projection(x, w[p + "c_attn.weight"], w[p + "c_attn.bias"], cfg.n_head)  # 3 × [rows, H, hd]
+    q, k, v = qkv_projection(x, blk.attn_c_attn_weight, blk.attn_c_attn_bias, cfg.n_head)  # 3 × [rows, H, hd]
     trace_put(trace, i, "q", q)
     trace_put(trace, i, "k", k)
     trace_put(trace, i, "v", v)
     merged = np.empty_like(x)  # [rows, n_embd]
     attend_segments(q, k, v, segments, i, merged, path != "numpy", trace, cache_write, cache_read, attention_scores,
                     attention_heads)  # [rows, H·hd]
-    out = conv1d(merged, w[p + "c_proj.weight"], w[p + "c_proj.bias"])  # checkpoint 5, every row: [rows, n_embd]
+    out = conv1d(merged, blk.attn_c_proj_weight, blk.attn_c_proj_bias)  # checkpoint 5, every row: [rows, n_embd]
     trace_put(trace, i, "attn_out", out)
     return out
 
 
-_BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], path: str = "numpy", trace=None) -> np.ndarray:
-    """Checkpoint 7. One transformer block: pre-norm attention and FFN, each with its residual. `path`: the
-    model's (base.PATHS): fused runs decode steps as one C call, any other step as stages."""
-    p = f"h.{i}."
+def block(x, blk: GPT2Block, i: int, cfg: GPT2Config, segments: list[Segment], path: str = "numpy",
+          trace=None) -> np.ndarray:
+    """Checkpoint 7. Block i: pre-norm attention and FFN, each with its residual. `path`: the model's
+    (base.PATHS): fused runs decode steps as one C call, any other step as stages."""
     step = step_path(path, segments)
     if step == "fused":
-        return decode_block(x, w, i, cfg, segments, trace)  # [rows, n_embd]
+        return decode_block(x, blk, i, cfg, segments, trace)  # [rows, n_embd]
     fast = step == "stages"
     norm = ops.layer_norm if fast else layer_norm
     trace_put(trace, i, "block_in", x)
-    h = norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    h = norm(x, blk.ln_1_weight, blk.ln_1_bias, cfg.layer_norm_epsilon)  # [rows, n_embd]
     trace_put(trace, i, "ln_1", h)
-    x = x + attention(h, w, i, cfg, segments, path, trace)  # [rows, n_embd]
-    h = norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)  # [rows, n_embd]
+    x = x + attention(h, blk, i, cfg, segments, path, trace)  # [rows, n_embd]
+    h = norm(x, blk.ln_2_weight, blk.ln_2_bias, cfg.layer_norm_epsilon)  # [rows, n_embd]
     trace_put(trace, i, "ln_2", h)
-    f = ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"],
-            fast)
+    f = ffn(h, blk.mlp_c_fc_weight, blk.mlp_c_fc_bias, blk.mlp_c_proj_weight, blk.mlp_c_proj_bias, fast)  # [rows, n_embd]
     trace_put(trace, i, "ffn_out", f)
     x = x + f  # [rows, n_embd]
     trace_put(trace, i, "block_out", x)
     return x
 
 
-def decode_block(x, w: dict, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
+def decode_kernel(blk: GPT2Block, cfg: GPT2Config) -> ops.DecodeBlock:
+    """Block `blk`'s decode step as one prepared C call (built once; the block drops it when a weight is replaced)."""
+    if blk.decode is None:
+        blk.decode = ops.DecodeBlock(blk.ln_1_weight, [blk.attn_c_attn_weight], blk.attn_c_proj_weight, blk.ln_2_weight,
+                                     [blk.mlp_c_fc_weight], blk.mlp_c_proj_weight, cfg.n_head, cfg.n_head,
+                                     cfg.head_dim, cfg.layer_norm_epsilon, norm_biases=(blk.ln_1_bias, blk.ln_2_bias),
+                                     biases=(blk.attn_c_attn_bias, blk.attn_c_proj_bias, blk.mlp_c_fc_bias,
+                                             blk.mlp_c_proj_bias), gelu=(GELU_C, GELU_K))
+    return blk.decode
+
+
+def decode_block(x, blk: GPT2Block, i: int, cfg: GPT2Config, segments: list[Segment], trace=None) -> np.ndarray:
     """`block` for a decode step on the fused path (every segment one row, packed weights) as one C call: the
-    kernels.ops versions of its stage functions in its order (kernels.ops.decode_block), which copies its
+    kernels.ops versions of its stage functions in its order (kernels.ops.DecodeBlock), which copies its
     stage tensors out for a trace."""
-    p = f"h.{i}."
     stages = {} if trace is not None and i == 0 else None
-    out = ops.decode_block(x, w[p + "ln_1.weight"], [w[p + "attn.c_attn.weight"]], w[p + "attn.c_proj.weight"],
-                            w[p + "ln_2.weight"], [w[p + "mlp.c_fc.weight"]], w[p + "mlp.c_proj.weight"], None, None,
-                            [s.cache for s in segments], [s.start + 1 for s in segments], i, cfg.n_head, cfg.n_head,
-                            cfg.head_dim, cfg.layer_norm_epsilon,
-                            norm_biases=(w[p + "ln_1.bias"], w[p + "ln_2.bias"]),
-                            biases=(w[p + "attn.c_attn.bias"], w[p + "attn.c_proj.bias"], w[p + "mlp.c_fc.bias"],
-                                    w[p + "mlp.c_proj.bias"]),
-                            gelu=(GELU_C, GELU_K), trace=stages)  # [B, n_embd] -> [B, n_embd]
+    out = decode_kernel(blk, cfg)(x, None, None, [s.cache for s in segments], [s.start + 1 for s in segments], i,
+                                  stages)  # [B, n_embd] -> [B, n_embd]
     trace_decode_block(trace, i, x, stages, out, segments)
     return out
 
 
-def embed(w: dict, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def embed(w: GPT2Weights, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Token plus learned absolute position embeddings."""
-    return take_rows(w["wte.weight"], tokens) + w["wpe.weight"][positions]  # [rows] -> [rows, n_embd]
+    return take_rows(w.wte_weight, tokens) + w.wpe_weight[positions]  # [rows] -> [rows, n_embd]
 
 
-def final_norm(x: np.ndarray, w: dict, cfg: GPT2Config) -> np.ndarray:
+def final_norm(x: np.ndarray, w: GPT2Weights, cfg: GPT2Config) -> np.ndarray:
     """The final LayerNorm, the head's input: [rows, n_embd] -> [rows, n_embd]."""
-    return layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon)
+    return layer_norm(x, w.ln_f_weight, w.ln_f_bias, cfg.layer_norm_epsilon)
 
 
-def lm_head(x: np.ndarray, w: dict, cfg: GPT2Config) -> np.ndarray:
+def lm_head(x: np.ndarray, w: GPT2Weights, cfg: GPT2Config) -> np.ndarray:
     """Checkpoint 8 (last step). Final LayerNorm, then the tied head: logits = ln_f(x) · wteᵀ."""
     h = final_norm(x, w, cfg)  # [rows, n_embd]
-    return linear(h, w["wte.weight"])  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
+    return linear(h, w.wte_weight)  # [rows, n_embd] @ [n_embd, vocab] -> [rows, vocab]
 
 
 # ---------------------------------------------------------------- the model
 
 
-class GPT2:
+class GPT2(NamedWeights):
     family = "gpt2"
-    numerics = "float32"  # how quantized products treat activations (formats.apply_numerics); GPT-2 has none
 
-    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], path: str | None = None):
+    def __init__(self, config: GPT2Config, weights: GPT2Weights, names: dict, path: str | None = None,
+                 numerics: str = "float32"):
+        """`names`: checkpoint name -> (block, field), the loader's name table expanded (base.expand_names).
+        `numerics`: GPT-2 has no quantized products, so only "float32"."""
+        if numerics != "float32":
+            raise ValueError(f"GPT-2 computes in float32 only (its weights are not quantized), not {numerics!r}")
         self.config = config
         self.weights = weights
+        self.names = names
+        self.numerics = numerics
         self.path = choose_path(path, self._matrices())
         self.n_ctx = config.n_positions
         self.vocab_size = config.vocab_size
         self.eos_token_id = config.eos_token_id
-        self.head_screen = HeadScreen.build(weights["wte.weight"])  # greedy picks at half the head's bytes
+        self.head_screen = HeadScreen.build(weights.wte_weight)  # greedy picks at half the head's bytes
+        if self.path == "fused":  # each block's decode kernel prepared now, at load
+            for blk in weights.blocks:
+                decode_kernel(blk, config)
 
     def _matrices(self) -> list:
-        return [self.weights[f"h.{i}.{n}"] for i in range(self.config.n_layer) for n in _BLOCK_MATRICES]
+        return [m for b in self.weights.blocks for m in b.matrices()]
 
     def with_path(self, path: str) -> "GPT2":
         """The same model (same weight objects) running decode steps on another path (base.PATHS)."""
@@ -272,13 +276,13 @@ class GPT2:
         return other
 
     @property
-    def packed(self) -> bool:
+    def quantized(self) -> bool:
         """Whether the projections are packed for the C kernels (then forward keeps BLAS on one thread)."""
-        return isinstance(self.weights["wte.weight"], PackedMatrix)
+        return isinstance(self.weights.wte_weight, PackedMatrix)
 
     def dense(self, name: str) -> np.ndarray:
         """Weight `name` as the checkpoint's float32 array (Conv1D [in, out]; wte [vocab, n_embd])."""
-        w = self.weights[name]
+        w = getattr(*self.tensor_slot(name))
         if name == "wte.weight":
             return kernels.as_dense(w)
         return conv1d_weight(w)
@@ -288,14 +292,14 @@ class GPT2:
         return KVCache.allocate(c.n_layer, c.n_head, min(max_seq, self.n_ctx), c.head_dim)
 
     def _threads(self):
-        return kernels.blas_single_thread() if self.packed else contextlib.nullcontext()
+        return kernels.blas_single_thread() if self.quantized else contextlib.nullcontext()
 
     def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])  # [rows]
         with self._threads():  # the C kernels own the cores: numpy's BLAS stays on one thread
             x = embed(self.weights, tokens, positions)  # [rows, n_embd]
-            for i in range(self.config.n_layer):
-                x = block(x, self.weights, i, self.config, segments, self.path, trace)  # [rows, n_embd]
+            for i, blk in enumerate(self.weights.blocks):
+                x = block(x, blk, i, self.config, segments, self.path, trace)  # [rows, n_embd]
         return x
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -312,31 +316,30 @@ class GPT2:
 
 
 class GPT2Stages:
-    """Block-0 stages run alone on given inputs (the validator's isolated checkpoints).
+    """Block stages run alone on given inputs (the validator's isolated checkpoints).
 
     Each method calls the same stage function the forward pass uses."""
 
     def __init__(self, model: GPT2, layer: int = 0):
         self.m, self.i = model, layer
-        self.w, self.cfg = model.weights, model.config
-        self.p = f"h.{layer}."
+        self.b, self.cfg = model.weights.blocks[layer], model.config
 
     def norm_1(self, x):  # [seq, n_embd] -> [seq, n_embd]
-        return layer_norm(x, self.w[self.p + "ln_1.weight"], self.w[self.p + "ln_1.bias"], self.cfg.layer_norm_epsilon)
+        return layer_norm(x, self.b.ln_1_weight, self.b.ln_1_bias, self.cfg.layer_norm_epsilon)
 
     def qkv(self, h, start: int = 0):  # [seq, n_embd] -> 3 × [seq, n_head, head_dim]
-        return qkv_projection(h, self.w[self.p + "attn.c_attn.weight"], self.w[self.p + "attn.c_attn.bias"], self.cfg.n_head)
+        return qkv_projection(h, self.b.attn_c_attn_weight, self.b.attn_c_attn_bias, self.cfg.n_head)
 
     def scores(self, q, k, start: int = 0):  # [n, H, hd], [H, T, hd] -> [H, n, T]
         return attention_scores(q, k, start)
 
     def attn_out(self, scores, v):  # [H, n, T], [H, T, hd] -> [n, n_embd]
-        return attention_output(scores, v, self.w[self.p + "attn.c_proj.weight"], self.w[self.p + "attn.c_proj.bias"])
+        return attention_output(scores, v, self.b.attn_c_proj_weight, self.b.attn_c_proj_bias)
 
     def ffn(self, h):  # [seq, n_embd] -> [seq, n_embd]
-        w, p = self.w, self.p
-        return ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+        b = self.b
+        return ffn(h, b.mlp_c_fc_weight, b.mlp_c_fc_bias, b.mlp_c_proj_weight, b.mlp_c_proj_bias)
 
     def block(self, x):  # [seq, n_embd] -> [seq, n_embd], with a scratch cache
         cache = self.m.new_cache(x.shape[0])
-        return block(x, self.w, self.i, self.cfg, [Segment(cache, 0, x.shape[0])], self.m.path)
+        return block(x, self.b, self.i, self.cfg, [Segment(cache, 0, x.shape[0])], self.m.path)

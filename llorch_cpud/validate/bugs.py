@@ -52,7 +52,7 @@ def _gelu_erf(x):
 
 def _attn_out_transposed(m):  # every block's attn.c_proj weight replaced by its transpose
     names = [f"h.{i}.attn.c_proj.weight" for i in range(m.config.n_layer)]
-    return [(m.weights, n, np.ascontiguousarray(m.dense(n).T)) for n in names]
+    return [(*m.tensor_slot(n), np.ascontiguousarray(m.dense(n).T)) for n in names]
 
 
 def _numpy_path(m):
@@ -75,22 +75,21 @@ def _scores_no_mask(q, k, start):
     return q.transpose(1, 0, 2) @ k.transpose(0, 2, 1) / math.sqrt(head_dim)
 
 
-def _block_no_attn_residual(x, w, i, cfg, segments, path="numpy", trace=None):
-    p = f"h.{i}."
+def _block_no_attn_residual(x, b, i, cfg, segments, path="numpy", trace=None):
     trace_put(trace, i, "block_in", x)
-    h = gpt2.layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon)
+    h = gpt2.layer_norm(x, b.ln_1_weight, b.ln_1_bias, cfg.layer_norm_epsilon)
     trace_put(trace, i, "ln_1", h)
-    x = gpt2.attention(h, w, i, cfg, segments, path, trace)  # the residual `x +` is dropped
-    h = gpt2.layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.layer_norm_epsilon)
+    x = gpt2.attention(h, b, i, cfg, segments, path, trace)  # the residual `x +` is dropped
+    h = gpt2.layer_norm(x, b.ln_2_weight, b.ln_2_bias, cfg.layer_norm_epsilon)
     trace_put(trace, i, "ln_2", h)
-    f = gpt2.ffn(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+    f = gpt2.ffn(h, b.mlp_c_fc_weight, b.mlp_c_fc_bias, b.mlp_c_proj_weight, b.mlp_c_proj_bias)
     trace_put(trace, i, "ffn_out", f)
     trace_put(trace, i, "block_out", x + f)
     return x + f
 
 
 def _lm_head_no_final_norm(x, w, cfg):
-    return linear(x, w["wte.weight"])
+    return linear(x, w.wte_weight)
 
 
 def _argmax_second(logits):
@@ -130,7 +129,7 @@ BUGS = {
         Bug("unbiased_variance", "LayerNorm with the unbiased (n-1) variance", 1,
             lambda m: [(gpt2, "layer_norm", _ln_unbiased)]),
         Bug("transposed_qkv_weight", "c_attn weight used transposed (read as [out, in] and reshaped)", 2,
-            lambda m: [(m.weights, "h.0.attn.c_attn.weight",
+            lambda m: [(*m.tensor_slot("h.0.attn.c_attn.weight"),
                         np.ascontiguousarray(m.dense("h.0.attn.c_attn.weight").T).reshape(m.dense("h.0.attn.c_attn.weight").shape))]),
         Bug("kv_cache_off_by_one", "KV cache written one position late (numpy path)", 3,
             lambda m: [(gpt2, "cache_write", _cache_write_off_by_one), *_numpy_path(m)]),
@@ -148,7 +147,7 @@ BUGS = {
         Bug("argmax_second_best", "greedy picks the second-best token", 10,
             lambda m: [(sampling, "argmax", _argmax_second)]),
         Bug("screen_second_best", "the greedy step's head screen picks the second-best token", 10,
-            lambda m: [(m, "head_screen", _ScreenSecondBest(m.weights["wte.weight"]))]),
+            lambda m: [(m, "head_screen", _ScreenSecondBest(m.weights.wte_weight))]),
         Bug("softmax_ignores_temperature", "softmax(logits) instead of softmax(logits / T)", 11,
             lambda m: [(sampling, "softmax_probs", _softmax_ignores_temperature)]),
     ]
@@ -183,7 +182,7 @@ def _rope_wrong_base(m):
 def _qk_left_permuted(m):  # Q/K rows kept in llama.cpp's GGUF order (the un-permutation forgotten)
     out = []
     for name, order in m.qk_row_order.items():
-        out.append((m.weights, name, np.ascontiguousarray(m.dense(name)[np.argsort(order)])))
+        out.append((*m.tensor_slot(name), np.ascontiguousarray(m.dense(name)[np.argsort(order)])))
     return out
 
 
@@ -213,7 +212,7 @@ def _llama_cache_write_off_by_one(cache, layer, start, k, v):
 
 def _llama_o_proj_transposed(m):  # every block's attn_output weight replaced by its transpose
     names = [f"blk.{i}.attn_output.weight" for i in range(m.config.n_layer)]
-    return [(m.weights, n, np.ascontiguousarray(m.dense(n).T)) for n in names]
+    return [(*m.tensor_slot(n), np.ascontiguousarray(m.dense(n).T)) for n in names]
 
 
 def _swiglu_swapped(x, gate_weight, up_weight, down_weight, fast=False):
@@ -224,22 +223,21 @@ def _silu_as_gelu(x):
     return gpt2.gelu_new(x)
 
 
-def _llama_block_no_attn_residual(x, w, i, cfg, segments, cos, sin, path="numpy", trace=None):
-    p = f"blk.{i}."
+def _llama_block_no_attn_residual(x, b, i, cfg, segments, cos, sin, path="numpy", trace=None):
     trace_put(trace, i, "block_in", x)
-    h = llama.rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
+    h = llama.rms_norm(x, b.attn_norm_weight, cfg.rms_norm_eps)
     trace_put(trace, i, "ln_1", h)
-    x = llama.attention(h, w, i, cfg, segments, cos, sin, path, trace)  # the residual `x +` is dropped
-    h = llama.rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
+    x = llama.attention(h, b, i, cfg, segments, cos, sin, path, trace)  # the residual `x +` is dropped
+    h = llama.rms_norm(x, b.ffn_norm_weight, cfg.rms_norm_eps)
     trace_put(trace, i, "ln_2", h)
-    f = llama.ffn(h, w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
+    f = llama.ffn(h, b.ffn_gate_weight, b.ffn_up_weight, b.ffn_down_weight)
     trace_put(trace, i, "ffn_out", f)
     trace_put(trace, i, "block_out", x + f)
     return x + f
 
 
 def _llama_lm_head_no_final_norm(x, w, cfg):
-    return linear(x, w.get("output.weight", w["token_embd.weight"]))
+    return linear(x, w.head)
 
 
 def _rope_positions(m, moved):
@@ -388,19 +386,15 @@ def inject(name: str, model):
     patches = bug.patch(model)
     saved = []
     for obj, attr, new in patches:
-        if isinstance(obj, dict):
-            saved.append((obj, attr, obj[attr]))
-            obj[attr] = _held_like(obj[attr], new, model.family)
-        else:  # an attribute the object did not hold itself (a method) is deleted again, not pinned
-            saved.append((obj, attr, getattr(obj, attr) if attr in getattr(obj, "__dict__", {attr: 0}) else _MISSING))
-            setattr(obj, attr, new)
+        # an attribute the object did not hold itself (a method) is deleted again, not pinned
+        old = getattr(obj, attr) if attr in getattr(obj, "__dict__", {attr: 0}) else _MISSING
+        saved.append((obj, attr, old))
+        setattr(obj, attr, _held_like(old, new, model.family))
     try:
         yield bug
     finally:
         for obj, attr, old in reversed(saved):
-            if isinstance(obj, dict):
-                obj[attr] = old
-            elif old is _MISSING:
+            if old is _MISSING:
                 delattr(obj, attr)
             else:
                 setattr(obj, attr, old)

@@ -58,7 +58,7 @@ CHECKPOINTS = {
 }
 NORM_NAME = {"gpt2": "LayerNorm", "llama": "RMSNorm"}
 
-# Our own numerics modes (formats.apply_numerics): "float32" (the default) is held to SPEC's tolerances;
+# Our own numerics modes (formats.load_model's numerics): "float32" (the default) is held to SPEC's tolerances;
 # "q8" quantizes the activations of every quantized product to 8 bits per 32-block (llama.cpp's scheme),
 # and keeps the KV cache in float16 (llama.cpp's too), which moves the projections, cache, FFN, block and
 # logits by design. Its profile replaces SPEC's tolerance at

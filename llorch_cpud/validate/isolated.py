@@ -33,6 +33,7 @@ import numpy as np
 
 import llorch_cpud.models.gpt2 as gpt2
 from llorch_cpud.cache import KVCache
+from llorch_cpud.formats.hf import GPT2_NAMES
 from llorch_cpud.models.base import Segment
 from llorch_cpud.validate.references._framework import GPT2Hparams
 from llorch_cpud.validate.references.base import ReferenceUnavailable, available_module
@@ -155,7 +156,8 @@ def ours(key: str, I: Inputs) -> np.ndarray:
     if key == "block":
         cfg = gpt2.GPT2Config(n_embd=E, n_head=H, n_layer=1, n_positions=64)
         cache = KVCache.allocate(1, H, SEQ, HD)
-        return gpt2.block(I.x_block.copy(), dict(I.block_w), 0, cfg, [Segment(cache, 0, SEQ)])
+        blk = gpt2.GPT2Block(**{GPT2_NAMES["h.{i}." + name[len("h.0."):]]: w for name, w in I.block_w.items()})
+        return gpt2.block(I.x_block.copy(), blk, 0, cfg, [Segment(cache, 0, SEQ)])
     raise KeyError(key)
 
 

@@ -15,7 +15,7 @@ inputs exactly as in production.
 
 Weights: GPT-2 from the folder's safetensors files through the safetensors library's numpy reader
 (not our loader). Llama: JAX has no GGUF reader, so the dequantized float32 weights are taken from
-our engine (`engine.model.weights`, Q/K rows already in the Hugging Face rotary layout) and its
+our engine (`engine.model.tensors()`, Q/K rows already in the Hugging Face rotary layout) and its
 config; the independence of dequantization is covered by candle and tinygrad, which dequantize
 with their own code, and by the GGUF format tests.
 """
@@ -222,13 +222,12 @@ class JaxReference(FrameworkReference):
                                  head_dim=mc.head_dim, n_ff=mc.n_ff, eps=mc.rms_norm_eps, rope_base=mc.rope_base,
                                  rope_linear_factor=mc.rope_linear_factor)
         # [out, in] weights stored transposed once ([in, out]), so a projection is x @ W_t
-        dense = {name: engine.model.dense(name) for name in engine.model.weights}  # quantized ones dequantized
+        dense = {name: engine.model.dense(name) for name in engine.model.tensors()}  # quantized ones dequantized
         self.w = {name: array(a.T if a.ndim == 2 else a) for name, a in dense.items()}
         self.embed = array(dense["token_embd.weight"])  # [vocab, E]
         self.freq_factors = None
-        gguf = getattr(engine.model, "gguf", None)
-        if gguf is not None and "rope_freqs.weight" in gguf:
-            self.freq_factors = array(gguf.tensor("rope_freqs.weight"))
+        if "rope_freqs.weight" in dense:
+            self.freq_factors = array(dense["rope_freqs.weight"])
         self.weights_source = ("dequantized float32 weights from llorch's engine (Q/K in HF rotary layout), as float64; "
                                "dequantization independence is checked by candle/tinygrad and the GGUF tests")
 
