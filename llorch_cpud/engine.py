@@ -388,7 +388,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.name = name
         eos = tokenizer.eos_token_id
-        self.eos_token_id = eos if eos is not None else getattr(model, "eos_token_id", None)
+        self.eos_token_id = eos if eos is not None else model.eos_token_id
 
     def start(self, request: Request, defer_cache: bool = False) -> Sequence:
         return Sequence(self, request, defer_cache)
@@ -407,8 +407,7 @@ class Engine:
             if seg.length < len(s.pending):
                 s.advance(seg.length)  # a prompt chunk: no token this step
         greedy = [j for j in ready if live[j].greedy_only] if trace is None else []
-        pick = getattr(self.model, "greedy_tokens", None)
-        picks = pick(last[greedy]) if greedy and pick else None  # [n_greedy] or None
+        picks = self.model.greedy_tokens(last[greedy]) if greedy else None  # [n_greedy] or None (no screen)
         if picks is None:
             greedy = []
         sampled = [j for j in ready if j not in set(greedy)]

@@ -75,8 +75,8 @@ def test_fused_block_is_bit_identical_to_the_ops_path(models, name, numerics, mo
 
 def check_fused_equals_ops(engine, n_layer, monkeypatch):
     calls = []
-    fused_call = kernels.ops.decode_block
-    monkeypatch.setattr(kernels.ops, "decode_block", lambda *a, **k: calls.append(1) or fused_call(*a, **k))
+    fused_call = kernels.ops.DecodeBlock.__call__  # each block's prepared decode kernel
+    monkeypatch.setattr(kernels.ops.DecodeBlock, "__call__", lambda *a, **k: calls.append(1) or fused_call(*a, **k))
     fused_logits, fused_caches = run_steps(engine, "fused")
     assert len(calls) == 5 * n_layer  # every block of every decode step took the fused call
     ops_logits, ops_caches = run_steps(engine, "stages")

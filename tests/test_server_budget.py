@@ -70,6 +70,7 @@ class StubModel:
         self.config = SimpleNamespace(n_layer=n_layer, n_head=n_head, n_embd=n_embd, head_dim=n_embd // n_head,
                                       n_inner=None)
         self.n_ctx, self.vocab_size = n_ctx, vocab_size
+        self.path = "numpy"  # how its blocks would run (models.base.PATHS): the numpy path's attention scratch
 
     def new_cache(self, max_seq):
         from llorch_cpud.cache import KVCache

@@ -9,13 +9,15 @@ matrix products (projections, FFN, head) run once over all rows; attention runs 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
 
 from llorch_cpud.cache import KVCache
-from llorch_cpud.kernels.ops import KernelMatrix, decode_attention, scores_buffer
+from llorch_cpud.kernels.ops import KernelMatrix, blas_single_thread, decode_attention, scores_buffer
 
 
 @dataclass
@@ -127,6 +129,44 @@ class NamedWeights:
         return {name: w for name, w in held.items() if w is not None}  # an optional tensor the file lacks
 
 
+class Decoder(NamedWeights):
+    """What the families' model classes share: the decode path and its prepared kernels, the BLAS thread limit.
+    A family sets `weights` (its blocks have `matrices()`), `config` and `path` (choose_path) in its __init__,
+    then calls `_prepare(decode_kernel)`."""
+
+    config: object
+
+    def _matrices(self) -> list:
+        return [m for b in self.weights.blocks for m in b.matrices()]
+
+    def _prepare(self, decode_kernel) -> None:
+        """On the fused path, each block's decode kernel prepared now, at load (the family's decode_kernel)."""
+        if self.path == "fused":
+            for blk in self.weights.blocks:
+                decode_kernel(blk, self.config)
+
+    def with_path(self, path: str):
+        """The same model (same weight objects) running decode steps on another path (PATHS)."""
+        other = copy.copy(self)
+        other.path = choose_path(path, self._matrices())
+        return other
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the matrices are held for the C kernels (then `forward` keeps numpy's BLAS on one thread)."""
+        return any(isinstance(w, KernelMatrix) for w in self._matrices())
+
+    def _threads(self):
+        """The C kernels own the cores while they run: numpy's BLAS stays on one thread."""
+        return blas_single_thread() if self.quantized else contextlib.nullcontext()
+
+    def greedy_tokens(self, hidden: np.ndarray) -> np.ndarray | None:
+        """argmax of `logits(hidden)` per row, without the full head product; None when no screen applies."""
+        if self.head_screen is None:
+            return None
+        return self.head_screen.argmax(self.final_norm(hidden))  # [rows, n_embd] -> [rows]
+
+
 def build_weights(names: dict, tensors: dict, weights_cls, block_cls, n_layer: int):
     """A family's weights dataclass from tensors by checkpoint name, through the expanded name table `names`
     (checkpoint name -> (block, field)); a name the tensors lack is None (an optional tensor)."""
@@ -150,7 +190,7 @@ def weight_values(weights) -> list:
 
 
 #: How a model runs its blocks, chosen when the model is built (`Model.path`):
-#:   fused   a decode step (every segment one row) runs each block as one C call (kernels.ops.decode_block) -
+#:   fused   a decode step (every segment one row) runs each block as one prepared C call (kernels.ops.DecodeBlock) -
 #:           the default with the C extension; any other step (a prefill, alone or beside decode rows) runs
 #:           as `stages` does
 #:   stages  each block as its kernels.ops C calls one by one (the same numbers as fused, bit for bit); a prefill
@@ -181,6 +221,17 @@ def step_path(path: str, segments: list[Segment]) -> str:
     if path == "fused" and any(s.length > 1 for s in segments):
         return "stages"
     return path
+
+
+def causal_mask(start: int, n: int, total: int) -> np.ndarray:
+    """True where query row i (absolute position start+i) must not see key j."""
+    return np.arange(total)[None, :] > (start + np.arange(n))[:, None]  # [n, total]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, shifted by the row maximum."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., T]
+    return e / e.sum(axis=-1, keepdims=True)  # [..., T]
 
 
 def attend_segments(q, k, v, segments: list[Segment], layer: int, merged: np.ndarray, c_attention: bool, trace,
@@ -237,7 +288,7 @@ def _attend_rows_c(q, k, v, segments: list[Segment], layer: int, merged: np.ndar
 
 def trace_decode_block(trace: dict | None, layer: int, x_in: np.ndarray, stages: dict, out: np.ndarray,
                        segments: list[Segment]) -> None:
-    """Record what a fused decode block computed (kernels.ops.decode_block's trace) under the names a traced
+    """Record what a fused decode block computed (kernels.ops.DecodeBlock's trace) under the names a traced
     block uses: the same tensors the stage path records, taken from the compiled block itself."""
     if trace is None or layer != 0:
         return

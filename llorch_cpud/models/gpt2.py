@@ -10,8 +10,6 @@ weight, by checkpoint name, as the checkpoint's float32 array.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from dataclasses import dataclass
 
@@ -22,8 +20,8 @@ from llorch_cpud.cache import KVCache, cache_read, cache_write
 from llorch_cpud.kernels import PackedMatrix, linear, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
-from llorch_cpud.models.base import (BlockWeights, NamedWeights, Segment, attend_segments, choose_path, step_path,
-                                     trace_decode_block, trace_put)
+from llorch_cpud.models.base import (BlockWeights, Decoder, Segment, attend_segments, causal_mask, choose_path,
+                                     softmax, step_path, trace_decode_block, trace_put)
 
 
 @dataclass(frozen=True)
@@ -116,11 +114,6 @@ def qkv_projection(x: np.ndarray, c_attn_weight, c_attn_bias: np.ndarray, n_head
     )
 
 
-def causal_mask(start: int, n: int, total: int) -> np.ndarray:
-    """True where query row i (absolute position start+i) must not see key j."""
-    return np.arange(total)[None, :] > (start + np.arange(n))[:, None]  # [n, total]
-
-
 def attention_scores(q: np.ndarray, k: np.ndarray, start: int) -> np.ndarray:
     """Checkpoint 4. Q·Kᵀ/sqrt(head_dim) with the causal mask (masked = -inf), before softmax."""
     n, n_head, head_dim = q.shape  # q: [n, n_head, head_dim]; k: [n_head, T, head_dim]
@@ -130,11 +123,6 @@ def attention_scores(q: np.ndarray, k: np.ndarray, start: int) -> np.ndarray:
     if n > 1 or start + n != total:
         scores[:, causal_mask(start, n, total)] = -np.inf  # [n_head, n, T]
     return scores
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., T]
-    return e / e.sum(axis=-1, keepdims=True)  # [..., T]
 
 
 def attention_heads(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -244,7 +232,7 @@ def lm_head(x: np.ndarray, w: GPT2Weights, cfg: GPT2Config) -> np.ndarray:
 # ---------------------------------------------------------------- the model
 
 
-class GPT2(NamedWeights):
+class GPT2(Decoder):
     family = "gpt2"
 
     def __init__(self, config: GPT2Config, weights: GPT2Weights, names: dict, path: str | None = None,
@@ -262,23 +250,7 @@ class GPT2(NamedWeights):
         self.vocab_size = config.vocab_size
         self.eos_token_id = config.eos_token_id
         self.head_screen = HeadScreen.build(weights.wte_weight)  # greedy picks at half the head's bytes
-        if self.path == "fused":  # each block's decode kernel prepared now, at load
-            for blk in weights.blocks:
-                decode_kernel(blk, config)
-
-    def _matrices(self) -> list:
-        return [m for b in self.weights.blocks for m in b.matrices()]
-
-    def with_path(self, path: str) -> "GPT2":
-        """The same model (same weight objects) running decode steps on another path (base.PATHS)."""
-        other = copy.copy(self)
-        other.path = choose_path(path, self._matrices())
-        return other
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the projections are packed for the C kernels (then forward keeps BLAS on one thread)."""
-        return isinstance(self.weights.wte_weight, PackedMatrix)
+        self._prepare(decode_kernel)
 
     def dense(self, name: str) -> np.ndarray:
         """Weight `name` as the checkpoint's float32 array (Conv1D [in, out]; wte [vocab, n_embd])."""
@@ -291,9 +263,6 @@ class GPT2(NamedWeights):
         c = self.config
         return KVCache.allocate(c.n_layer, c.n_head, min(max_seq, self.n_ctx), c.head_dim)
 
-    def _threads(self):
-        return kernels.blas_single_thread() if self.quantized else contextlib.nullcontext()
-
     def forward(self, tokens: np.ndarray, segments: list[Segment], trace: dict | None = None) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])  # [rows]
         with self._threads():  # the C kernels own the cores: numpy's BLAS stays on one thread
@@ -305,11 +274,8 @@ class GPT2(NamedWeights):
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
 
-    def greedy_tokens(self, hidden: np.ndarray) -> np.ndarray | None:
-        """argmax of `logits(hidden)` per row, without the full head product; None when no screen applies."""
-        if self.head_screen is None:
-            return None
-        return self.head_screen.argmax(final_norm(hidden, self.weights, self.config))  # [rows, n_embd] -> [rows]
+    def final_norm(self, hidden: np.ndarray) -> np.ndarray:
+        return final_norm(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, n_embd], the head's input
 
     def stages(self, layer: int = 0) -> "GPT2Stages":
         return GPT2Stages(self, layer)

@@ -19,20 +19,17 @@ permute as rows).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from llorch_cpud.cache import KVCache, cache_read, cache_write
-from llorch_cpud import kernels
-from llorch_cpud.kernels import KernelMatrix, as_dense, linear, linear_many, take_rows
+from llorch_cpud.kernels import as_dense, linear, linear_many, take_rows
 from llorch_cpud.kernels import ops
 from llorch_cpud.kernels.screen import HeadScreen
-from llorch_cpud.models.base import (BlockWeights, NamedWeights, Segment, attend_segments, choose_path, step_path,
-                                     trace_decode_block, trace_put)
+from llorch_cpud.models.base import (BlockWeights, Decoder, Segment, attend_segments, causal_mask, choose_path,
+                                     softmax, step_path, trace_decode_block, trace_put)
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -166,11 +163,6 @@ def qkv_projection(x, q_weight, k_weight, v_weight, n_head: int, n_kv_head: int,
     return rope(q, cos, sin), rope(k, cos, sin), v  # [rows, H, hd], [rows, Hkv, hd], [rows, Hkv, hd]
 
 
-def causal_mask(start: int, n: int, total: int) -> np.ndarray:
-    """True where query row i (absolute position start+i) must not see key j."""
-    return np.arange(total)[None, :] > (start + np.arange(n))[:, None]  # [n, total]
-
-
 def attention_scores(q: np.ndarray, k: np.ndarray, start: int) -> np.ndarray:
     """Checkpoint 4. Grouped-query Q·Kᵀ/sqrt(head_dim) with the causal mask (masked = -inf), before softmax.
 
@@ -185,11 +177,6 @@ def attention_scores(q: np.ndarray, k: np.ndarray, start: int) -> np.ndarray:
     if n > 1 or start + n != total:
         scores[:, causal_mask(start, n, total)] = -np.inf  # [H, n, T]
     return scores
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., T]
-    return e / e.sum(axis=-1, keepdims=True)  # [..., T]
 
 
 def attention_heads(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -297,7 +284,7 @@ def decode_block(x, blk: LlamaBlock, i: int, cfg: LlamaConfig, segments: list[Se
 # ---------------------------------------------------------------- the model
 
 
-class Llama(NamedWeights):
+class Llama(Decoder):
     family = "llama"
 
     def __init__(self, config: LlamaConfig, weights: LlamaWeights, names: dict, rope: RopeTables | None = None,
@@ -318,12 +305,7 @@ class Llama(NamedWeights):
                                        config.rope_linear_factor, weights.rope_freqs_weight)
         self.qk_row_order = qk_row_order or {}  # checkpoint name -> the row order the loader applied (HF layout)
         self.head_screen = HeadScreen.build(weights.head)  # greedy picks at half the head's bytes
-        if self.path == "fused":  # each block's decode kernel prepared now, at load
-            for blk in weights.blocks:
-                decode_kernel(blk, config)
-
-    def _matrices(self) -> list:
-        return [m for b in self.weights.blocks for m in b.matrices()]
+        self._prepare(decode_kernel)
 
     def dense(self, name: str) -> np.ndarray:
         """Weight `name` (checkpoint name) as a float32 array (a quantized matrix dequantized: the values the
@@ -345,33 +327,14 @@ class Llama(NamedWeights):
                 x = block(x, blk, i, self.config, segments, cos, sin, self.path, trace)  # [rows, n_embd]
         return x
 
-    def _threads(self):
-        if self.quantized:
-            return kernels.blas_single_thread()
-        return contextlib.nullcontext()
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the matrices are held for the C kernels (then `forward` runs them)."""
-        return any(isinstance(w, KernelMatrix) for w in self._matrices())
-
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, vocab]
 
-    def greedy_tokens(self, hidden: np.ndarray) -> np.ndarray | None:
-        """argmax of `logits(hidden)` per row, without the full head product; None when no screen applies."""
-        if self.head_screen is None:
-            return None
-        return self.head_screen.argmax(final_norm(hidden, self.weights, self.config))  # [rows, n_embd] -> [rows]
+    def final_norm(self, hidden: np.ndarray) -> np.ndarray:
+        return final_norm(hidden, self.weights, self.config)  # [rows, n_embd] -> [rows, n_embd], the head's input
 
     def stages(self, layer: int = 0) -> "LlamaStages":
         return LlamaStages(self, layer)
-
-    def with_path(self, path: str) -> "Llama":
-        """The same model (same weight objects) running decode steps on another path (base.PATHS)."""
-        other = copy.copy(self)
-        other.path = choose_path(path, self._matrices())
-        return other
 
 
 class LlamaStages:

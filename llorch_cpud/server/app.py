@@ -303,7 +303,7 @@ def create_app(state: WorkerState, lifespan=None):
         if state.engine is not None:
             body.update(model_bytes=state.model_bytes, context_length=state.engine.model.n_ctx,
                         load_seconds=round(state.load_seconds, 3),
-                        numerics=getattr(state.engine.model, "numerics", "float32"),
+                        numerics=state.engine.model.numerics,
                         decode_path=state.engine.model.path, kernels=state.kernels)
         if state.scheduler is not None:
             body.update(active_jobs=state.scheduler.running, queued_jobs=state.scheduler.queued,

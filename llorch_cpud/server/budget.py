@@ -84,7 +84,7 @@ def activation_bytes(model, max_batch: int, prefill_tokens: int) -> int:
     n_ctx, chunk = model.n_ctx, min(prefill_tokens, model.n_ctx)
     rows = max_batch + chunk
     per_row = 12 * width + 6 * ffn  # residual, norms, q/k/v, merged heads, projections; the FFN and its temporaries
-    if getattr(model, "path", "numpy") == "numpy":
+    if model.path == "numpy":
         # a prompt chunk's scores, softmax and one more temporary [H, n, T]; its keys and values widened (a float16
         # cache) or expanded to the query heads [H, T, hd]
         attention = 3 * n_head * chunk * n_ctx + 2 * n_head * n_ctx * head_dim

@@ -77,10 +77,8 @@ def display_name(engine_name: str) -> str:
 
 
 def weights_bytes(model) -> int:
-    w = getattr(model, "weights", None)
-    if isinstance(w, dict):
-        return int(sum(getattr(v, "nbytes", 0) for v in w.values()))
-    return 0
+    """Bytes the model's weights hold (the views of a fused matrix are slices of it: their bytes add up to its)."""
+    return int(sum(w.nbytes for w in model.tensors().values()))
 
 
 def timed_h11_protocol(read_timeout: float):

@@ -379,9 +379,9 @@ def _held_like(old, new, family: str):
 @contextlib.contextmanager
 def inject(name: str, model):
     """Apply a bug (looked up in the table of the model's family) to the running model; undo it on exit."""
-    table = bugs_for(getattr(model, "family", "gpt2"))
+    table = bugs_for(model.family)
     if name not in table:
-        raise KeyError(f"no negative control {name!r} for family {getattr(model, 'family', '?')!r}")
+        raise KeyError(f"no negative control {name!r} for family {model.family!r}")
     bug = table[name]
     patches = bug.patch(model)
     saved = []

@@ -247,7 +247,7 @@ def run_checkpoints(engine: Engine, ours: OurSide, ref, family: str, decode: Dec
     on every path; `theirs_greedy`: the reference's greedy tokens when already asked for."""
     results: list[Result] = []
     name = ref.name
-    numerics = getattr(engine.model, "numerics", "float32")
+    numerics = engine.model.numerics
     own = NUMERICS_TOLERANCES.get(numerics, {})
     theirs = dict(getattr(ref, "tolerances", None) or {})
     declared, reason = {}, {}  # per checkpoint: the larger of our mode's and the reference's declared tolerance

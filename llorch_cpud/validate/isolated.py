@@ -22,12 +22,10 @@ References, each built from its framework's own modules / ops:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -37,6 +35,8 @@ from llorch_cpud.formats.hf import GPT2_NAMES
 from llorch_cpud.models.base import Segment
 from llorch_cpud.validate.references._framework import GPT2Hparams
 from llorch_cpud.validate.references.base import ReferenceUnavailable, available_module
+from llorch_cpud.validate.report import versions_section
+from llorch_cpud.validate.report import write as report_files
 from llorch_cpud.validate.runner import base_versions
 
 E, H, SEQ_LN, SEQ = 1024, 16, 2, 5
@@ -508,20 +508,11 @@ def markdown(report: dict) -> str:
             if r["id"] == comp["id"] and r["note"]:
                 out.append(f"\n- {r['reference']}: {r['note']}")
         out.append("")
-    out.append("## Versions")
-    out.append("")
-    for k, v in report["versions"].items():
-        out.append(f"- {k}: {v}")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + versions_section(report)) + "\n"
 
 
 def write(report: dict, folder: Path) -> tuple[Path, Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    j, m = folder / "report.json", folder / "report.md"
-    j.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    m.write_text(markdown(report), encoding="utf-8")
-    return j, m
+    return report_files(report, folder, markdown(report))
 
 
 def main(report_dir: Path | None = None, log=None) -> int:

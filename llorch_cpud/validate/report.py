@@ -212,17 +212,19 @@ def markdown(report: dict) -> str:
             f"| {s4(o)} | {s4(f)} | {first(o)} / {first(f)} | {r['note'].replace('|', '/')} |"
         )
     out.append("")
-    out.append("## Versions")
-    out.append("")
-    for k, v in report["versions"].items():
-        out.append(f"- {k}: {v}")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + versions_section(report)) + "\n"
 
 
-def write(report: dict, folder: Path) -> tuple[Path, Path]:
+def versions_section(report: dict) -> list[str]:
+    """The markdown lines of a report's "Versions" section (what ran: packages, machine, commit)."""
+    return ["## Versions", "", *(f"- {k}: {v}" for k, v in report["versions"].items())]
+
+
+def write(report: dict, folder: Path, markdown_text: str | None = None) -> tuple[Path, Path]:
+    """report.json and report.md (`markdown_text`, else this module's `markdown(report)`) in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     j, m = folder / "report.json", folder / "report.md"
     j.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    m.write_text(markdown(report), encoding="utf-8")
+    m.write_text(markdown(report) if markdown_text is None else markdown_text, encoding="utf-8")
     return j, m

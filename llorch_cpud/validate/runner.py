@@ -129,8 +129,8 @@ def validate(engine: Engine, model_path: Path, family: str, prompt: str, ref_nam
     return {
         "model": str(model_path),
         "family": family,
-        "numerics": getattr(engine.model, "numerics", "float32"),
-        "numerics_tolerances": {str(k): v for k, v in NUMERICS_TOLERANCES.get(getattr(engine.model, "numerics", ""), {}).items()},
+        "numerics": engine.model.numerics,
+        "numerics_tolerances": {str(k): v for k, v in NUMERICS_TOLERANCES.get(engine.model.numerics, {}).items()},
         "weights": weights_note(model_path),
         "prompt": prompt,
         "prompt_ids": prompt_ids,

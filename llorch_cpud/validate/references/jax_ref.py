@@ -215,7 +215,7 @@ class JaxReference(FrameworkReference):
     # ------------------------------------------------------------- Llama (weights from our engine)
 
     def _load_llama(self, model_path: Path, engine) -> None:
-        if engine is None or getattr(engine.model, "family", None) != "llama":
+        if engine is None or engine.model.family != "llama":
             raise ReferenceUnavailable("jax: the Llama reference takes dequantized weights from the engine's Llama model")
         mc = engine.model.config
         self.lcfg = LlamaHparams(n_layer=mc.n_layer, n_embd=mc.n_embd, n_head=mc.n_head, n_kv_head=mc.n_kv_head,
