@@ -164,7 +164,7 @@ class LlorchWorker:
         config = dict(config)
         config["limits"] = Limits(**config["limits"])
         cfg = ServeConfig(**config)
-        self.options = RayOptions(**options)
+        self.options = RayOptions(**options)  # replica_options(): the scaling fields keep their defaults here
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         self.app_name = ctx.app_name
@@ -200,8 +200,9 @@ class LlorchWorker:
             max_batch=cfg.max_batch)
 
     def __serve_build_asgi_app__(self):
-        app = create_app(self.state)
-        return ReplicaGate(HealthReplicaId(app, self.replica_id), self)
+        gate = create_app(self.state)  # the worker's app behind its Gate (API key, readiness, correlation id)
+        add_replica_routes(gate.app, self)
+        return ReplicaGate(HealthReplicaId(gate, self.replica_id), self)
 
     # ------------------------------------------------------------------ health
 
@@ -245,30 +246,45 @@ class LlorchWorker:
         return {"replica_id": self.replica_id,
                 "body": {"job_id": job_id, "cancelled": True, "state": "running" if job.admitted else "queued"}}
 
-    def other_replicas(self) -> list[str]:
+    async def metrics_text(self, **_route) -> str:
+        return self.state.metrics.render().decode()
+
+    def replicas(self) -> list[dict]:
+        """This deployment's replicas as Serve's controller lists them (running ones)."""
         from ray.serve.context import _get_global_client
 
         details = _get_global_client().get_serve_details()
         dep = details["applications"][self.app_name]["deployments"][self.deployment]
-        return [r["replica_id"] for r in dep.get("replicas", [])
-                if r.get("state") == "RUNNING" and r["replica_id"] != self.replica_id]
+        return [{"replica_id": r["replica_id"], "state": r["state"], "pid": r.get("pid"), "node_ip": r.get("node_ip"),
+                 "actor_name": r.get("actor_name")} for r in dep.get("replicas", []) if r.get("state") == "RUNNING"]
 
-    async def cancel_elsewhere(self, job_id: str, timeout: float = 10.0) -> dict | None:
+    def handle(self):
         if self._handle is None:
             self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+        return self._handle
+
+    async def on_each(self, method: str, *args, ids: list[str], timeout: float = 10.0):
+        """(replica_id, result or exception) of `method` called on each of `ids`, as they answer."""
+        async def one(rid):
+            call = getattr(self.handle(), method).remote(*args, **{TARGET_KWARG: rid})
+            try:
+                return rid, await asyncio.wait_for(_await(call), timeout)
+            except Exception as e:  # noqa: BLE001 - a replica gone meanwhile
+                return rid, e
+
+        for done in asyncio.as_completed([one(rid) for rid in ids]):
+            yield await done
+
+    async def cancel_elsewhere(self, job_id: str) -> dict | None:
         try:
-            others = await asyncio.to_thread(self.other_replicas)
+            others = [r["replica_id"] for r in await asyncio.to_thread(self.replicas) if r["replica_id"] != self.replica_id]
         except Exception as e:  # noqa: BLE001 - the controller unreachable: answer 404 as the worker would
             log("cancel: replicas unknown", level=30, error=f"{type(e).__name__}: {e}")
             return None
-        calls = [self._handle.cancel_local.remote(job_id, **{TARGET_KWARG: rid}) for rid in others]
-        for done in asyncio.as_completed([asyncio.wait_for(_await(c), timeout) for c in calls]):
-            try:
-                result = await done
-            except Exception as e:  # noqa: BLE001 - a replica gone meanwhile
-                log("cancel: a replica did not answer", level=30, error=f"{type(e).__name__}: {e}")
-                continue
-            if result is not None:
+        async for rid, result in self.on_each("cancel_local", job_id, ids=others):
+            if isinstance(result, Exception):
+                log("cancel: a replica did not answer", level=30, replica_id=rid, error=f"{type(result).__name__}: {result}")
+            elif result is not None:
                 return result
         return None
 
@@ -306,6 +322,53 @@ class LlorchWorker:
 
 async def _await(response):
     return await response
+
+
+def add_replica_routes(app, replica: LlorchWorker) -> None:
+    """GET /replicas (the running replicas) and GET /replicas/metrics (every replica's Prometheus metrics, each
+    sample labelled `replica`), added to the worker's FastAPI app: behind its Gate, as every other route."""
+    from fastapi.responses import JSONResponse, Response
+
+    from llorch_cpud.server.metrics import CONTENT_TYPE
+
+    @app.get("/replicas", include_in_schema=False)
+    async def list_replicas():
+        return JSONResponse({"replicas": await asyncio.to_thread(replica.replicas), "this": replica.replica_id})
+
+    @app.get("/replicas/metrics", include_in_schema=False)
+    async def all_metrics():
+        ids = [r["replica_id"] for r in await asyncio.to_thread(replica.replicas)]
+        texts, missing = {}, []
+        async for rid, result in replica.on_each("metrics_text", ids=ids):
+            if isinstance(result, Exception):
+                missing.append(rid)
+            else:
+                texts[rid] = result
+        headers = {"X-Llorch-Replicas-Missing": ",".join(missing)} if missing else None
+        return Response(merge_metrics(texts), media_type=CONTENT_TYPE, headers=headers)
+
+
+def merge_metrics(texts: dict[str, str]) -> bytes:
+    """Prometheus text from several replicas as one exposition: each family once, each sample with `replica`."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    families: dict = {}
+    for rid, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text):
+            merged = families.setdefault(fam.name, fam)
+            samples = [Sample(s.name, {**s.labels, "replica": rid}, s.value, s.timestamp, s.exemplar) for s in fam.samples]
+            if merged is fam:
+                fam.samples = samples
+            else:
+                merged.samples.extend(samples)
+
+    class Collected:
+        def collect(self):
+            return list(families.values())
+
+    return generate_latest(Collected())
 
 
 class HealthReplicaId:
@@ -374,7 +437,13 @@ def deployment_options(cfg: ServeConfig, opts: RayOptions) -> dict:
 
 def bind(cfg: ServeConfig, opts: RayOptions):
     """The Serve application: `serve.run(bind(cfg, opts), name=APP_NAME, route_prefix="/")`."""
-    return serve.deployment(LlorchWorker).options(**deployment_options(cfg, opts)).bind(config_dict(cfg), asdict(opts))
+    return serve.deployment(LlorchWorker).options(**deployment_options(cfg, opts)).bind(config_dict(cfg), replica_options(opts))
+
+
+def replica_options(opts: RayOptions) -> dict:
+    """What a replica reads of the options: not the scaling ones (a change in the replicas' arguments is a new
+    version of the deployment, which Serve rolls out by replacing every replica; a change of scale is not)."""
+    return {k: getattr(opts, k) for k in ("threads", "wedge_seconds", "drain_grace_s")}
 
 
 def build_app(args: dict):

@@ -1,0 +1,321 @@
+"""The worker on Ray Serve (server/ray_serve.py, issue 19): 2 replicas of the GPT-2 fixture, 1 thread each, on a
+local Ray cluster started by this module (loopback HTTP, usage stats off, no dashboard).
+
+- streams on /execute and /v1/completions give the engine's own greedy text; concurrent requests reach both replicas;
+- /health and /metrics answer per replica (X-Llorch-Replica; /replicas/metrics merges every replica's, labelled);
+- /cancel reaches the job on whichever replica holds it (forwarded when it lands on the other);
+- a replica killed mid-stream cuts its streams detectably (no terminal event / no [DONE]); the others complete,
+  retries give the same text, and Serve brings the deployment back to 2 replicas;
+- scale-down drains: the stopped replica's streams end with their terminal events.
+
+Each test is bounded (`timeout` on every client call, deadlines on every wait). Skipped without ray[serve].
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'llorch-cpud[ray]')")
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Hello.", "What is the answer to life, the universe, and everything?", "def fibonacci(n):",
+           "Once upon a time", "The capital of France is", "café naïve résumé", "1 2 3 4 5 6", "Dear Alice,"]
+N_TOKENS = 24
+TIMINGS: dict = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sse(resp):
+    event, data = None, []
+    for line in resp.iter_lines():
+        if line == "":
+            if event is not None or data:
+                yield event or "message", "\n".join(data)
+            event, data = None, []
+        elif not line.startswith(":"):
+            k, _, v = line.partition(":")
+            v = v[1:] if v.startswith(" ") else v
+            if k == "event":
+                event = v
+            elif k == "data":
+                data.append(v)
+
+
+def execute(base, body, timeout=120, on_event=None):
+    """One /execute stream: {"replica", "events": [(event, data)], "broken": exception name or None}."""
+    out = {"replica": None, "events": [], "broken": None}
+    try:
+        with httpx.Client(timeout=timeout) as c, c.stream("POST", f"{base}/execute", json=body) as r:
+            assert r.status_code == 200, r.read()
+            out["replica"] = r.headers.get("x-llorch-replica")
+            for ev, data in sse(r):
+                out["events"].append((ev, json.loads(data)))
+                if on_event is not None:
+                    on_event(out)
+    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+        out["broken"] = type(e).__name__
+    return out
+
+
+def text_of(result) -> str:
+    return "".join(d["t"] for e, d in result["events"] if e == "token")
+
+
+def terminal(result):
+    ends = [(e, d) for e, d in result["events"] if e in ("end", "error")]
+    return ends[-1] if ends else None
+
+
+def greedy_reference(engine, prompt, n):
+    from llorch_cpud.engine import EndEvent, Request
+    from llorch_cpud.sampling import SamplingParams
+
+    ends = [e for e in engine.generate(Request(prompt=prompt, max_tokens=n, sampling=SamplingParams(temperature=0.0)))
+            if isinstance(e, EndEvent)]
+    return ends[0].text
+
+
+def replicas(state="RUNNING") -> list[dict]:
+    from ray.serve.context import _get_global_client
+
+    from llorch_cpud.server.ray_serve import APP_NAME, DEPLOYMENT
+
+    apps = _get_global_client().get_serve_details().get("applications", {})
+    dep = apps.get(APP_NAME, {}).get("deployments", {}).get(DEPLOYMENT, {})
+    return [r for r in dep.get("replicas", []) if state is None or r["state"] == state]
+
+
+def wait_for(cond, timeout, every=0.5, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def engine(gpt2_small):
+    from llorch_cpud.engine import load_engine
+
+    return load_engine(str(gpt2_small))[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(gpt2_small):
+    """Ray on this machine, Serve's proxy on 127.0.0.1, 2 replicas x 1 thread: yields the base URL."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import ray
+    from ray import serve
+
+    from llorch_cpud.server import ray_serve
+    from llorch_cpud.server.app import ServeConfig
+
+    t0 = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, num_cpus=2, logging_level="WARNING", log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        opts = ray_serve.RayOptions(replicas=2, threads=1, drain_grace_s=2.0, health_check_period_s=2.0)
+        cfg = ServeConfig(model=str(gpt2_small), max_batch=8)
+        serve.run(ray_serve.bind(cfg, opts), name=ray_serve.APP_NAME, route_prefix="/")
+        TIMINGS["cluster start + deploy (s)"] = round(time.perf_counter() - t0, 1)
+        yield {"base": f"http://127.0.0.1:{port}", "cfg": cfg, "opts": opts, "port": port}
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        print("\nray serve timings:", json.dumps(TIMINGS))
+
+
+def test_streams_match_the_engine_and_spread_over_both_replicas(cluster, engine):
+    base = cluster["base"]
+    t0 = time.perf_counter()
+    ref = {p: greedy_reference(engine, p, N_TOKENS) for p in PROMPTS}
+    bodies = [{"job_id": f"spread-{i}", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": N_TOKENS,
+               "temperature": 0.0} for i in range(16)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda b: execute(base, b, timeout=120), bodies))
+    for b, r in zip(bodies, results):
+        assert r["broken"] is None and terminal(r)[0] == "end", r
+        assert text_of(r) == ref[b["prompt"]], b
+    served = {r["replica"] for r in results}
+    assert len(served) == 2, f"all 16 requests went to {served}"
+    assert served == {r["replica_id"] for r in replicas()}
+
+    # /v1/completions, streamed: the same text, and [DONE] last
+    for prompt in PROMPTS[:3]:
+        body = {"model": "gpt2", "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0.0, "stream": True}
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{base}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            datas = [d for _, d in sse(r)]
+        assert datas[-1] == "[DONE]"
+        assert "".join(json.loads(d)["choices"][0]["text"] for d in datas[:-1]) == ref[prompt]
+    TIMINGS["test_streams (s)"] = round(time.perf_counter() - t0, 1)
+
+
+def test_health_and_metrics_per_replica(cluster):
+    base = cluster["base"]
+    ids = {r["replica_id"] for r in replicas()}
+    seen = set()
+    with httpx.Client(timeout=30) as c:
+        for _ in range(40):
+            r = c.get(f"{base}/health")
+            assert r.status_code == 200
+            body = r.json()
+            assert body["status"] == "healthy" and body["model_loaded"] is True
+            assert body["replica_id"] == r.headers["x-llorch-replica"]
+            seen.add(body["replica_id"])
+            if seen == ids:
+                break
+        assert seen == ids
+        r = c.get(f"{base}/metrics")
+        assert r.status_code == 200 and "llorch_queue_depth" in r.text and r.headers["x-llorch-replica"] in ids
+        r = c.get(f"{base}/replicas/metrics")  # every replica's, each sample labelled with its replica
+        assert r.status_code == 200
+        for rid in ids:
+            assert f'llorch_tokens_generated_total{{replica="{rid}"}}' in r.text, r.text[:2000]
+        assert r.text.count("# TYPE llorch_tokens_generated_total counter") == 1
+        r = c.get(f"{base}/replicas")
+        assert {x["replica_id"] for x in r.json()["replicas"]} == ids
+
+
+def test_cancel_reaches_the_replica_holding_the_job(cluster):
+    """A /cancel lands on either replica (Serve routes it independently): both paths end the job, and the run
+    goes on until one cancel was forwarded to the other replica."""
+    base = cluster["base"]
+    t0 = time.perf_counter()
+    forwarded = local = 0
+    for attempt in range(12):
+        job_id = f"cancel-{attempt}"
+        started = threading.Event()
+
+        def on_event(out):
+            if any(e == "token" for e, _ in out["events"]):
+                started.set()
+
+        with cf.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(execute, base, {"job_id": job_id, "prompt": "Once upon a time", "max_tokens": 1000,
+                                              "temperature": 0.0}, 120, on_event)
+            wait_for(lambda: started.is_set() or fut.done(), 60, 0.02, "the first token")
+            if fut.done():
+                fut.result()  # its failure
+            r = httpx.post(f"{base}/cancel", json={"job_id": job_id}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["cancelled"] is True
+            result = fut.result(timeout=60)
+        assert terminal(result) == ("end", terminal(result)[1]) and terminal(result)[1]["stop_reason"] == "cancelled"
+        assert terminal(result)[1]["tokens_out"] < 1000
+        if "x-llorch-cancelled-on" in r.headers:
+            assert r.headers["x-llorch-cancelled-on"] == result["replica"] != r.headers["x-llorch-replica"]
+            forwarded += 1
+        else:
+            assert r.headers["x-llorch-replica"] == result["replica"]
+            local += 1
+        if forwarded and local:
+            break
+    assert forwarded, "no /cancel landed on the other replica in 12 tries"
+    r = httpx.post(f"{base}/cancel", json={"job_id": "no-such-job"}, timeout=30)
+    assert r.status_code == 404 and r.json()["errors"][0]["field"] == "job_id"
+    TIMINGS["test_cancel (s)"] = round(time.perf_counter() - t0, 1)
+
+
+def test_killed_replica_cuts_its_streams_detectably_and_the_deployment_recovers(cluster, engine):
+    import ray
+
+    base = cluster["base"]
+    t0 = time.perf_counter()
+    n = 600
+    bodies = [{"job_id": f"kill-{i}", "prompt": PROMPTS[i], "max_tokens": n, "temperature": 0.0} for i in range(4)]
+    progress = {b["job_id"]: 0 for b in bodies}
+
+    def on_event(out):
+        progress[out["events"][0][1]["job_id"]] = len(out["events"])
+
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        futs = [pool.submit(execute, base, b, 180, on_event) for b in bodies]
+        wait_for(lambda: all(v > 3 for v in progress.values()), 60, 0.05, "every stream's first tokens")
+        victim = replicas()[0]
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+        results = [f.result(timeout=180) for f in futs]
+    on_victim = [r for r in results if r["replica"] == victim["replica_id"]]
+    on_other = [r for r in results if r["replica"] != victim["replica_id"]]
+    for r in on_victim:  # cut: no terminal event, and short of max_tokens
+        assert terminal(r) is None, r["events"][-3:]
+        assert sum(e == "token" for e, _ in r["events"]) < n
+    for r in on_other:
+        assert r["broken"] is None and terminal(r)[0] == "end"
+        assert text_of(r) == greedy_reference(engine, r["events"][0][1]["job_id"] and
+                                              bodies[int(r["events"][0][1]["job_id"].split("-")[1])]["prompt"], n)
+    # retries of the cut requests complete on a live replica with the engine's text
+    for r in on_victim:
+        i = int(r["events"][0][1]["job_id"].split("-")[1])
+        again = execute(base, {**bodies[i], "job_id": f"retry-{i}", "max_tokens": 64}, 120)
+        assert again["broken"] is None and terminal(again)[0] == "end"
+        assert again["replica"] != victim["replica_id"]
+        assert text_of(again) == greedy_reference(engine, bodies[i]["prompt"], 64)
+    # Serve replaces the dead replica
+    back = wait_for(lambda: len(replicas()) == 2 and victim["replica_id"] not in {r["replica_id"] for r in replicas()},
+                    120, 1.0, "2 running replicas again")
+    assert back
+    again = execute(base, {"job_id": "after-kill", "prompt": "Hello.", "max_tokens": 8, "temperature": 0.0}, 60)
+    assert terminal(again)[0] == "end" and text_of(again) == greedy_reference(engine, "Hello.", 8)
+    TIMINGS["test_kill (s)"] = round(time.perf_counter() - t0, 1)
+    TIMINGS["streams cut / completed"] = f"{len(on_victim)}/{len(on_other)}"
+    TIMINGS["cut streams ended by"] = sorted({r["broken"] or "end of body without a terminal event" for r in on_victim})
+
+
+def test_scale_down_drains_with_terminal_events(cluster):
+    """Going from 2 replicas to 1: the stopped replica's long streams end with `end` (cancelled after the drain
+    grace, 2 s here), never cut."""
+    from ray import serve
+
+    from llorch_cpud.server import ray_serve
+
+    base = cluster["base"]
+    t0 = time.perf_counter()
+    wait_for(lambda: len(replicas()) == 2, 120, 1.0, "2 running replicas")
+    bodies = [{"job_id": f"drain-{i}", "prompt": PROMPTS[i], "max_tokens": 1000, "temperature": 0.0} for i in range(4)]
+    progress = {b["job_id"]: 0 for b in bodies}
+
+    def on_event(out):
+        progress[out["events"][0][1]["job_id"]] = len(out["events"])
+
+    before = {r["replica_id"] for r in replicas()}
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        futs = [pool.submit(execute, base, b, 180, on_event) for b in bodies]
+        wait_for(lambda: all(v > 3 for v in progress.values()), 60, 0.05, "every stream's first tokens")
+        opts = ray_serve.RayOptions(**{**cluster["opts"].__dict__, "replicas": 1})
+        serve.run(ray_serve.bind(cluster["cfg"], opts), name=ray_serve.APP_NAME, route_prefix="/", blocking=False)
+        wait_for(lambda: len(replicas(None)) == 1, 90, 0.5, "1 replica left")
+        (stopped,) = before - {r["replica_id"] for r in replicas(None)}
+        # the survivor's streams would run to 1000 tokens: cancel them once the stopped replica's have ended
+        first = wait_for(lambda: [f for f in futs if f.done()], 60, 0.2, "a drained stream")
+        for b in bodies:
+            httpx.post(f"{base}/cancel", json={"job_id": b["job_id"]}, timeout=30)
+        results = [f.result(timeout=120) for f in futs]
+    assert first and len({r["replica"] for r in results}) == 2, "the streams did not reach both replicas"
+    drained = [r for r in results if r["replica"] == stopped]
+    assert drained
+    for r in results:
+        assert r["broken"] is None, r["events"][-3:]
+        assert terminal(r)[0] == "end", r["events"][-3:]
+        assert terminal(r)[1]["stop_reason"] == "cancelled"
+    TIMINGS["test_drain (s)"] = round(time.perf_counter() - t0, 1)
