@@ -282,9 +282,10 @@ def test_killed_replica_cuts_its_streams_detectably_and_the_deployment_recovers(
     TIMINGS["cut streams ended by"] = sorted({r["broken"] or "end of body without a terminal event" for r in on_victim})
 
 
-def test_scale_down_drains_with_terminal_events(cluster):
-    """Going from 2 replicas to 1: the stopped replica's long streams end with `end` (cancelled after the drain
-    grace, 2 s here), never cut."""
+def test_redeploy_drains_with_terminal_events(cluster):
+    """A new version of the deployment (here: serve.run again, with 1 replica; from Python, Serve rolls out every
+    deploy as a new version) stops both old replicas: each stops receiving requests, lets its streams run for the drain
+    grace (2 s here), then ends them with `end` / stop_reason `cancelled` - never a cut stream."""
     from ray import serve
 
     from llorch_cpud.server import ray_serve
@@ -292,30 +293,26 @@ def test_scale_down_drains_with_terminal_events(cluster):
     base = cluster["base"]
     t0 = time.perf_counter()
     wait_for(lambda: len(replicas()) == 2, 120, 1.0, "2 running replicas")
+    before = {r["replica_id"] for r in replicas()}
     bodies = [{"job_id": f"drain-{i}", "prompt": PROMPTS[i], "max_tokens": 1000, "temperature": 0.0} for i in range(4)]
     progress = {b["job_id"]: 0 for b in bodies}
 
     def on_event(out):
         progress[out["events"][0][1]["job_id"]] = len(out["events"])
 
-    before = {r["replica_id"] for r in replicas()}
     with cf.ThreadPoolExecutor(len(bodies)) as pool:
         futs = [pool.submit(execute, base, b, 180, on_event) for b in bodies]
         wait_for(lambda: all(v > 3 for v in progress.values()), 60, 0.05, "every stream's first tokens")
         opts = ray_serve.RayOptions(**{**cluster["opts"].__dict__, "replicas": 1})
         serve.run(ray_serve.bind(cluster["cfg"], opts), name=ray_serve.APP_NAME, route_prefix="/", blocking=False)
-        wait_for(lambda: len(replicas(None)) == 1, 90, 0.5, "1 replica left")
-        (stopped,) = before - {r["replica_id"] for r in replicas(None)}
-        # the survivor's streams would run to 1000 tokens: cancel them once the stopped replica's have ended
-        first = wait_for(lambda: [f for f in futs if f.done()], 60, 0.2, "a drained stream")
-        for b in bodies:
-            httpx.post(f"{base}/cancel", json={"job_id": b["job_id"]}, timeout=30)
         results = [f.result(timeout=120) for f in futs]
-    assert first and len({r["replica"] for r in results}) == 2, "the streams did not reach both replicas"
-    drained = [r for r in results if r["replica"] == stopped]
-    assert drained
+    assert {r["replica"] for r in results} == before, "the streams did not reach both replicas"
     for r in results:
         assert r["broken"] is None, r["events"][-3:]
         assert terminal(r)[0] == "end", r["events"][-3:]
-        assert terminal(r)[1]["stop_reason"] == "cancelled"
+        assert terminal(r)[1]["stop_reason"] == "cancelled" and terminal(r)[1]["tokens_out"] < 1000
+    now = wait_for(lambda: len(replicas(None)) == 1 and replicas(), 90, 0.5, "1 new replica")
+    assert not before & {r["replica_id"] for r in now}
+    again = execute(base, {"job_id": "after-redeploy", "prompt": "Hello.", "max_tokens": 8, "temperature": 0.0}, 60)
+    assert terminal(again)[0] == "end"
     TIMINGS["test_drain (s)"] = round(time.perf_counter() - t0, 1)
