@@ -14,18 +14,20 @@ Each test is bounded (`timeout` on every client call, deadlines on every wait). 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib.util
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'llorch-cpud[ray]')")
-
-pytestmark = pytest.mark.slow
+HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray[serve] is not installed (pip install 'llorch-cpud[ray]')")
 
 PROMPTS = ["Hello.", "What is the answer to life, the universe, and everything?", "def fibonacci(n):",
            "Once upon a time", "The capital of France is", "café naïve résumé", "1 2 3 4 5 6", "Dear Alice,"]
@@ -118,6 +120,8 @@ def engine(gpt2_small):
 
 @pytest.fixture(scope="module")
 def cluster(gpt2_small):
+    if not HAVE_RAY:
+        pytest.skip("ray[serve] is not installed (pip install 'llorch-cpud[ray]')")
     """Ray on this machine, Serve's proxy on 127.0.0.1, 2 replicas x 1 thread: yields the base URL."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -145,6 +149,7 @@ def cluster(gpt2_small):
         print("\nray serve timings:", json.dumps(TIMINGS))
 
 
+@pytest.mark.slow
 def test_streams_match_the_engine_and_spread_over_both_replicas(cluster, engine):
     base = cluster["base"]
     t0 = time.perf_counter()
@@ -171,6 +176,7 @@ def test_streams_match_the_engine_and_spread_over_both_replicas(cluster, engine)
     TIMINGS["test_streams (s)"] = round(time.perf_counter() - t0, 1)
 
 
+@pytest.mark.slow
 def test_health_and_metrics_per_replica(cluster):
     base = cluster["base"]
     ids = {r["replica_id"] for r in replicas()}
@@ -195,8 +201,28 @@ def test_health_and_metrics_per_replica(cluster):
         assert r.text.count("# TYPE llorch_tokens_generated_total counter") == 1
         r = c.get(f"{base}/replicas")
         assert {x["replica_id"] for x in r.json()["replicas"]} == ids
+    # No socket to another machine: every connection of Ray's processes (this one's descendants) ends on one of
+    # this machine's addresses, and Serve's HTTP proxy listens on loopback only.
+    import psutil
+
+    own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    me = psutil.Process()
+    listening, remote = set(), set()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns = proc.net_connections("inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for conn in conns:
+            if conn.raddr:
+                remote.add(conn.raddr.ip.removeprefix("::ffff:"))
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == cluster["port"]:
+                listening.add(conn.laddr.ip)
+    assert remote and remote <= own, remote - own
+    assert listening == {"127.0.0.1"}, listening
 
 
+@pytest.mark.slow
 def test_cancel_reaches_the_replica_holding_the_job(cluster):
     """A /cancel lands on either replica (Serve routes it independently): both paths end the job, and the run
     goes on until one cancel was forwarded to the other replica."""
@@ -237,6 +263,7 @@ def test_cancel_reaches_the_replica_holding_the_job(cluster):
     TIMINGS["test_cancel (s)"] = round(time.perf_counter() - t0, 1)
 
 
+@pytest.mark.slow
 def test_killed_replica_cuts_its_streams_detectably_and_the_deployment_recovers(cluster, engine):
     import ray
 
@@ -282,6 +309,7 @@ def test_killed_replica_cuts_its_streams_detectably_and_the_deployment_recovers(
     TIMINGS["cut streams ended by"] = sorted({r["broken"] or "end of body without a terminal event" for r in on_victim})
 
 
+@pytest.mark.slow
 def test_redeploy_drains_with_terminal_events(cluster):
     """A new version of the deployment (here: serve.run again, with 1 replica; from Python, Serve rolls out every
     deploy as a new version) stops both old replicas: each stops receiving requests, lets its streams run for the drain
@@ -316,3 +344,96 @@ def test_redeploy_drains_with_terminal_events(cluster):
     again = execute(base, {"job_id": "after-redeploy", "prompt": "Hello.", "max_tokens": 8, "temperature": 0.0}, 60)
     assert terminal(again)[0] == "end"
     TIMINGS["test_drain (s)"] = round(time.perf_counter() - t0, 1)
+
+
+# ---------------------------------------------------------------------------- without a cluster
+
+
+def test_cli_ray_options_need_ray():
+    r = subprocess.run([sys.executable, "-m", "llorch_cpud.cli", "serve", "--replicas", "2"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --ray-address, --replicas, --min-replicas and " \
+                                                     "--max-replicas need --ray", r.stderr
+
+
+@needs_ray
+def test_health_logic_loaded_engine_thread_and_wedge():
+    """LlorchWorker.unhealthy_reason (what check_health raises): on a stand-in replica, no Ray needed."""
+    from types import SimpleNamespace
+
+    from llorch_cpud.server.metrics import Metrics
+    from llorch_cpud.server.ray_serve import LlorchWorker, RayOptions
+
+    alive = SimpleNamespace(is_alive=lambda: True)
+    sch = SimpleNamespace(thread=alive, running=0, queued=0, inbox=[])
+    state = SimpleNamespace(status="healthy", engine=object(), scheduler=sch, metrics=Metrics())
+    w = SimpleNamespace(state=state, options=RayOptions(wedge_seconds=0.2))
+    w._steps = lambda: LlorchWorker._steps(w)
+    w._progress = (0.0, time.monotonic())
+    check = lambda: LlorchWorker.unhealthy_reason(w)  # noqa: E731
+    assert check() is None
+    sch.running = 1  # a job, no step: fine until wedge_seconds pass
+    assert check() is None
+    time.sleep(0.3)
+    assert "wedged" in check()
+    state.metrics.decode_step(1, 0.01)  # a step finished: healthy again
+    assert check() is None
+    sch.thread = SimpleNamespace(is_alive=lambda: False)
+    assert check() == "engine thread is not running"
+    state.status = "draining"
+    assert check() is None  # being stopped anyway: not replaced meanwhile
+    state.status, state.engine = "loading", None
+    assert check() == "worker is loading"
+
+
+@needs_ray
+def test_build_app_arguments():
+    from llorch_cpud.server import ray_serve
+
+    seen = {}
+    real = ray_serve.bind
+    ray_serve.bind = lambda cfg, opts: seen.update(cfg=cfg, opts=opts)
+    try:
+        ray_serve.build_app({"model": "m", "replicas": "3", "threads": "2", "max_batch": "4", "drain_grace_s": "1.5"})
+        assert (seen["cfg"].model, seen["cfg"].max_batch) == ("m", 4)
+        assert (seen["opts"].replicas, seen["opts"].threads, seen["opts"].drain_grace_s) == (3, 2, 1.5)
+        ray_serve.build_app({"min_replicas": "1", "max-replicas": "4"})
+        assert seen["opts"].replicas is None and seen["opts"].max_replicas == 4
+        with pytest.raises(ValueError, match="unknown argument"):
+            ray_serve.build_app({"replica": "2"})
+    finally:
+        ray_serve.bind = real
+
+
+@pytest.mark.slow
+def test_autoscaling_burst_scales_out_and_idleness_scales_back(cluster):
+    """min 1, max 2 replicas, 1 ongoing request per replica as the target: a burst of 6 streams brings a second
+    replica, which serves new requests; once idle (downscale delay 4 s) the deployment returns to 1."""
+    from ray import serve
+
+    from llorch_cpud.server import ray_serve
+
+    base = cluster["base"]
+    t0 = time.perf_counter()
+    opts = ray_serve.RayOptions(**{**cluster["opts"].__dict__, "replicas": None, "min_replicas": 1, "max_replicas": 2,
+                                   "target_ongoing_requests": 1.0, "upscale_delay_s": 1.0, "downscale_delay_s": 4.0})
+    serve.run(ray_serve.bind(cluster["cfg"], opts), name=ray_serve.APP_NAME, route_prefix="/")
+    wait_for(lambda: len(replicas(None)) == 1 and len(replicas()) == 1, 90, 0.5, "1 replica")
+    served = set()
+    with cf.ThreadPoolExecutor(8) as pool:
+        futs = [pool.submit(execute, base, {"job_id": f"burst-{i}", "prompt": PROMPTS[i % 8], "max_tokens": 1000,
+                                            "temperature": 0.0}, 180) for i in range(6)]
+        wait_for(lambda: len(replicas()) == 2, 90, 0.5, "a second replica")
+        late = [pool.submit(execute, base, {"job_id": f"late-{i}", "prompt": "Hello.", "max_tokens": 400,
+                                            "temperature": 0.0}, 180) for i in range(2)]
+        wait_for(lambda: all(f.done() for f in late) or None, 120, 0.5, "the late requests")
+        for b in [f"burst-{i}" for i in range(6)]:
+            httpx.post(f"{base}/cancel", json={"job_id": b}, timeout=30)
+        results = [f.result(timeout=60) for f in futs + late]
+    for r in results:
+        assert r["broken"] is None and terminal(r)[0] == "end", r["events"][-3:]
+        served.add(r["replica"])
+    assert len(served) == 2, "the new replica served nothing"
+    TIMINGS["autoscale up (s)"] = round(time.perf_counter() - t0, 1)
+    wait_for(lambda: len(replicas(None)) == 1, 90, 0.5, "back to 1 replica")
+    TIMINGS["test_autoscale (s)"] = round(time.perf_counter() - t0, 1)

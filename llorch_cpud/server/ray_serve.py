@@ -447,22 +447,19 @@ def replica_options(opts: RayOptions) -> dict:
 
 
 def build_app(args: dict):
-    """`serve run llorch_cpud.server.ray_serve:build_app model=PATH replicas=2 threads=1` (values are strings)."""
-    args = dict(args)
-    cfg_fields, opt_fields = ServeConfig.__dataclass_fields__, RayOptions.__dataclass_fields__
-    cfg = ServeConfig(model=args.pop("model", None))
-    opts = RayOptions()
+    """`serve run llorch_cpud.server.ray_serve:build_app model=PATH replicas=2 threads=1` (Serve's application
+    builder: `key=value` arguments, any ServeConfig or RayOptions field; min_replicas/max_replicas autoscale)."""
+    args = {k.replace("-", "_"): v for k, v in dict(args).items()}
+    cfg, opts = ServeConfig(model=args.pop("model", None)), RayOptions()
+    optional = {"replicas": int, "max_ongoing_requests": int, "memory_budget_mb": float}
     for k, v in args.items():
-        k = k.replace("-", "_")
-        target = opts if k in opt_fields else cfg if k in cfg_fields else None
-        if target is None:
-            raise ValueError(f"unknown argument {k!r}")
+        target = opts if k in RayOptions.__dataclass_fields__ else cfg if k in ServeConfig.__dataclass_fields__ else None
+        if target is None or k == "limits":
+            raise ValueError(f"build_app: unknown argument {k!r}")
         cur = getattr(target, k)
-        setattr(target, k, None if v in ("none", "None", "") else type(cur)(v) if cur is not None else
-                (int(v) if k in ("replicas", "max_ongoing_requests") else float(v) if v.replace(".", "", 1).isdigit()
-                 else v))
-    if "min_replicas" in args or "max_replicas" in args:
-        opts.replicas = None if "replicas" not in args else opts.replicas
+        setattr(target, k, optional.get(k, str)(v) if cur is None else type(cur)(v))
+    if ("min_replicas" in args or "max_replicas" in args) and "replicas" not in args:
+        opts.replicas = None
     return bind(cfg, opts)
 
 
