@@ -108,6 +108,8 @@ def serve_ray(cfg, a) -> int:
         from llorch_cpud.server import ray_serve
     except ImportError as e:
         raise LlorchError(f"--ray needs Ray Serve: pip install 'llorch-cpud[ray]' ({e})") from None
+    if a.callback_url is not None:
+        raise LlorchError("--callback-url is not used with --ray (Serve reports readiness: `serve status`, GET /replicas)")
     autoscale = a.min_replicas is not None or a.max_replicas is not None
     if autoscale and a.replicas is not None:
         raise LlorchError("give either --replicas or --min-replicas/--max-replicas, not both")

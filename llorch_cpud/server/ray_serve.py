@@ -291,7 +291,16 @@ class LlorchWorker:
     # ------------------------------------------------------------------ drain
 
     async def _watch_shutdown(self):
-        while _replica_shutting_down() is not True:
+        """Drain as soon as Serve begins to stop this replica (Serve itself only waits for the open requests, and
+        kills the replica when graceful_shutdown_timeout_s runs out). If Ray's internals have moved, the drain runs
+        from __del__ only, once Serve has waited for the requests."""
+        while True:
+            down = _replica_shutting_down()
+            if down is None:
+                log("replica: cannot see Serve's shutdown flag; draining from __del__ only", level=30)
+                return
+            if down:
+                break
             await asyncio.sleep(0.1)
         await self.drain()
 
