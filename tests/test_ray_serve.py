@@ -272,18 +272,21 @@ def test_killed_replica_cuts_its_streams_detectably_and_the_deployment_recovers(
     n = 600
     bodies = [{"job_id": f"kill-{i}", "prompt": PROMPTS[i], "max_tokens": n, "temperature": 0.0} for i in range(4)]
     progress = {b["job_id"]: 0 for b in bodies}
+    holder = {}
 
     def on_event(out):
         progress[out["events"][0][1]["job_id"]] = len(out["events"])
+        holder[out["events"][0][1]["job_id"]] = out["replica"]
 
     with cf.ThreadPoolExecutor(len(bodies)) as pool:
         futs = [pool.submit(execute, base, b, 180, on_event) for b in bodies]
         wait_for(lambda: all(v > 3 for v in progress.values()), 60, 0.05, "every stream's first tokens")
-        victim = replicas()[0]
+        victim = next(r for r in replicas() if r["replica_id"] == holder["kill-0"])  # one that holds a stream
         ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
         results = [f.result(timeout=180) for f in futs]
     on_victim = [r for r in results if r["replica"] == victim["replica_id"]]
     on_other = [r for r in results if r["replica"] != victim["replica_id"]]
+    assert on_victim
     for r in on_victim:  # cut: no terminal event, and short of max_tokens
         assert terminal(r) is None, r["events"][-3:]
         assert sum(e == "token" for e, _ in r["events"]) < n
