@@ -70,6 +70,23 @@ class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
         return await super().choose_replicas(candidate_replicas, pending_request)
 
 
+def _log_to_stderr() -> None:
+    """The worker's JSON log lines on the replica's stderr (Ray: the replica's worker log, and the driver's console
+    with log_to_driver), without touching the root logger, which Ray's own logging owns."""
+    import logging
+    import sys
+
+    from llorch_cpud.server.logs import LOGGER_NAME, JsonFormatter
+
+    lg = logging.getLogger(LOGGER_NAME)
+    if not lg.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
 def _replica_shutting_down() -> bool | None:
     """Whether Serve has begun this replica's graceful shutdown (None: cannot tell; Ray internals)."""
     try:
@@ -161,6 +178,7 @@ class LlorchWorker:
         from llorch_cpud.server.runner import on_loaded
 
         AppStatus.disable_automatic_graceful_drain()  # streams end with our own terminal events
+        _log_to_stderr()
         config = dict(config)
         config["limits"] = Limits(**config["limits"])
         cfg = ServeConfig(**config)
