@@ -273,20 +273,35 @@ def test_killed_replica_cuts_its_streams_detectably_and_the_deployment_recovers(
     bodies = [{"job_id": f"kill-{i}", "prompt": PROMPTS[i], "max_tokens": n, "temperature": 0.0} for i in range(4)]
     progress = {b["job_id"]: 0 for b in bodies}
     holder = {}
+    cmpl = {"replica": None, "datas": [], "broken": None}
 
     def on_event(out):
         progress[out["events"][0][1]["job_id"]] = len(out["events"])
         holder[out["events"][0][1]["job_id"]] = out["replica"]
 
-    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+    def completions():  # an OpenAI stream beside them, on the replica that will be killed
+        body = {"model": "gpt2", "prompt": PROMPTS[5], "max_tokens": n, "temperature": 0.0, "stream": True}
+        try:
+            with httpx.Client(timeout=180) as c, c.stream("POST", f"{base}/v1/completions", json=body) as r:
+                cmpl["replica"] = r.headers.get("x-llorch-replica")
+                for _, d in sse(r):
+                    cmpl["datas"].append(d)
+        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+            cmpl["broken"] = type(e).__name__
+
+    with cf.ThreadPoolExecutor(len(bodies) + 1) as pool:
+        cfut = pool.submit(completions)
         futs = [pool.submit(execute, base, b, 180, on_event) for b in bodies]
-        wait_for(lambda: all(v > 3 for v in progress.values()), 60, 0.05, "every stream's first tokens")
-        victim = next(r for r in replicas() if r["replica_id"] == holder["kill-0"])  # one that holds a stream
+        wait_for(lambda: all(v > 3 for v in progress.values()) and len(cmpl["datas"]) > 3, 60, 0.05,
+                 "every stream's first tokens")
+        victim = next(r for r in replicas() if r["replica_id"] == cmpl["replica"])
         ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
         results = [f.result(timeout=180) for f in futs]
+        cfut.result(timeout=180)
+    assert "[DONE]" not in cmpl["datas"] and cmpl["datas"], "the cut OpenAI stream must not end with [DONE]"
+    assert not any(json.loads(d)["choices"][0]["finish_reason"] for d in cmpl["datas"])
     on_victim = [r for r in results if r["replica"] == victim["replica_id"]]
     on_other = [r for r in results if r["replica"] != victim["replica_id"]]
-    assert on_victim
     for r in on_victim:  # cut: no terminal event, and short of max_tokens
         assert terminal(r) is None, r["events"][-3:]
         assert sum(e == "token" for e, _ in r["events"]) < n
@@ -309,7 +324,8 @@ def test_killed_replica_cuts_its_streams_detectably_and_the_deployment_recovers(
     assert terminal(again)[0] == "end" and text_of(again) == greedy_reference(engine, "Hello.", 8)
     TIMINGS["test_kill (s)"] = round(time.perf_counter() - t0, 1)
     TIMINGS["streams cut / completed"] = f"{len(on_victim)}/{len(on_other)}"
-    TIMINGS["cut streams ended by"] = sorted({r["broken"] or "end of body without a terminal event" for r in on_victim})
+    TIMINGS["cut streams ended by"] = sorted({r["broken"] or "end of body without a terminal event"
+                                              for r in [*on_victim, cmpl]})
 
 
 @pytest.mark.slow
