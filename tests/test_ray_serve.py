@@ -375,6 +375,16 @@ def test_cli_ray_options_need_ray():
                                                      "--max-replicas need --ray", r.stderr
 
 
+def test_cli_ray_without_ray_installed_is_one_line():
+    """`serve --ray` where ray cannot be imported: one line naming the extra, exit 2 (ray hidden from the import)."""
+    code = ("import sys; sys.modules['ray'] = None; from llorch_cpud.cli import main; "
+            "sys.exit(main(['serve', '--ray', '--replicas', '2']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: --ray needs Ray Serve: pip install 'llorch-cpud[ray]'") and \
+        len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 @needs_ray
 def test_health_logic_loaded_engine_thread_and_wedge():
     """LlorchWorker.unhealthy_reason (what check_health raises): on a stand-in replica, no Ray needed."""
