@@ -63,6 +63,20 @@ def register(subparsers) -> None:
                         "of the memory available once the model has loaded)")
     s.add_argument("--callback-attempts", type=_ranged_int(1, 100, "--callback-attempts"), default=6,
                    help="ready-callback tries (backoff 0.5 s doubling to 8 s) before start-up fails")
+    r = s.add_argument_group("Ray Serve (pip install 'llorch-cpud[ray]'; docs/scale-out.md)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve replicas of this worker on Ray Serve behind one endpoint (--host/--port: Serve's proxy)")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one on loopback)")
+    r.add_argument("--replicas", type=_ranged_int(1, 1024, "--replicas"), default=None,
+                   help="fixed number of replicas (default 1; give --min-replicas/--max-replicas to autoscale instead)")
+    r.add_argument("--min-replicas", type=_ranged_int(0, 1024, "--min-replicas"), default=None)
+    r.add_argument("--max-replicas", type=_ranged_int(1, 1024, "--max-replicas"), default=None)
+    r.add_argument("--target-ongoing-requests", type=ranged(float, 0.1, 1e6, "--target-ongoing-requests"), default=None,
+                   help="autoscaling: ongoing requests per replica to aim for (default: --max-batch / 2)")
+    r.add_argument("--threads", type=_ranged_int(1, 1024, "--threads"), default=1,
+                   help="CPUs reserved and OpenMP threads per replica (default 1)")
+    r.add_argument("--max-ongoing-requests", type=_ranged_int(1, 1 << 20, "--max-ongoing-requests"), default=None,
+                   help="most requests Serve sends one replica at once (default: 2 x --max-batch)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -75,10 +89,36 @@ def cmd_serve(a) -> int:
         raise LlorchError(f"--callback-url must be an http:// or https:// URL, got {a.callback_url!r}")
     if a.api_key is not None and not a.api_key:
         raise LlorchError("--api-key must not be empty")
-    return serve(ServeConfig(model=a.model, host=a.host, port=a.port, worker_id=a.worker_id, callback_url=a.callback_url,
-                             api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, prefill_tokens=a.prefill_tokens, max_gap=a.max_gap,
-                             numerics=a.numerics, callback_attempts=a.callback_attempts,
-                             limits=Limits(max_body_bytes=a.max_body_bytes, max_messages=a.max_messages,
-                                           max_chat_chars=a.max_chat_chars),
-                             read_timeout=a.read_timeout, request_timeout=a.request_timeout,
-                             memory_budget_mb=a.memory_budget_mb))
+    cfg = ServeConfig(model=a.model, host=a.host, port=a.port, worker_id=a.worker_id, callback_url=a.callback_url,
+                      api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, prefill_tokens=a.prefill_tokens, max_gap=a.max_gap,
+                      numerics=a.numerics, callback_attempts=a.callback_attempts,
+                      limits=Limits(max_body_bytes=a.max_body_bytes, max_messages=a.max_messages,
+                                    max_chat_chars=a.max_chat_chars),
+                      read_timeout=a.read_timeout, request_timeout=a.request_timeout,
+                      memory_budget_mb=a.memory_budget_mb)
+    if a.ray:
+        return serve_ray(cfg, a)
+    if a.ray_address or a.replicas or a.min_replicas is not None or a.max_replicas is not None:
+        raise LlorchError("--ray-address, --replicas, --min-replicas and --max-replicas need --ray")
+    return serve(cfg)
+
+
+def serve_ray(cfg, a) -> int:
+    try:
+        from llorch_cpud.server import ray_serve
+    except ImportError as e:
+        raise LlorchError(f"--ray needs Ray Serve: pip install 'llorch-cpud[ray]' ({e})") from None
+    if a.callback_url is not None:
+        raise LlorchError("--callback-url is not used with --ray (Serve reports readiness: `serve status`, GET /replicas)")
+    autoscale = a.min_replicas is not None or a.max_replicas is not None
+    if autoscale and a.replicas is not None:
+        raise LlorchError("give either --replicas or --min-replicas/--max-replicas, not both")
+    opts = ray_serve.RayOptions(replicas=None if autoscale else (a.replicas or 1), threads=a.threads,
+                                max_ongoing_requests=a.max_ongoing_requests)
+    if autoscale:
+        opts.min_replicas = a.min_replicas if a.min_replicas is not None else 1
+        opts.max_replicas = a.max_replicas if a.max_replicas is not None else max(opts.min_replicas, 2)
+        if opts.max_replicas < max(opts.min_replicas, 1):
+            raise LlorchError("--max-replicas must be at least --min-replicas and at least 1")
+        opts.target_ongoing_requests = a.target_ongoing_requests or max(1.0, cfg.max_batch / 2)
+    return ray_serve.run(cfg, opts, ray_address=a.ray_address)
