@@ -25,6 +25,8 @@ Decisions (see also schemas.py):
   queue); `metrics` comes just before the terminal `end`; `error` replaces `end` only when
   inference itself fails (`INFERENCE_FAILED`). Cancelled jobs (POST /cancel, SIGTERM) end
   with `end` and `stop_reason: "cancelled"`.
+- /execute's `logprobs: k` (0-20, an opt-in beyond SPEC's table) adds each token's log-probability and the k
+  most likely alternatives to the `token` events (and to `end` for tokens that released no text); see logprobs.py.
 - POST /cancel `{"job_id"}`: 200 `{"job_id", "cancelled": true, "state"}` for a queued or
   running job; 404 for an unknown or finished one.
 """
