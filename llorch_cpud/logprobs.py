@@ -120,6 +120,7 @@ class TokenTexts:
 
 def completion_logprobs(texts: TokenTexts, items: list[TokenLogprob | None], ids: list[int], start: int = 0) -> dict:
     """/v1/completions' legacy shape for tokens `ids` (items[i] None: no log-probability, the first prompt token)."""
+    items = list(items) + [None] * (len(ids) - len(items))  # (a prompt cancelled before it was all scored)
     return {
         "tokens": [texts.text(i) for i in ids],
         "token_logprobs": [None if e is None else e.logprob for e in items],

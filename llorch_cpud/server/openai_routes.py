@@ -209,7 +209,7 @@ def add_openai_routes(app, state, admission) -> list:
     def wants_logprobs(body, chat: bool) -> bool:
         return bool(body.logprobs) if chat else body.logprobs is not None
 
-    def logprobs_of(chat: bool, items, ids, start: int = 0, prompt_items=None, prompt_ids=(), prompt_len: int = 0):
+    def logprobs_of(chat: bool, items, ids, start: int = 0, prompt_items=None, prompt_ids=()):
         """The choice's `logprobs` for generated entries `items` (and, echoed, the prompt's)."""
         texts = token_texts(state)
         if chat:
