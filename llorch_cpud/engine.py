@@ -20,6 +20,7 @@ import numpy as np
 
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
 from llorch_cpud.formats import load_model, resolve
+from llorch_cpud.logprobs import ROWS_PER_BLOCK, TokenLogprob, entries
 from llorch_cpud.models.base import Model, Segment
 from llorch_cpud.sampling import SamplingParams, make_rng, sample
 from llorch_cpud.tokenizer import Tokenizer
@@ -39,6 +40,12 @@ class Request:
     # Teacher forcing (the validator's decode checkpoints): generated token i is forced_tokens[i], whatever the
     # sampler picked (`Sequence.picks` keeps its picks); past the list, generation goes on as usual.
     forced_tokens: list[int] | None = None
+    # Log-probabilities (logprobs.py: the model's distribution, before penalties and temperature): with `logprobs`
+    # = k (0..20) every generated token carries its log-probability and the k most likely tokens; with
+    # `prompt_logprobs` every prompt token but the first does too (the prefill computes the logits of every prompt
+    # row). max_tokens may be 0 only with prompt_logprobs (the prompt is scored, nothing generated).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -46,6 +53,7 @@ class TokenEvent:
     text: str  # a UTF-8-complete piece; may cover several tokens
     index: int  # index of this piece, from 0
     token_ids: list[int]  # the tokens this piece completes
+    logprobs: list[TokenLogprob] | None = None  # with Request.logprobs: every token since the previous piece
 
 
 @dataclass
@@ -58,6 +66,8 @@ class EndEvent:
     stop_sequence_matched: str | None = None
     prefill_time_ms: float = 0.0
     decode_time_ms: float = 0.0
+    token_logprobs: list[TokenLogprob] | None = None  # with Request.logprobs: one per generated token but EOS
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with Request.prompt_logprobs: [None, ...] per prompt token
 
     @property
     def tokens_out(self) -> int:
@@ -239,8 +249,10 @@ class Sequence:
     def __init__(self, engine: "Engine", request: Request, defer_cache: bool = False):
         self.engine = engine
         self.request = request
-        if request.max_tokens < 1:
+        if request.max_tokens < (0 if request.prompt_logprobs else 1):
             raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
+            raise InvalidRequest(f"logprobs must be in [0, 20], got {request.logprobs}")
         if len(request.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(request.stop)}")
         request.sampling.check()
@@ -280,6 +292,11 @@ class Sequence:
         # interleaved with the other sequences' decode steps (the scheduler sets it); nothing is sampled until the
         # prompt's last chunk.
         self.chunk: int | None = None
+        k = request.logprobs
+        self.top_n = k or 0  # alternatives per entry
+        self.token_logprobs: list[TokenLogprob] | None = [] if k is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if request.prompt_logprobs else None
+        self._lp_sent = 0  # token_logprobs already attached to a TokenEvent
 
     @property
     def done(self) -> bool:
@@ -305,7 +322,27 @@ class Sequence:
         """Whether the next token is the plain argmax of the logits (no penalty), so the model may pick
         it without the full head product (`Model.greedy_tokens`)."""
         p = self.request.sampling
-        return p.greedy and p.repetition_penalty == 1.0 and not self.keep_logits
+        return p.greedy and p.repetition_penalty == 1.0 and not self.keep_logits and self.token_logprobs is None
+
+    @property
+    def in_prompt(self) -> bool:
+        return self.pos < len(self.prompt_ids)
+
+    def score_prompt_rows(self, model, hidden: np.ndarray) -> None:
+        """Log-probabilities of the prompt tokens that this chunk's rows `hidden` [n, n_embd] predict (row r, at
+        position pos + r, predicts prompt token pos + r + 1; the prompt's last row predicts the first generated
+        token, which `accept` scores). The logits are computed ROWS_PER_BLOCK rows at a time."""
+        n = min(hidden.shape[0], len(self.prompt_ids) - 1 - self.pos)
+        for a in range(0, max(n, 0), ROWS_PER_BLOCK):
+            b = min(n, a + ROWS_PER_BLOCK)
+            targets = self.prompt_ids[self.pos + a + 1 : self.pos + b + 1]
+            self.prompt_logprobs += entries(model.logits(hidden[a:b]), targets, self.top_n)
+
+    def finish_prompt(self) -> list:
+        """max_tokens 0: the prompt went in (and was scored); end without generating."""
+        self.pos += len(self.pending)
+        self.pending = []
+        return [self._finish("cancelled" if self.cancelled.is_set() else "max_tokens")]
 
     def accept(self, logits: np.ndarray | None, token: int | None = None) -> list:
         """Sample from the last row's logits [vocab] (or take `token`, the model's greedy pick when
@@ -325,6 +362,8 @@ class Sequence:
             self.t_first = time.perf_counter()
         self.generated.append(token)
         self.pending = [token]
+        if self.token_logprobs is not None and token != self.engine.eos_token_id:  # EOS has no text: no entry
+            self.token_logprobs += entries(logits[None, :], [token], self.top_n)
         events = []
         if token == self.engine.eos_token_id:
             events += self._piece(self.stream.finish(), [token])
@@ -362,6 +401,9 @@ class Sequence:
         if not text:
             return []
         ev = TokenEvent(text=text, index=self.n_events, token_ids=ids)
+        if self.token_logprobs is not None:
+            ev.logprobs = self.token_logprobs[self._lp_sent :]
+            self._lp_sent = len(self.token_logprobs)
         self.n_events += 1
         return [ev]
 
@@ -377,6 +419,8 @@ class Sequence:
             stop_sequence_matched=self.stream.matched,
             prefill_time_ms=(first - self.t_start) * 1000.0,
             decode_time_ms=(now - first) * 1000.0,
+            token_logprobs=None if self.token_logprobs is None else list(self.token_logprobs),
+            prompt_logprobs=self.prompt_logprobs,
         )
         self.cache = None  # free the KV cache now, not when the last reference goes
         return self.end
@@ -401,18 +445,29 @@ class Engine:
         segments = [s.segment() for s in live]
         tokens = np.array([t for s, seg in zip(live, segments) for t in s.pending[: seg.length]], dtype=np.int64)  # [rows]
         hidden = self.model.forward(tokens, segments, trace)  # [rows, n_embd]
-        last = hidden[np.cumsum([seg.length for seg in segments]) - 1]  # [n_seq, n_embd] one row per sequence
-        ready = [j for j, (s, seg) in enumerate(zip(live, segments)) if seg.length == len(s.pending)]
+        ends = np.cumsum([seg.length for seg in segments])
+        last = hidden[ends - 1]  # [n_seq, n_embd] one row per sequence
+        out = {}
+        for s, seg, e in zip(live, segments, ends):
+            if s.prompt_logprobs is not None and s.in_prompt:
+                try:  # the logits of every prompt row of this chunk (echo's prompt log-probabilities)
+                    s.score_prompt_rows(self.model, hidden[e - seg.length : e])
+                except Exception as exc:  # noqa: BLE001 - this sequence alone fails
+                    out[id(s)] = s.fail("INFERENCE_FAILED", f"prompt logprobs failed: {type(exc).__name__}: {exc}")
+        ready = [j for j, (s, seg) in enumerate(zip(live, segments)) if seg.length == len(s.pending) and not s.done]
         for s, seg in zip(live, segments):
-            if seg.length < len(s.pending):
+            if seg.length < len(s.pending) and not s.done:
                 s.advance(seg.length)  # a prompt chunk: no token this step
+        for j in [j for j in ready if live[j].request.max_tokens == 0]:
+            out[id(live[j])] = live[j].finish_prompt()  # echo of a scored prompt, nothing to generate
+        ready = [j for j in ready if live[j].request.max_tokens > 0]
         greedy = [j for j in ready if live[j].greedy_only] if trace is None else []
         picks = self.model.greedy_tokens(last[greedy]) if greedy else None  # [n_greedy] or None (no screen)
         if picks is None:
             greedy = []
         sampled = [j for j in ready if j not in set(greedy)]
         logits = self.model.logits(last[sampled]) if sampled else None  # [n_sampled, vocab]
-        out = {id(live[j]): live[j].accept_or_fail(None, picks[i]) for i, j in enumerate(greedy)}
+        out.update({id(live[j]): live[j].accept_or_fail(None, picks[i]) for i, j in enumerate(greedy)})
         out.update({id(live[j]): live[j].accept_or_fail(logits[i]) for i, j in enumerate(sampled)})
         return [out.get(id(s), []) for s in seqs]
 

@@ -12,6 +12,7 @@ The layers, lowest first; a module may import from its own layer or a lower one,
   cache               KV cache arrays (kernels' layouts)
   models              the forward passes (GPT-2, Llama) on kernels and caches
   tokenizer, sampling text <-> ids; logits -> a token. Neither knows the models; the models do not know them
+  (logprobs)          logits -> log-probabilities; token ids -> their bytes (the sampling layer)
   formats             files -> (model, tokenizer): HF folders, GGUF files, hub names
   engine              the generation loop over a model and a tokenizer; load_engine = formats + Engine
   validate            engines against reference implementations
@@ -39,7 +40,7 @@ LAYERS = [
     ("kernels",),
     ("cache",),
     ("models",),
-    ("tokenizer", "sampling"),
+    ("tokenizer", "sampling", "logprobs"),
     ("formats",),
     ("engine",),
     ("validate",),

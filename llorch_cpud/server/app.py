@@ -25,6 +25,8 @@ Decisions (see also schemas.py):
   queue); `metrics` comes just before the terminal `end`; `error` replaces `end` only when
   inference itself fails (`INFERENCE_FAILED`). Cancelled jobs (POST /cancel, SIGTERM) end
   with `end` and `stop_reason: "cancelled"`.
+- /execute's `logprobs: k` (0-20, an opt-in beyond SPEC's table) adds each token's log-probability and the k
+  most likely alternatives to the `token` events (and to `end` for tokens that released no text); see logprobs.py.
 - POST /cancel `{"job_id"}`: 200 `{"job_id", "cancelled": true, "state"}` for a queued or
   running job; 404 for an unknown or finished one.
 """
@@ -48,13 +50,14 @@ from sse_starlette import ServerSentEvent
 from llorch_cpud import __version__
 from llorch_cpud.engine import Request as EngineRequest
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
+from llorch_cpud.logprobs import TokenTexts, execute_logprobs
 from llorch_cpud.sampling import SamplingParams
 from llorch_cpud.server import schemas
 from llorch_cpud.server.budget import MemoryBudget, TooLarge
 from llorch_cpud.server.logs import correlation_id, log
 from llorch_cpud.server.metrics import CONTENT_TYPE, Metrics
 from llorch_cpud.server.openai_routes import add_openai_routes
-from llorch_cpud.server.responses import JobFeed, errors_response, json_response, read_json, sse_response
+from llorch_cpud.server.responses import JobFeed, errors_response, json_response, read_json, sse_response, token_texts
 from llorch_cpud.server.scheduler import Job, NotAccepting, QueueFull, Scheduler
 
 
@@ -99,6 +102,7 @@ class WorkerState:
     fatal: str | None = None  # start-up failure: the process exits non-zero with this reason
     fatal_exc: BaseException | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    token_texts: TokenTexts | None = None  # built on the first request that asks for log-probabilities
 
     def memory_bytes(self) -> int:
         try:
@@ -170,7 +174,7 @@ class Admission:
         return n_ctx if self.state.budget is None else min(n_ctx, self.state.budget.max_positions)
 
     def submit(self, *, endpoint: str, job_id: str, prompt: str, prompt_ids: list[int], body,
-               on_errors=None) -> Job | object:
+               on_errors=None, logprobs: int | None = None, prompt_logprobs: bool = False) -> Job | object:
         """Synchronous (no await between the duplicate check and the registration)."""
         on_errors = on_errors or errors_response
         state = self.state
@@ -179,7 +183,8 @@ class Admission:
             return on_errors([schemas.field_error("job_id", "a job with this job_id is already queued or running",
                                                   job_id, "unique among queued and running jobs")], 409)
         req = EngineRequest(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling_params(body),
-                      seed=body.seed, stop=list(body.stop), job_id=job_id)
+                      seed=body.seed, stop=list(body.stop), job_id=job_id, logprobs=logprobs,
+                      prompt_logprobs=prompt_logprobs)
         try:
             seq = state.engine.start(req, defer_cache=True)  # allocated when the scheduler admits the job
         except InvalidRequest as e:
@@ -331,23 +336,33 @@ def create_app(state: WorkerState, lifespan=None):
         ignored = schemas.unknown_fields(schemas.ExecuteBody, data)
         if ignored:
             log("unknown fields ignored", job_id=body.job_id, ignored_fields=ignored)
-        job = admission.submit(endpoint="execute", job_id=body.job_id, prompt=body.prompt, prompt_ids=ids, body=body)
+        job = admission.submit(endpoint="execute", job_id=body.job_id, prompt=body.prompt, prompt_ids=ids, body=body,
+                               logprobs=body.logprobs)
         if not isinstance(job, Job):
             return job
+        texts = token_texts(state) if body.logprobs is not None else None
 
         feed = JobFeed(state, job)
 
         async def stream():
+            sent = 0
             started = {"job_id": job.job_id, "model": state.model_name, "started_at": job.started_at}
             if ignored:
                 started["ignored_fields"] = ignored
             yield ServerSentEvent(event="started", data=json.dumps(started, ensure_ascii=False))
             async for kind, ev in feed.events():
                 if kind == "token":
-                    yield ServerSentEvent(event="token", data=json.dumps({"t": ev.text, "i": ev.index}, ensure_ascii=False))
+                    d = {"t": ev.text, "i": ev.index}
+                    if texts is not None:
+                        d["logprobs"] = execute_logprobs(texts, ev.logprobs or [])
+                        sent += len(ev.logprobs or [])
+                    yield ServerSentEvent(event="token", data=json.dumps(d, ensure_ascii=False))
                 elif kind == "end":
                     yield ServerSentEvent(event="metrics", data=json.dumps(metrics_payload(ev)))
-                    yield ServerSentEvent(event="end", data=json.dumps(end_payload(ev), ensure_ascii=False))
+                    d = end_payload(ev)
+                    if texts is not None:  # tokens that released no text (a stop sequence's)
+                        d["logprobs"] = execute_logprobs(texts, (ev.token_logprobs or [])[sent:])
+                    yield ServerSentEvent(event="end", data=json.dumps(d, ensure_ascii=False))
                 else:
                     yield ServerSentEvent(event="error", data=json.dumps(ev, ensure_ascii=False))
 

@@ -4,12 +4,19 @@ Enough of the OpenAI API for the official `openai` client, streaming and not. Re
 through the same validation, queue and engine thread as /execute.
 
 Decisions:
-- Supported parameters: prompt (a string, a list of one string, or a list of token ids),
+- Supported parameters: prompt (a string, a list of one string, a list of token ids, or a list of one
+  list of token ids - what lm-evaluation-harness sends),
   messages, max_tokens (completions default 16; chat default: what the context leaves, at
   most 2048, within the memory budget; `max_completion_tokens` is an alias), temperature, top_p, seed, stop (string or
   list), stream, stream_options.include_usage, n (must be 1), and the llorch extras top_k,
-  min_p, repetition_penalty. `null` means "default". Unsupported parameters that would
-  change the output (echo, logprobs, best_of > 1, suffix, tools) are a 400; the rest
+  min_p, repetition_penalty; log-probabilities: completions' `logprobs` (0-20) and `echo`
+  (the prompt's text, and with logprobs its tokens' log-probabilities, the first one null;
+  `max_tokens: 0` with echo scores the prompt only), chat's `logprobs` / `top_logprobs` (0-20).
+  Log-probabilities are the model's distribution (log-softmax in float64 of the float32
+  logits), before repetition penalty, temperature, top-k/top-p/min-p; an EOS token has no
+  entry; tokens cut with a stop sequence keep theirs. `text_offset` counts characters into
+  the returned `text`. `null` means "default". Unsupported parameters that would
+  change the output (best_of > 1, suffix, tools) are a 400; the rest
   (model, user, presence/frequency penalty 0, logit_bias {} ...) are ignored. `model` is
   not checked: one worker serves one model, named in /v1/models.
 - finish_reason: "stop" for EOS and stop sequences, "length" for max_tokens, "stop" for a
@@ -29,16 +36,14 @@ from fastapi import Request  # module level: FastAPI resolves the string annotat
 from sse_starlette import ServerSentEvent
 
 from llorch_cpud.errors import InvalidRequest
+from llorch_cpud.logprobs import chat_logprobs, completion_logprobs
 from llorch_cpud.server import schemas
 from llorch_cpud.server.logs import log
-from llorch_cpud.server.responses import JobFeed, json_response, read_json, sse_response
+from llorch_cpud.server.responses import JobFeed, json_response, read_json, sse_response, token_texts
 from llorch_cpud.server.scheduler import Job
 from llorch_cpud.tokenizer.chat import apply_chat_template
 
 UNSUPPORTED = {
-    "echo": lambda v: v is True,
-    "logprobs": lambda v: v not in (None, False, 0),
-    "top_logprobs": lambda v: v not in (None, 0),
     "best_of": lambda v: v not in (None, 1),
     "suffix": lambda v: v not in (None, ""),
     "tools": lambda v: bool(v),
@@ -77,14 +82,23 @@ def _normalise(data: dict, chat: bool) -> tuple[dict, list[dict], list[int] | No
         p = data.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
             data["prompt"] = p[0]
-        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        elif isinstance(p, list) and len(p) == 1 and isinstance(p[0], list):
+            p = p[0]  # one prompt of token ids (lm-evaluation-harness's batches of one)
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             prompt_ids = list(p)
             data["prompt"] = "<token ids>"
         elif isinstance(p, list):
-            errors.append(schemas.field_error("prompt", "prompt must be a string, a list of one string, or a list of token ids",
+            errors.append(schemas.field_error("prompt", "prompt must be a string, a list of one string, or a list of "
+                                                        "token ids (or a list of one such list)",
                                               p, "string of 1-32768 characters (or one list of token ids)"))
             data.pop("prompt")
+        if data.get("max_tokens") == 0 and data.get("echo") is not True:
+            errors.append(schemas.field_error("max_tokens", "max_tokens 0 needs echo: true (score the prompt only)", 0,
+                                              "integer in [1, 2048] (0 with echo: true)"))
     else:
+        if data.get("top_logprobs", 0) not in (0, False) and data.get("logprobs") is not True:
+            errors.append(schemas.field_error("top_logprobs", "top_logprobs needs logprobs: true",
+                                              data["top_logprobs"]))
         msgs = data.get("messages")
         if isinstance(msgs, list):  # content given as a list of text parts
             for m in msgs:
@@ -144,10 +158,19 @@ def add_openai_routes(app, state, admission) -> list:
             state.metrics.request(endpoint, "invalid")
             return None, None, openai_errors(errors)
         prefix = "chatcmpl-" if chat else "cmpl-"
+        if chat:
+            k = (body.top_logprobs or 0) if body.logprobs else None
+            echo_lp = False
+        else:
+            k = body.logprobs
+            echo_lp = body.echo and (k is not None or body.max_tokens == 0)
         job = admission.submit(endpoint=endpoint, job_id=prefix + uuid.uuid4().hex[:24], prompt=prompt,
-                               prompt_ids=ids, body=body, on_errors=openai_errors)
+                               prompt_ids=ids, body=body, on_errors=openai_errors, logprobs=k,
+                               prompt_logprobs=echo_lp)
         if not isinstance(job, Job):
             return None, None, job
+        if not chat and body.echo:  # the prompt as echoed: the text given, or the token ids decoded
+            job.echo_text = prompt if prompt_ids is None else state.engine.tokenizer.decode(ids)
         return job, body, None
 
     def apply_template(body) -> str:
@@ -183,34 +206,70 @@ def add_openai_routes(app, state, admission) -> list:
         return json_response(status, {"error": {"message": error["message"], "type": "server_error", "param": None,
                                                 "code": error["code"]}})
 
+    def wants_logprobs(body, chat: bool) -> bool:
+        return bool(body.logprobs) if chat else body.logprobs is not None
+
+    def logprobs_of(chat: bool, items, ids, start: int = 0, prompt_items=None, prompt_ids=()):
+        """The choice's `logprobs` for generated entries `items` (and, echoed, the prompt's)."""
+        texts = token_texts(state)
+        if chat:
+            return {"content": chat_logprobs(texts, items), "refusal": None}
+        out = completion_logprobs(texts, list(items), list(ids), start)
+        if prompt_items is not None:
+            head = completion_logprobs(texts, list(prompt_items), list(prompt_ids), 0)
+            out = {k: head[k] + out[k] for k in out}
+        return out
+
     def stream_response(job, body, chat: bool, feed: JobFeed):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.stream_options or {}).get("include_usage"))
+        want = wants_logprobs(body, chat)
+        echo = not chat and body.echo
 
-        def chunk(text: str | None, reason: str | None, end=None, role=False):
+        def chunk(text: str | None, reason: str | None, end=None, role=False, logprobs=None):
             if chat:
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             if end is not None:
                 choice["llorch_stop_reason"] = end.stop_reason
             c = {"id": job.job_id, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
             return ServerSentEvent(data=json.dumps(c, ensure_ascii=False))
 
         async def gen():
+            sent, chars, echoed = 0, 0, not echo  # entries sent; characters of text sent; prompt echoed
             if chat:
                 yield chunk("", None, role=True)
             async for kind, ev in feed.events():
+                if not echoed and kind in ("token", "end"):  # the prompt (scored by now) comes first
+                    echoed = True
+                    text = job.echo_text
+                    lp = None
+                    if want:
+                        lp = logprobs_of(False, [], [], prompt_items=job.seq.prompt_logprobs,
+                                         prompt_ids=job.seq.prompt_ids)
+                    yield chunk(text, None, logprobs=lp)
+                    chars += len(text)
                 if kind == "token":
-                    yield chunk(ev.text, None)
+                    lp = None
+                    if want:
+                        items = ev.logprobs or []
+                        lp = logprobs_of(chat, items, [e.token_id for e in items], chars)
+                        sent += len(items)
+                    yield chunk(ev.text, None, logprobs=lp)
+                    chars += len(ev.text)
                 elif kind == "end":
-                    yield chunk(None if chat else "", finish_reason(ev.stop_reason), end=ev)
+                    lp = None
+                    items = (ev.token_logprobs or [])[sent:]
+                    if want and items:  # entries of tokens that released no text (a stop sequence's)
+                        lp = logprobs_of(chat, items, [e.token_id for e in items], chars)
+                    yield chunk(None if chat else "", finish_reason(ev.stop_reason), end=ev, logprobs=lp)
                     if include_usage:
                         yield ServerSentEvent(data=json.dumps({"id": job.job_id, "object": obj, "created": created,
                                                                "model": state.model_name, "choices": [],
@@ -237,10 +296,18 @@ def add_openai_routes(app, state, admission) -> list:
             return server_error(err)
         choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason(end.stop_reason),
                   "llorch_stop_reason": end.stop_reason}
+        items = end.token_logprobs or []
         if chat:
             choice["message"] = {"role": "assistant", "content": end.text}
+            if body.logprobs:
+                choice["logprobs"] = logprobs_of(True, items, [])
         else:
-            choice["text"] = end.text
+            head = job.echo_text if body.echo else ""
+            choice["text"] = head + end.text
+            if body.logprobs is not None:
+                choice["logprobs"] = logprobs_of(False, items, [e.token_id for e in items], len(head),
+                                                 prompt_items=end.prompt_logprobs if body.echo else None,
+                                                 prompt_ids=end.prompt_ids)
         return json_response(200, {
             "id": job.job_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": state.model_name, "choices": [choice], "usage": usage(end),

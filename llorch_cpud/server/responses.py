@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.requests import ClientDisconnect
 
+from llorch_cpud.logprobs import TokenTexts
 from llorch_cpud.server import schemas
 from llorch_cpud.server.logs import log
 from llorch_cpud.server.scheduler import Job
@@ -114,3 +115,10 @@ class JobStream(EventSourceResponse):
 def sse_response(feed: JobFeed, gen, job_id: str):
     """`job_id` has passed schemas.JobId (or was made by the worker): safe in a header."""
     return JobStream(feed, gen, headers={"X-Job-ID": job_id})
+
+
+def token_texts(state):
+    """The token bytes/texts (logprobs.TokenTexts) of the served model's tokenizer, built on first use."""
+    if state.token_texts is None:
+        state.token_texts = TokenTexts(state.engine.tokenizer)
+    return state.token_texts

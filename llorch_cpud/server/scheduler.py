@@ -77,6 +77,7 @@ class Job:
     max_seconds: float | None = None  # wall time from acceptance after which the job ends with error TIMEOUT
     accepted_at: float = field(default_factory=time.monotonic)
     cache_bytes: int = 0  # the KV cache it takes once admitted (Scheduler.submit; KVCache.nbytes)
+    echo_text: str = ""  # /v1/completions with echo: the prompt's text as returned
 
     @property
     def deadline(self) -> float | None:

@@ -55,6 +55,9 @@ CONSTRAINTS = {
     "repetition_penalty": "number in [0.0, 2.0] (1.0 = off)",
     "min_p": "number in [0.0, 1.0] (0 = off)",
     "stop": "list of at most 4 strings, each 1-100 characters",
+    "logprobs": "integer in [0, 20] (/execute, /v1/completions); boolean (/v1/chat/completions)",
+    "top_logprobs": "integer in [0, 20], with logprobs: true",
+    "echo": "boolean",
     # OpenAI-compatible endpoints
     "messages": "non-empty list of {role, content} objects (limits: serve --max-messages, --max-chat-chars)",
     "n": "1 (one choice per request)",
@@ -77,9 +80,15 @@ class Sampling(BaseModel):
     stop: Annotated[list[StopItem], Field(max_length=4)] = []
 
 
+TopCount = Annotated[int, Field(ge=0, le=20)]
+
+
 class ExecuteBody(Sampling):
     job_id: JobId
     prompt: Annotated[str, Field(min_length=1, max_length=32768)]
+    # An extra beyond SPEC's table, off by default: each token event carries its tokens' log-probabilities and
+    # this many most likely alternatives (the model's distribution, before penalties and temperature).
+    logprobs: TopCount | None = None
 
 
 class CancelBody(BaseModel):
@@ -91,8 +100,10 @@ class CompletionBody(Sampling):
     """OpenAI /v1/completions. `prompt` may be a string or a list holding one string; `stop` a string or a list."""
 
     prompt: Annotated[str, Field(min_length=1, max_length=32768)]
-    max_tokens: Annotated[int, Field(ge=1, le=2048)] = 16
+    max_tokens: Annotated[int, Field(ge=0, le=2048)] = 16  # 0 only with echo (score the prompt)
     stream: bool = False
+    logprobs: TopCount | None = None
+    echo: bool = False
     n: Annotated[int, Field(ge=1, le=1)] = 1
     model: str | None = None
     stream_options: dict | None = None
@@ -110,6 +121,8 @@ def chat_body(limits: Limits) -> type[BaseModel]:
         messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=limits.max_messages)]
         max_tokens: Annotated[int, Field(ge=1, le=2048)] | None = None  # default: what the context leaves, at most 2048
         stream: bool = False
+        logprobs: bool = False
+        top_logprobs: TopCount | None = None
         n: Annotated[int, Field(ge=1, le=1)] = 1
         model: str | None = None
         stream_options: dict | None = None
@@ -216,7 +229,7 @@ def pydantic_errors(exc: ValidationError, data: dict) -> list[dict]:
 
 
 FIELD_ORDER = ["body", "job_id", "prompt", "messages", "max_tokens", "temperature", "seed", "top_p", "top_k",
-               "repetition_penalty", "min_p", "stop"]
+               "repetition_penalty", "min_p", "stop", "logprobs", "top_logprobs", "echo"]
 
 
 def order(errors: list[dict]) -> list[dict]:
