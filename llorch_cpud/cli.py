@@ -186,10 +186,11 @@ def cmd_info(a) -> int:
     print(f"llorch-cpud {__version__}")
     print(f"cpu: {info['cpu']} ({' '.join(info['cpu_isa']) or 'flags unknown'})")
     if info["built"]:
-        print(f"kernels: C, built for {info['tier']} ({' '.join(info['build_isa']) or 'no SIMD extension'}), "
+        print(f"kernels: C, variant {info['tier']} ({' '.join(info['build_isa']) or 'no SIMD extension'}), "
               f"OpenMP {info['openmp'] or 'off'}{'' if info['enabled'] else ' - disabled by LLORCH_KERNELS=numpy'}")
     else:
-        print("kernels: numpy only (the C extension is not built)")
+        print("kernels: numpy only (no C kernel variant loaded)")
+    print(f"kernel variants built: {', '.join(info['variants_built']) or 'none'}; this CPU's best: {info['cpu_tier']}")
     print(f"decode path: {info['decode_path']} ({PATH_NAMES[info['decode_path']]})")
     for w in info["warnings"]:
         print(f"warning: {w}")

@@ -49,10 +49,11 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    from llorch_cpud.kernels import _qkernels
-except ImportError:  # pragma: no cover - built at install; without a C compiler models load dense
-    _qkernels = None
+from llorch_cpud.kernels import isa
+
+# The one place the C extension is imported: the best variant built for this CPU (kernels/isa.py), or None
+# (no C compiler at install: models load dense). Everything else takes `_qkernels` from here.
+_qkernels = isa.load()
 
 #: The kernels' block formats: ggml's Q4_1 and Q8_0 (float16 scales per 32 weights), and for the
 #: K-quants the same 4-bit / 8-bit layouts with float32 scales - Q4_1F (d, m per 32), Q8_S16 (d per 16)
