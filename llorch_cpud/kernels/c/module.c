@@ -404,6 +404,9 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *args)
     LLORCH_HAS("bmi", "bmi1") LLORCH_HAS("bmi2", "bmi2") LLORCH_HAS("avx512f", "avx512f")
     LLORCH_HAS("avx512bw", "avx512bw") LLORCH_HAS("avx512cd", "avx512cd") LLORCH_HAS("avx512dq", "avx512dq")
     LLORCH_HAS("avx512vl", "avx512vl") LLORCH_HAS("avx512vnni", "avx512_vnni")
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 /* the micro-architecture levels, whole */
+    LLORCH_HAS("x86-64-v2", "x86-64-v2") LLORCH_HAS("x86-64-v3", "x86-64-v3") LLORCH_HAS("x86-64-v4", "x86-64-v4")
+#endif
 #undef LLORCH_HAS
 #endif
     return out;
