@@ -88,6 +88,12 @@ def cmd_generate(a) -> int:
     from llorch_cpud.engine import EndEvent, ErrorEvent, Request, load_engine
     from llorch_cpud.sampling import SamplingParams
 
+    from llorch_cpud import kernels
+
+    # why this run is slower than it could be, in one line (no C kernels, or not the best variant for this CPU)
+    why = [w for w in kernels.info()["warnings"] if "LLORCH_KERNELS=numpy" not in w]
+    if why:
+        print(f"warning: {why[0]} (llorch-cpud info)", file=sys.stderr)
     engine, _ = load_engine(a.model, numerics=a.numerics)
     prompt = chat_prompt(engine, a.prompt) if a.chat else a.prompt
     req = Request(

@@ -16,8 +16,8 @@
  * Q4_1 is not computed as d*sum(q*x) + m*sum(x): with m about -8d the two terms nearly cancel and
  * the float32 result loses digits the dequantized product keeps.
  *
- * Written with GCC/Clang vector extensions (16 x float32): the compiler emits AVX-512, AVX2 or
- * SSE for -march=native. The GIL is released while computing; OpenMP spreads chunks over cores.
+ * Written with GCC/Clang vector extensions (16 x float32): the compiler emits AVX-512, AVX2, SSE or
+ * NEON for the variant's -march (kernels/isa.py). The GIL is released while computing; OpenMP spreads chunks over cores.
  */
 #include "simd.h"
 
