@@ -88,6 +88,12 @@ def cmd_generate(a) -> int:
     from llorch_cpud.engine import EndEvent, ErrorEvent, Request, load_engine
     from llorch_cpud.sampling import SamplingParams
 
+    from llorch_cpud import kernels
+
+    # why this run is slower than it could be, in one line (no C kernels, or not the best variant for this CPU)
+    why = [w for w in kernels.info()["warnings"] if "LLORCH_KERNELS=numpy" not in w]
+    if why:
+        print(f"warning: {why[0]} (llorch-cpud info)", file=sys.stderr)
     engine, _ = load_engine(a.model, numerics=a.numerics)
     prompt = chat_prompt(engine, a.prompt) if a.chat else a.prompt
     req = Request(
@@ -186,10 +192,11 @@ def cmd_info(a) -> int:
     print(f"llorch-cpud {__version__}")
     print(f"cpu: {info['cpu']} ({' '.join(info['cpu_isa']) or 'flags unknown'})")
     if info["built"]:
-        print(f"kernels: C, built for {info['tier']} ({' '.join(info['build_isa']) or 'no SIMD extension'}), "
+        print(f"kernels: C, variant {info['tier']} ({' '.join(info['build_isa']) or 'no SIMD extension'}), "
               f"OpenMP {info['openmp'] or 'off'}{'' if info['enabled'] else ' - disabled by LLORCH_KERNELS=numpy'}")
     else:
-        print("kernels: numpy only (the C extension is not built)")
+        print("kernels: numpy only (no C kernel variant loaded)")
+    print(f"kernel variants built: {', '.join(info['variants_built']) or 'none'}; this CPU's best: {info['cpu_tier']}")
     print(f"decode path: {info['decode_path']} ({PATH_NAMES[info['decode_path']]})")
     for w in info["warnings"]:
         print(f"warning: {w}")

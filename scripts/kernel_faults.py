@@ -3,8 +3,8 @@
     python scripts/kernel_faults.py FAULT --model M [--prompt P]... [--numerics q8] [--tokens 48] [--keep DIR]
 
 FAULT is a name from llorch_cpud.validate.bugs.KERNEL_FAULTS (or NONE: the same build without a fault, the
-control). The package is copied into a temporary folder (or DIR) and qkernels.c compiled there with
--DLLORCH_FAULT=FAULT_<NAME>; the copy then runs `validate --references transformers` on each prompt, on the C
+control). The package is copied into a temporary folder (or DIR) and its kernels (kernels/c/, the best variant
+this CPU runs) compiled there with -DLLORCH_FAULT=FAULT_<NAME>; the copy then runs `validate --references transformers` on each prompt, on the C
 decode paths, and one JSON line per prompt is printed: {"prompt", "passed", "first_failure", "expected",
 "failing_paths"}. The exit status is 0 when every prompt failed first at the expected checkpoint (for NONE:
 when every prompt passed). The builds pip makes hold no fault code (FAULT(x) compiles to 0 without -DLLORCH_FAULT).
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(fault: str, dest: Path) -> Path:
     """A copy of the package in dest whose C kernels carry `fault` (NONE: no fault); returns dest."""
     # -O1: a fault build compiles in a third of the time; it is compared with the reference, not with our build
-    return build_kernels.build(dest, "native", "-O1", fault)
+    return build_kernels.build(dest, None, "-O1", fault)  # the best variant this CPU runs
 
 
 def child(args) -> int:

@@ -77,10 +77,16 @@ def _quiet_env():
 
 @pytest.fixture(scope="session", autouse=True)
 def _kernels_under_test():
-    """LLORCH_KERNELS_BUILD=DIR (tests/test_kernel_isa.py): the run must import the kernels built in DIR, not ours."""
+    """LLORCH_KERNELS_BUILD=DIR (scripts/build_kernels.py copies): the run must import the kernels built in DIR, not
+    ours; LLORCH_ISA=VARIANT (tests/test_kernel_isa.py): the run must have loaded that variant, not fallen back."""
     want = os.environ.get("LLORCH_KERNELS_BUILD")
     if want:
         from llorch_cpud.kernels.quantized import _qkernels
 
         assert _qkernels is not None and Path(_qkernels.__file__).resolve().is_relative_to(Path(want).resolve()), (
             f"LLORCH_KERNELS_BUILD={want} but the kernels imported are {_qkernels and _qkernels.__file__}")
+    forced = os.environ.get("LLORCH_ISA")
+    if forced and os.environ.get("LLORCH_KERNELS", "c") != "numpy":
+        from llorch_cpud.kernels import isa
+
+        assert isa.STATE["variant"] == forced, f"LLORCH_ISA={forced} but the kernels loaded: {isa.STATE}"

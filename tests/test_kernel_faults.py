@@ -1,5 +1,5 @@
 """Negative controls inside the C kernels (scripts/kernel_faults.py): each fault of bugs.KERNEL_FAULTS is compiled
-into its own build of qkernels.c, and `validate --references transformers` run with that build must fail on
+into its own build of the kernels (kernels/c/), and `validate --references transformers` run with that build must fail on
 every prompt, first at the checkpoint of the stage the fault breaks - on a synthetic Llama whose matrices are
 Q4_1 (as SmolLM2's) and on a synthetic GPT-2, in the numerics each fault lists. The same harness with a build
 that has no fault passes (the control). Builds and runs go two at a time (one per core)."""

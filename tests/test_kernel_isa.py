@@ -1,7 +1,8 @@
-"""The kernels on CPUs without AVX-512: qkernels.c compiled for baseline x86-64 (SSE2 only) and for x86-64-v3
-(AVX2, FMA, F16C - no AVX-512 instruction in the binary), each into a copy of the package
-(scripts/build_kernels.py), which then runs the kernel and decode-block tests against its own build. Whatever
-machine CI runs on, the non-native branches are compiled and their results held to the same tests."""
+"""The kernels' ISA variants (kernels/isa.py), as pip built them in place: the baseline x86-64 build (SSE2 only)
+and the x86-64-v3 one (AVX2, FMA, F16C) each run the kernel and decode-block tests, forced with LLORCH_ISA; the
+binaries hold the instructions their level allows and no more (objdump), and `info` reports each. Whatever
+machine CI runs on, the non-native branches are compiled and their results held to the same tests. The
+AVX-512 variant is compiled too; it runs only on a CPU that has AVX-512 VNNI."""
 
 from __future__ import annotations
 
@@ -15,63 +16,88 @@ from pathlib import Path
 
 import pytest
 
-import build_kernels  # noqa: E402 (scripts/)
+from llorch_cpud.kernels import isa
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 builds"),
               pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")]
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 KERNEL_TESTS = ["test_kernels.py", "test_kernels_q8.py", "test_decode_block.py"]
-BUILDS = {  # -march: (the kernel tier info() must report, features the build must have, features it must not)
-    "x86-64": ("generic", set(), {"avx2", "fma", "f16c", "avx512f"}),
-    "x86-64-v3": ("avx2", {"avx2", "fma", "f16c"}, {"avx512f", "avx512bw", "avx512vnni"}),
+VARIANTS = {  # variant: (features the build must have, features it must not)
+    "generic": (set(), {"avx2", "fma", "f16c", "avx512f"}),
+    "avx2": ({"avx2", "fma", "f16c"}, {"avx512f", "avx512bw", "avx512vnni"}),
 }
 
 
-@pytest.fixture(scope="module", params=list(BUILDS))
-def build(request, tmp_path_factory):
-    return request.param, build_kernels.build(tmp_path_factory.mktemp(f"isa-{request.param}"), request.param)
+def so_file(variant: str) -> Path:
+    files = list((ROOT / "llorch_cpud" / "kernels").glob(f"_qkernels_{variant}.*so"))
+    assert files, f"the {variant} kernels are not built in place (pip install -e . / python setup.py build_ext --inplace)"
+    return files[0]
 
 
-def in_build(dest: Path, *args, env=None, timeout=900):
-    return subprocess.run([sys.executable, *args], cwd=dest, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(dest), **(env or {})})
+def run(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
-def test_build_reports_what_it_was_compiled_for(build):
-    march, dest = build
-    tier, has, lacks = BUILDS[march]
-    r = in_build(dest, "-m", "llorch_cpud.cli", "info", "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    info = json.loads(r.stdout)
-    assert info["built"] and info["enabled"] and info["tier"] == tier, info
-    assert has <= set(info["build_isa"]) and not lacks & set(info["build_isa"]), info
-    assert info["decode_path"] == "fused" and info["openmp"] > 0
-    # a warning in one line exactly when this CPU has an instruction set the build left out
-    left_out = {"avx2", "fma", "f16c", "avx512f"} & set(info["cpu_isa"]) - set(info["build_isa"])
-    assert any("built without" in w for w in info["warnings"]) == bool(left_out), (left_out, info["warnings"])
-
-
-def test_avx2_build_holds_no_avx512_instruction(build):
-    march, dest = build
+def disassembly(variant: str) -> str:
     objdump = shutil.which("objdump")
     if objdump is None:
         pytest.skip("objdump not installed")
-    so = next((dest / "llorch_cpud" / "kernels").glob("_qkernels*.so"))
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True,
-                          check=True).stdout
-    assert "%zmm" not in text and "%k1" not in text  # no 512-bit register, no AVX-512 mask register
-    if march == "x86-64":
-        assert "%ymm" not in text  # nor a 256-bit one (AVX)
-    else:
-        assert "%ymm" in text  # the control: the AVX2 build does use 256-bit vectors
+    return subprocess.run([objdump, "-d", "--no-show-raw-insn", str(so_file(variant))], capture_output=True,
+                          text=True, check=True).stdout
 
 
-def test_kernel_tests_pass_on_the_build(build):
-    march, dest = build
-    r = in_build(dest, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *[str(TESTS / t) for t in KERNEL_TESTS],
-                 env={"LLORCH_KERNELS_BUILD": str(dest)})
+def test_every_x86_variant_is_built():
+    assert isa.STATE["built"] == ["avx512", "avx2", "generic"], isa.STATE
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_info_reports_the_variant(variant):
+    has, lacks = VARIANTS[variant]
+    r = run("-m", "llorch_cpud.cli", "info", "--json", env={"LLORCH_ISA": variant})
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    assert info["built"] and info["enabled"] and info["tier"] == info["variant"] == variant, info
+    assert has <= set(info["build_isa"]) and not lacks & set(info["build_isa"]), info
+    assert info["decode_path"] == "fused" and info["openmp"] > 0
+    assert info["variants_built"] == ["avx512", "avx2", "generic"]
+    # a warning in one line exactly when this CPU runs a better variant than the one forced
+    assert any("slower than it could be" in w for w in info["warnings"]) == (info["cpu_tier"] != variant), info
+
+
+def test_info_without_override_takes_the_best_the_cpu_runs():
+    r = run("-m", "llorch_cpud.cli", "info", "--json", env={"LLORCH_ISA": ""})
+    info = json.loads(r.stdout)
+    assert info["variant"] == info["cpu_tier"] == isa.tier(isa.cpu_features()), info
+    assert not any("slower than it could be" in w for w in info["warnings"]), info
+
+
+def test_binaries_hold_only_their_level():
+    generic, avx2, avx512 = disassembly("generic"), disassembly("avx2"), disassembly("avx512")
+    assert "%ymm" not in generic and "%zmm" not in generic  # baseline x86-64: no 256- or 512-bit register
+    assert "%ymm" in avx2  # the AVX2 build does use 256-bit vectors
+    assert "%zmm" not in avx2 and "%k1" not in avx2  # but no 512-bit register, no AVX-512 mask register
+    assert "%zmm" in avx512  # the control: the check sees AVX-512 where it is (this build is not run here)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kernel_tests_pass_on_the_variant(variant):
+    r = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *[str(TESTS / t) for t in KERNEL_TESTS],
+            env={"LLORCH_ISA": variant})
     tail = r.stdout[-3000:] + r.stderr[-2000:]
-    assert r.returncode == 0, f"-march={march}: {tail}"
+    assert r.returncode == 0, f"{variant}: {tail}"
     assert " passed" in r.stdout and " failed" not in r.stdout and "error" not in r.stdout.splitlines()[-1], tail
+
+
+def test_cpuid_probe_agrees_with_cpuinfo():
+    """The generic build's cpu_features() (cpuid: where /proc/cpuinfo is absent) picks what /proc/cpuinfo picks."""
+    import importlib
+
+    generic = importlib.import_module("llorch_cpud.kernels._qkernels_generic")
+    cpuinfo = isa._cpuinfo_flags()
+    if not cpuinfo:
+        pytest.skip("no /proc/cpuinfo")
+    assert isa.tier(set(generic.cpu_features())) == isa.tier(cpuinfo)

@@ -1,4 +1,4 @@
-"""The C kernels (kernels/: quantized.py, packed.py, ops.py + qkernels.c) against independent arithmetic.
+"""The C kernels (kernels/: quantized.py, packed.py, ops.py + c/) against independent arithmetic.
 
 The reference for a quantized matrix is gguf-py's own dequantizer (llama.cpp's Python package, which
 tests/test_gguf_format.py checks against Candle) followed by a float64 matrix product; the kernels

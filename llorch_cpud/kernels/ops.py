@@ -112,7 +112,7 @@ def take_rows(weight, ids: np.ndarray) -> np.ndarray:
 # call decode_attention.
 
 
-RMS_NORM, LAYER_NORM, SILU_MUL, GELU_NEW, ROPE = range(5)  # qkernels.c's rowwise ops
+RMS_NORM, LAYER_NORM, SILU_MUL, GELU_NEW, ROPE = range(5)  # kernels/c/rowwise.c's ops
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

@@ -90,7 +90,7 @@ class PackedMatrix:
         return self.w.nbytes
 
     def kernel_args(self) -> tuple:
-        """(kind, q8, w, d, m, K, n_chunk, 16): this matrix as the C kernels take it (qkernels.c's Mat;
+        """(kind, q8, w, d, m, K, n_chunk, 16): this matrix as the C kernels take it (kernels/c/matmul.c's Mat;
         kinds 5-7 after quantized.KERNEL_KINDS: float32, float16, bfloat16 storage)."""
         kind = 5 if self.w.dtype == np.float32 else 6 if self.w.dtype == np.float16 else 7
         return (kind, False, self.w, None, None, self.shape[1], self.w.shape[0], LANES)

@@ -4,7 +4,7 @@ Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, rewritten at load into kernel layouts with e
 Why: a decode step reads every weight once per token, so its speed is the speed of reading the
 weights. Dequantized to float32, SmolLM2's Q4_1 weights are 4-5x more bytes than as stored.
 `QuantMatrix` keeps the stored 4- or 8-bit integers and their per-block scales and computes
-`x @ W.T` from them directly (C kernels in qkernels.c, built at install: SIMD, OpenMP over the
+`x @ W.T` from them directly (C kernels in kernels/c/, built at install: SIMD, OpenMP over the
 cores, GIL released).
 
 Numerics: the same products as on the float32 dequantized matrix - activations stay float32,
@@ -49,10 +49,11 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    from llorch_cpud.kernels import _qkernels
-except ImportError:  # pragma: no cover - built at install; without a C compiler models load dense
-    _qkernels = None
+from llorch_cpud.kernels import isa
+
+# The one place the C extension is imported: the best variant built for this CPU (kernels/isa.py), or None
+# (no C compiler at install: models load dense). Everything else takes `_qkernels` from here.
+_qkernels = isa.load()
 
 #: The kernels' block formats: ggml's Q4_1 and Q8_0 (float16 scales per 32 weights), and for the
 #: K-quants the same 4-bit / 8-bit layouts with float32 scales - Q4_1F (d, m per 32), Q8_S16 (d per 16)
@@ -249,7 +250,7 @@ class QuantMatrix:
         return self.d.shape[0] * self.d.shape[2]
 
     def kernel_args(self) -> tuple:
-        """(kind, q8, qs, d, m, K, n_chunk, L): this matrix as the C kernels take it (qkernels.c's Mat)."""
+        """(kind, q8, qs, d, m, K, n_chunk, L): this matrix as the C kernels take it (kernels/c/matmul.c's Mat)."""
         n_chunk, L = self.d.shape[0], self.d.shape[2]
         return (KERNEL_KINDS.index(self.kind), self.numerics == "q8", self.qs, self.d, self.m, self.shape[1], n_chunk, L)
 
