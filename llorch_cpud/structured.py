@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,6 +45,9 @@ class Grammar:
 
     text: str
     kind: str  # json_object | json_schema | grammar
+    # A matcher at the start of the grammar, built by `compile` (off the event loop: building one compiles the
+    # grammar's lexer, which can take long for a large schema); each sequence gets a deep copy (cheap).
+    template: object = field(default=None, compare=False, repr=False)
 
 
 def _llguidance():
@@ -117,11 +120,17 @@ class Constraints:
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, self.ll_tokenizer)
         if is_error:
             raise InvalidRequest(f"unsupported {_KIND[kind]}: {_one_line(messages[0] if messages else 'invalid grammar')}")
-        return Grammar(text=text, kind=kind)
+        template = llg.LLMatcher(self.ll_tokenizer, text, log_level=0)
+        if template.is_error():
+            raise InvalidRequest(f"unsupported {_KIND[kind]}: {_one_line(template.get_error())}")
+        return Grammar(text=text, kind=kind, template=template)
 
     def matcher(self, grammar: Grammar) -> "Matcher":
-        llg = _llguidance()
-        m = llg.LLMatcher(self.ll_tokenizer, grammar.text, log_level=0)
+        """A fresh matcher for one sequence, at the start of `grammar`."""
+        if grammar.template is not None:
+            m = grammar.template.deep_copy()
+        else:
+            m = _llguidance().LLMatcher(self.ll_tokenizer, grammar.text, log_level=0)
         if m.is_error():
             raise InvalidRequest(f"unsupported {_KIND[grammar.kind]}: {_one_line(m.get_error())}")
         return Matcher(m, self.ll_tokenizer.vocab_size, self.vocab_size)
