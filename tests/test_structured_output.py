@@ -210,6 +210,23 @@ def test_mask_cost_per_token_reported(engine):
                                          "max": round(float(np.max(times)) * 1e3, 3), "steps": len(times)}
 
 
+def test_real_smollm2_gguf_follows_schemas(smollm2_gguf):
+    """The same adapter on a GGUF file's tokenizer (SmolLM2-135M-Instruct, 49152 tokens), with real weights."""
+    from llorch_cpud.engine import Request, load_engine
+    from llorch_cpud.tokenizer.chat import apply_chat_template
+
+    eng, _ = load_engine(str(smollm2_gguf))
+    prompt = apply_chat_template(eng.tokenizer, [{"role": "user", "content": "Describe a person as JSON."}])
+    for name in ("nested_object", "enums", "array_of_objects"):
+        grammar = eng.constraints.compile("json_schema", SCHEMAS[name])
+        reqs = [Request(prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, grammar=grammar,
+                        sampling=SamplingParams(temperature=t)) for seed, t in ((0, 0.0), (1, 1.0), (2, 1.0))]
+        for end in run(eng, reqs):
+            assert end.stop_reason == "eos", (name, end.text)
+            jsonschema.validate(json.loads(end.text), SCHEMAS[name])
+        FIGURES.setdefault("smollm2_examples", {})[name] = end.text
+
+
 # ---------------------------------------------------------------------------- no model: the sampler's mask
 
 
