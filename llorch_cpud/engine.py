@@ -23,6 +23,7 @@ from llorch_cpud.formats import load_model, resolve
 from llorch_cpud.logprobs import ROWS_PER_BLOCK, TokenLogprob, entries
 from llorch_cpud.models.base import Model, Segment
 from llorch_cpud.sampling import SamplingParams, make_rng, sample
+from llorch_cpud.structured import Constraints, Grammar
 from llorch_cpud.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4
@@ -46,6 +47,10 @@ class Request:
     # row). max_tokens may be 0 only with prompt_logprobs (the prompt is scored, nothing generated).
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    # Structured output (structured.py): a compiled grammar (`Engine.constraints.compile`). Every step the tokens
+    # it does not allow are masked out of the logits before sampling (so the full logits are computed: never the
+    # greedy head screen), and once it is complete the sequence ends as if EOS were sampled (stop_reason eos).
+    grammar: Grammar | None = None
 
 
 @dataclass
@@ -58,7 +63,7 @@ class TokenEvent:
 
 @dataclass
 class EndEvent:
-    stop_reason: str  # max_tokens | eos | stop_sequence | cancelled
+    stop_reason: str  # max_tokens | eos (also: a grammar completed) | stop_sequence | cancelled
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
@@ -297,6 +302,7 @@ class Sequence:
         self.token_logprobs: list[TokenLogprob] | None = [] if k is not None else None
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if request.prompt_logprobs else None
         self._lp_sent = 0  # token_logprobs already attached to a TokenEvent
+        self.matcher = engine.constraints.matcher(request.grammar) if request.grammar is not None else None
 
     @property
     def done(self) -> bool:
@@ -322,7 +328,8 @@ class Sequence:
         """Whether the next token is the plain argmax of the logits (no penalty), so the model may pick
         it without the full head product (`Model.greedy_tokens`)."""
         p = self.request.sampling
-        return p.greedy and p.repetition_penalty == 1.0 and not self.keep_logits and self.token_logprobs is None
+        return (p.greedy and p.repetition_penalty == 1.0 and not self.keep_logits and self.token_logprobs is None
+                and self.matcher is None)
 
     @property
     def in_prompt(self) -> bool:
@@ -352,7 +359,9 @@ class Sequence:
         if self.cancelled.is_set():
             return [self._finish("cancelled")]
         if token is None:
-            token = sample(logits, self.request.sampling, self.rng, history=self.prompt_ids + self.generated)
+            allowed = self.matcher.allowed() if self.matcher is not None else None  # [vocab] bool or None
+            token = sample(logits, self.request.sampling, self.rng, history=self.prompt_ids + self.generated,
+                           allowed=allowed)
         token = int(token)
         self.picks.append(token)
         forced = self.request.forced_tokens
@@ -368,9 +377,14 @@ class Sequence:
         if token == self.engine.eos_token_id:
             events += self._piece(self.stream.finish(), [token])
             return events + [self._finish("eos")]
+        if self.matcher is not None:
+            self.matcher.consume(token)
         events += self._piece(self.stream.push(token), [token])
         if self.stream.matched is not None:
             return events + [self._finish("stop_sequence")]
+        if self.matcher is not None and self.matcher.done:  # the grammar is complete: only EOS could follow
+            events += self._piece(self.stream.finish(), [])
+            return events + [self._finish("eos")]
         if len(self.generated) >= self.request.max_tokens:
             events += self._piece(self.stream.finish(), [])
             return events + [self._finish("max_tokens")]
@@ -433,6 +447,7 @@ class Engine:
         self.name = name
         eos = tokenizer.eos_token_id
         self.eos_token_id = eos if eos is not None else model.eos_token_id
+        self.constraints = Constraints(tokenizer, model.vocab_size, self.eos_token_id)  # structured output
 
     def start(self, request: Request, defer_cache: bool = False) -> Sequence:
         return Sequence(self, request, defer_cache)

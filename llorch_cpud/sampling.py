@@ -134,12 +134,20 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return lo
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=()) -> int:
-    """One token id from one row of logits [vocab]; ValueError if the row holds a NaN or an infinity."""
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=(),
+           allowed: np.ndarray | None = None) -> int:
+    """One token id from one row of logits [vocab]; ValueError if the row holds a NaN or an infinity.
+
+    `allowed` [vocab] bool (structured output: the grammar's mask): every other token's logit becomes -inf
+    after the repetition penalty, so greedy, top-k/top-p/min-p and the draw only ever see allowed tokens."""
     if not np.isfinite(logits).all():
         bad = np.flatnonzero(~np.isfinite(logits))
         raise ValueError(f"logits hold {bad.size} non-finite values (first: token {int(bad[0])} = {logits[bad[0]]})")
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if allowed is not None:
+        if not allowed.any():
+            raise ValueError("the grammar allows no token")
+        logits = np.where(allowed, logits, -np.inf).astype(logits.dtype, copy=False)  # [vocab]
     if params.greedy:
         return argmax(logits)
     z = logits

@@ -13,6 +13,7 @@ The layers, lowest first; a module may import from its own layer or a lower one,
   models              the forward passes (GPT-2, Llama) on kernels and caches
   tokenizer, sampling text <-> ids; logits -> a token. Neither knows the models; the models do not know them
   (logprobs)          logits -> log-probabilities; token ids -> their bytes (the sampling layer)
+  (structured)        grammars -> allowed-token masks (llguidance; the sampling layer)
   formats             files -> (model, tokenizer): HF folders, GGUF files, hub names
   engine              the generation loop over a model and a tokenizer; load_engine = formats + Engine
   validate            engines against reference implementations
@@ -40,7 +41,7 @@ LAYERS = [
     ("kernels",),
     ("cache",),
     ("models",),
-    ("tokenizer", "sampling", "logprobs"),
+    ("tokenizer", "sampling", "logprobs", "structured"),
     ("formats",),
     ("engine",),
     ("validate",),

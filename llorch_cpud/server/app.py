@@ -27,6 +27,8 @@ Decisions (see also schemas.py):
   with `end` and `stop_reason: "cancelled"`.
 - /execute's `logprobs: k` (0-20, an opt-in beyond SPEC's table) adds each token's log-probability and the k
   most likely alternatives to the `token` events (and to `end` for tokens that released no text); see logprobs.py.
+- /execute's `json_schema` (a JSON Schema) or `grammar` (a Lark grammar), opt-ins beyond SPEC's table: structured
+  output (structured.py); a constraint the library cannot compile is a 400 naming the field.
 - POST /cancel `{"job_id"}`: 200 `{"job_id", "cancelled": true, "state"}` for a queued or
   running job; 404 for an unknown or finished one.
 """
@@ -54,6 +56,7 @@ from llorch_cpud.logprobs import TokenTexts, execute_logprobs
 from llorch_cpud.sampling import SamplingParams
 from llorch_cpud.server import schemas
 from llorch_cpud.server.budget import MemoryBudget, TooLarge
+from llorch_cpud.server.constraints import compile_constraint
 from llorch_cpud.server.logs import correlation_id, log
 from llorch_cpud.server.metrics import CONTENT_TYPE, Metrics
 from llorch_cpud.server.openai_routes import add_openai_routes
@@ -174,7 +177,8 @@ class Admission:
         return n_ctx if self.state.budget is None else min(n_ctx, self.state.budget.max_positions)
 
     def submit(self, *, endpoint: str, job_id: str, prompt: str, prompt_ids: list[int], body,
-               on_errors=None, logprobs: int | None = None, prompt_logprobs: bool = False) -> Job | object:
+               on_errors=None, logprobs: int | None = None, prompt_logprobs: bool = False,
+               grammar=None) -> Job | object:
         """Synchronous (no await between the duplicate check and the registration)."""
         on_errors = on_errors or errors_response
         state = self.state
@@ -184,7 +188,7 @@ class Admission:
                                                   job_id, "unique among queued and running jobs")], 409)
         req = EngineRequest(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling_params(body),
                       seed=body.seed, stop=list(body.stop), job_id=job_id, logprobs=logprobs,
-                      prompt_logprobs=prompt_logprobs)
+                      prompt_logprobs=prompt_logprobs, grammar=grammar)
         try:
             seq = state.engine.start(req, defer_cache=True)  # allocated when the scheduler admits the job
         except InvalidRequest as e:
@@ -329,6 +333,10 @@ def create_app(state: WorkerState, lifespan=None):
         if isinstance(data, dict) and not {e["field"] for e in errors} & {"prompt", "max_tokens", "body"}:
             ids, more = await admission.context_check(data["prompt"], data["max_tokens"])
             errors += more
+        grammar = None
+        if body is not None and not errors:  # structured output (json_schema / grammar): compiled, or a 400
+            field = "json_schema" if body.json_schema is not None else "grammar"
+            grammar, errors = await compile_constraint(state, field, body.constraint(), data.get(field))
         if errors:
             state.metrics.request("execute", "invalid")
             log("invalid request", fields=[e["field"] for e in errors], status=status)
@@ -337,7 +345,7 @@ def create_app(state: WorkerState, lifespan=None):
         if ignored:
             log("unknown fields ignored", job_id=body.job_id, ignored_fields=ignored)
         job = admission.submit(endpoint="execute", job_id=body.job_id, prompt=body.prompt, prompt_ids=ids, body=body,
-                               logprobs=body.logprobs)
+                               logprobs=body.logprobs, grammar=grammar)
         if not isinstance(job, Job):
             return job
         texts = token_texts(state) if body.logprobs is not None else None

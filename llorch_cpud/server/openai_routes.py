@@ -11,7 +11,11 @@ Decisions:
   list), stream, stream_options.include_usage, n (must be 1), and the llorch extras top_k,
   min_p, repetition_penalty; log-probabilities: completions' `logprobs` (0-20) and `echo`
   (the prompt's text, and with logprobs its tokens' log-probabilities, the first one null;
-  `max_tokens: 0` with echo scores the prompt only), chat's `logprobs` / `top_logprobs` (0-20).
+  `max_tokens: 0` with echo scores the prompt only), chat's `logprobs` / `top_logprobs` (0-20);
+  structured output: `response_format` {"type": "text" | "json_object" | "json_schema", "json_schema": {"name",
+  "schema", "strict"}} (structured.py: the output is held to the schema by masking the logits; a schema the
+  constraint library cannot compile is a 400 naming response_format and what it does not support; `strict` is
+  accepted and the schema is always enforced).
   Log-probabilities are the model's distribution (log-softmax in float64 of the float32
   logits), before repetition penalty, temperature, top-k/top-p/min-p; an EOS token has no
   entry; tokens cut with a stop sequence keep theirs. `text_offset` counts characters into
@@ -38,6 +42,7 @@ from sse_starlette import ServerSentEvent
 from llorch_cpud.errors import InvalidRequest
 from llorch_cpud.logprobs import chat_logprobs, completion_logprobs
 from llorch_cpud.server import schemas
+from llorch_cpud.server.constraints import compile_constraint
 from llorch_cpud.server.logs import log
 from llorch_cpud.server.responses import JobFeed, json_response, read_json, sse_response, token_texts
 from llorch_cpud.server.scheduler import Job
@@ -154,6 +159,10 @@ def add_openai_routes(app, state, admission) -> list:
         if chat and body.max_tokens is None:
             body.max_tokens = max(1, min(2048, admission.max_positions() - len(ids)))
         errors = admission.limit_errors(len(ids), body.max_tokens, prompt)
+        grammar = None
+        if not errors and body.response_format is not None:
+            grammar, errors = await compile_constraint(state, "response_format", body.response_format.constraint(),
+                                                       data.get("response_format"))
         if errors:
             state.metrics.request(endpoint, "invalid")
             return None, None, openai_errors(errors)
@@ -166,7 +175,7 @@ def add_openai_routes(app, state, admission) -> list:
             echo_lp = body.echo and (k is not None or body.max_tokens == 0)
         job = admission.submit(endpoint=endpoint, job_id=prefix + uuid.uuid4().hex[:24], prompt=prompt,
                                prompt_ids=ids, body=body, on_errors=openai_errors, logprobs=k,
-                               prompt_logprobs=echo_lp)
+                               prompt_logprobs=echo_lp, grammar=grammar)
         if not isinstance(job, Job):
             return None, None, job
         if not chat and body.echo:  # the prompt as echoed: the text given, or the token ids decoded

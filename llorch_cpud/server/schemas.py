@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 U64_MAX = 2**64 - 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
@@ -58,6 +58,10 @@ CONSTRAINTS = {
     "logprobs": "integer in [0, 20] (/execute, /v1/completions); boolean (/v1/chat/completions)",
     "top_logprobs": "integer in [0, 20], with logprobs: true",
     "echo": "boolean",
+    "response_format": '{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}} '
+                       '(json_schema: a JSON Schema that llguidance supports)',
+    "json_schema": "a JSON Schema object that llguidance supports (structured output)",
+    "grammar": "a Lark grammar (llguidance's dialect; structured output)",
     # OpenAI-compatible endpoints
     "messages": "non-empty list of {role, content} objects (limits: serve --max-messages, --max-chat-chars)",
     "n": "1 (one choice per request)",
@@ -81,6 +85,39 @@ class Sampling(BaseModel):
 
 
 TopCount = Annotated[int, Field(ge=0, le=20)]
+SchemaDoc = dict[str, Any] | bool  # a JSON Schema (compiled and checked by structured.py, which names what is unsupported)
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: SchemaDoc = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name", "schema"}')
+        return self
+
+    def constraint(self) -> tuple[str, Any] | None:
+        """(kind, spec) for structured.Constraints.compile, or None for plain text."""
+        if self.type == "json_object":
+            return "json_object", None
+        if self.type == "json_schema":
+            return "json_schema", self.json_schema.schema_
+        return None
 
 
 class ExecuteBody(Sampling):
@@ -89,6 +126,24 @@ class ExecuteBody(Sampling):
     # An extra beyond SPEC's table, off by default: each token event carries its tokens' log-probabilities and
     # this many most likely alternatives (the model's distribution, before penalties and temperature).
     logprobs: TopCount | None = None
+    # Structured output, also beyond SPEC's table: the generation is held to this JSON Schema, or to this Lark
+    # grammar (at most one of the two; structured.py).
+    json_schema: SchemaDoc | None = None
+    grammar: Annotated[str, Field(min_length=1, max_length=65536)] | None = None
+
+    @field_validator("grammar")
+    @classmethod
+    def one_constraint(cls, grammar, info):
+        if grammar is not None and info.data.get("json_schema") is not None:
+            raise ValueError("give json_schema or grammar, not both")
+        return grammar
+
+    def constraint(self) -> tuple[str, Any] | None:
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return None
 
 
 class CancelBody(BaseModel):
@@ -107,6 +162,7 @@ class CompletionBody(Sampling):
     n: Annotated[int, Field(ge=1, le=1)] = 1
     model: str | None = None
     stream_options: dict | None = None
+    response_format: ResponseFormat | None = None
 
 
 def chat_body(limits: Limits) -> type[BaseModel]:
@@ -126,6 +182,7 @@ def chat_body(limits: Limits) -> type[BaseModel]:
         n: Annotated[int, Field(ge=1, le=1)] = 1
         model: str | None = None
         stream_options: dict | None = None
+        response_format: ResponseFormat | None = None
 
         @field_validator("messages")
         @classmethod
@@ -229,7 +286,7 @@ def pydantic_errors(exc: ValidationError, data: dict) -> list[dict]:
 
 
 FIELD_ORDER = ["body", "job_id", "prompt", "messages", "max_tokens", "temperature", "seed", "top_p", "top_k",
-               "repetition_penalty", "min_p", "stop", "logprobs", "top_logprobs", "echo"]
+               "repetition_penalty", "min_p", "stop", "logprobs", "top_logprobs", "echo", "response_format", "json_schema", "grammar"]
 
 
 def order(errors: list[dict]) -> list[dict]:
