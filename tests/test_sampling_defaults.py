@@ -74,6 +74,16 @@ def test_smollm2_gguf_carries_no_sampling():
     assert read_sampling_defaults(path) == SamplingDefaults()
 
 
+def test_hostile_values_fall_back(tmp_path):
+    d = from_gguf_metadata({"general.sampling.temp": float("nan"), "general.sampling.top_k": [1, 2],
+                            "general.sampling.top_p": "0.5", "general.sampling.min_p": True})
+    assert (d.temperature, d.top_k, d.top_p, d.min_p) == (0.8, 40, 0.95, 0.05) and "ignored" in d.source
+    (tmp_path / "generation_config.json").write_text("[" * 100000 + "]" * 100000)
+    assert read_sampling_defaults(tmp_path) == SamplingDefaults()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "pad": "x" * (2 << 20)}))
+    assert read_sampling_defaults(tmp_path) == SamplingDefaults()  # larger than any real one: not read
+
+
 def test_explicit_fields_win():
     d = SamplingDefaults(temperature=0.0, top_k=50, top_p=1.0, min_p=0.0, repetition_penalty=1.0, source="x")
     assert d.params(temperature=0.9) == SamplingParams(0.9, 50, 1.0, 0.0, 1.0)

@@ -33,6 +33,7 @@ GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k": "
              "general.sampling.penalty_repeat": "repetition_penalty"}
 RANGES = {"temperature": (0.0, 2.0), "top_k": (0, None), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
           "repetition_penalty": (0.0, 2.0)}
+MAX_CONFIG_BYTES = 1 << 20
 LLAMA_CPP_SOURCE = "llama.cpp defaults (the model's files recommend no sampling)"
 
 
@@ -83,8 +84,10 @@ def _build(values: dict, base: dict, source: str) -> SamplingDefaults:
 def from_generation_config(path: Path) -> SamplingDefaults | None:
     """The recommendation of a generation_config.json, or None when it names no sampling (or cannot be read)."""
     try:
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:  # a real one is a few hundred bytes
+            return None
         cfg = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(cfg, dict) or not any(k in cfg for k in HF_KEYS):
         return None
