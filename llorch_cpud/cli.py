@@ -26,6 +26,14 @@ EXIT_FAILED_VALIDATION = 1
 EXIT_BAD_INPUT = 2
 
 
+SAMPLING_EPILOG = (
+    "Sampling options left out take the model's own recommendation where its files carry one (a Hugging Face "
+    "folder's generation_config.json, as transformers reads it: do_sample false is greedy; a GGUF file's "
+    "general.sampling.* keys), otherwise llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, "
+    "repetition penalty 1.0. The embedded SmolLM2 carries none, so it gets llama.cpp's; --json reports the "
+    "sampling used and its source. Given options always win.")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
         print(f"error: {self.prog}: {message}", file=sys.stderr)
@@ -37,15 +45,16 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     model_help = "Hugging Face folder, .gguf file or hub name (default: embedded SmolLM2-135M-Instruct)"
 
-    g = sub.add_parser("generate", help="generate a continuation and stream it to stdout")
+    g = sub.add_parser("generate", help="generate a continuation and stream it to stdout", epilog=SAMPLING_EPILOG)
     g.add_argument("--model", default=None, help=model_help)
     g.add_argument("--max-tokens", type=ranged(int, 1, 2048, "--max-tokens"), default=32)
-    g.add_argument("--temperature", type=ranged(float, 0.0, 2.0, "--temperature"), default=1.0,
+    g.add_argument("--temperature", type=ranged(float, 0.0, 2.0, "--temperature"), default=None,
                    help="0 (below 1e-6) is greedy")
-    g.add_argument("--top-k", type=ranged(int, 0, None, "--top-k"), default=0, help="0 = off")
-    g.add_argument("--top-p", type=ranged(float, 0.0, 1.0, "--top-p"), default=1.0)
-    g.add_argument("--min-p", type=ranged(float, 0.0, 1.0, "--min-p"), default=0.0)
-    g.add_argument("--repetition-penalty", type=ranged(float, 0.0, 2.0, "--repetition-penalty"), default=1.0)
+    g.add_argument("--top-k", type=ranged(int, 0, None, "--top-k"), default=None, help="0 = off")
+    g.add_argument("--top-p", type=ranged(float, 0.0, 1.0, "--top-p"), default=None, help="1 = off")
+    g.add_argument("--min-p", type=ranged(float, 0.0, 1.0, "--min-p"), default=None, help="0 = off")
+    g.add_argument("--repetition-penalty", type=ranged(float, 0.0, 2.0, "--repetition-penalty"), default=None,
+                   help="1 = off")
     g.add_argument("--seed", type=ranged(int, 0, 2**64 - 1, "--seed"), default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable, at most 4)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -85,8 +94,9 @@ def chat_prompt(engine, text: str) -> str:
 
 
 def cmd_generate(a) -> int:
+    from dataclasses import asdict
+
     from llorch_cpud.engine import EndEvent, ErrorEvent, Request, load_engine
-    from llorch_cpud.sampling import SamplingParams
 
     from llorch_cpud import kernels
 
@@ -95,11 +105,13 @@ def cmd_generate(a) -> int:
     if why:
         print(f"warning: {why[0]} (llorch-cpud info)", file=sys.stderr)
     engine, _ = load_engine(a.model, numerics=a.numerics)
+    sampling = engine.sampling_defaults.params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                               min_p=a.min_p, repetition_penalty=a.repetition_penalty)
     prompt = chat_prompt(engine, a.prompt) if a.chat else a.prompt
     req = Request(
         prompt=prompt,
         max_tokens=a.max_tokens,
-        sampling=SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repetition_penalty),
+        sampling=sampling,
         seed=a.seed,
         stop=a.stop,
     )
@@ -116,6 +128,7 @@ def cmd_generate(a) -> int:
         print(json.dumps({"prompt_ids": end.prompt_ids, "token_ids": end.token_ids, "text": end.text,
                           "stop_reason": end.stop_reason, "seed": end.seed,
                           "stop_sequence_matched": end.stop_sequence_matched,
+                          "sampling": {**asdict(sampling), "defaults_source": engine.sampling_defaults.source},
                           "decode_tokens_per_sec": round(end.decode_tokens_per_sec, 2)}, ensure_ascii=False))
     else:
         sys.stdout.write("\n")

@@ -20,6 +20,7 @@ import numpy as np
 
 from llorch_cpud.errors import ContextOverflow, InvalidRequest
 from llorch_cpud.formats import load_model, resolve
+from llorch_cpud.formats.generation_defaults import SamplingDefaults, read_sampling_defaults
 from llorch_cpud.logprobs import ROWS_PER_BLOCK, TokenLogprob, entries
 from llorch_cpud.models.base import Model, Segment
 from llorch_cpud.sampling import SamplingParams, make_rng, sample
@@ -448,6 +449,8 @@ class Engine:
         eos = tokenizer.eos_token_id
         self.eos_token_id = eos if eos is not None else model.eos_token_id
         self.constraints = Constraints(tokenizer, model.vocab_size, self.eos_token_id)  # structured output
+        # What generate and the OpenAI routes use for fields a request leaves out (load_engine reads the model's)
+        self.sampling_defaults = SamplingDefaults()
 
     def start(self, request: Request, defer_cache: bool = False) -> Sequence:
         return Sequence(self, request, defer_cache)
@@ -511,4 +514,6 @@ def load_engine(spec: str | None, numerics: str = "float32", tokenizer=None, dec
     path = resolve(spec)
     model, tokenizer, name = load_model(str(path) if spec is None else spec, numerics=numerics, tokenizer=tokenizer,
                                         decode_path=decode_path)
-    return Engine(model, tokenizer, name=name), path
+    engine = Engine(model, tokenizer, name=name)
+    engine.sampling_defaults = read_sampling_defaults(path)
+    return engine, path

@@ -1,7 +1,8 @@
 """The HTTP side: FastAPI routes on the asyncio event loop, which never runs model math.
 
-Routes: GET /health, POST /execute (SSE), POST /cancel, GET /metrics, GET /openapi.json, and the
-OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions (openai_routes.py).
+Routes: GET /health, POST /execute (SSE), POST /cancel, GET /metrics, GET /openapi.json, POST /tokenize and
+POST /detokenize (llama-server's shapes), and the OpenAI-compatible /v1/models, /v1/completions,
+/v1/chat/completions (openai_routes.py).
 
 Decisions (see also schemas.py):
 - Every POST body is read by `read_json`: `Content-Type: application/json` or 415; at most
@@ -29,6 +30,11 @@ Decisions (see also schemas.py):
   most likely alternatives to the `token` events (and to `end` for tokens that released no text); see logprobs.py.
 - /execute's `json_schema` (a JSON Schema) or `grammar` (a Lark grammar), opt-ins beyond SPEC's table: structured
   output (structured.py); a constraint the library cannot compile is a 400 naming the field.
+- POST /tokenize `{"content", "add_special": false, "with_pieces": false}` -> `{"tokens": [id, ...]}` (with_pieces:
+  `[{"id", "piece"}]`, a piece being the token's text, or its bytes as a list of integers when they are not
+  whole UTF-8); add_special true gives what the engine makes of a prompt (a BOS where the model asks for one).
+  POST /detokenize `{"tokens"}` -> `{"content"}`; an id outside the vocabulary is a 400 naming `tokens`. Both
+  take the API key and the body limits of the other routes.
 - POST /cancel `{"job_id"}`: 200 `{"job_id", "cancelled": true, "state"}` for a queued or
   running job; 404 for an unknown or finished one.
 """
@@ -146,9 +152,16 @@ def engine_error(e: InvalidRequest, body: dict) -> dict:
     return schemas.field_error(name, msg, body.get(name))
 
 
-def sampling_params(body):
-    return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                          repetition_penalty=body.repetition_penalty)
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def sampling_params(body, defaults=None) -> SamplingParams:
+    """The body's sampling. `defaults` (formats.generation_defaults.SamplingDefaults: the OpenAI routes pass the
+    model's) fill the fields the request left out; without them the body's own defaults apply (SPEC's: /execute)."""
+    if defaults is None:
+        return SamplingParams(**{k: getattr(body, k) for k in SAMPLING_FIELDS})
+    given = body.model_fields_set
+    return defaults.params(**{k: getattr(body, k) for k in SAMPLING_FIELDS if k in given})
 
 
 class Admission:
@@ -178,15 +191,17 @@ class Admission:
 
     def submit(self, *, endpoint: str, job_id: str, prompt: str, prompt_ids: list[int], body,
                on_errors=None, logprobs: int | None = None, prompt_logprobs: bool = False,
-               grammar=None) -> Job | object:
-        """Synchronous (no await between the duplicate check and the registration)."""
+               grammar=None, defaults=None) -> Job | object:
+        """Synchronous (no await between the duplicate check and the registration). `defaults`: sampling for the
+        fields the body left out (sampling_params)."""
         on_errors = on_errors or errors_response
         state = self.state
         if job_id in state.jobs:
             state.metrics.request(endpoint, "conflict")
             return on_errors([schemas.field_error("job_id", "a job with this job_id is already queued or running",
                                                   job_id, "unique among queued and running jobs")], 409)
-        req = EngineRequest(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling_params(body),
+        sampling = sampling_params(body, defaults)
+        req = EngineRequest(prompt=prompt, prompt_ids=prompt_ids, max_tokens=body.max_tokens, sampling=sampling,
                       seed=body.seed, stop=list(body.stop), job_id=job_id, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs, grammar=grammar)
         try:
@@ -210,7 +225,7 @@ class Admission:
             return json_response(503, {"status": state.status, "error": {"code": "SHUTTING_DOWN", "message": "worker is shutting down"}})
         state.jobs[job_id] = job
         log("job accepted", job_id=job_id, endpoint=endpoint, prompt_tokens=len(seq.prompt_ids),
-            max_tokens=body.max_tokens, seed=seq.seed, temperature=body.temperature, queued=state.scheduler.queued)
+            max_tokens=body.max_tokens, seed=seq.seed, temperature=sampling.temperature, queued=state.scheduler.queued)
         return job
 
 
@@ -290,7 +305,8 @@ def create_app(state: WorkerState, lifespan=None):
                   openapi_url="/openapi.json", lifespan=lifespan)
     admission = Admission(state)
     limits = state.config.limits
-    body_models = [schemas.ExecuteBody, schemas.CancelBody]  # add_openai_routes adds its own
+    body_models = [schemas.ExecuteBody, schemas.CancelBody, schemas.TokenizeBody, schemas.DetokenizeBody]
+    # add_openai_routes adds its own
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):  # a bug of ours, still answered in JSON (uvicorn logs the traceback)
@@ -313,7 +329,8 @@ def create_app(state: WorkerState, lifespan=None):
             body.update(model_bytes=state.model_bytes, context_length=state.engine.model.n_ctx,
                         load_seconds=round(state.load_seconds, 3),
                         numerics=state.engine.model.numerics,
-                        decode_path=state.engine.model.path, kernels=state.kernels)
+                        decode_path=state.engine.model.path, kernels=state.kernels,
+                        sampling_defaults=state.engine.sampling_defaults.describe())
         if state.scheduler is not None:
             body.update(active_jobs=state.scheduler.running, queued_jobs=state.scheduler.queued,
                         max_batch=state.scheduler.max_batch, kv_cache_bytes=state.scheduler.cache_bytes,
@@ -397,6 +414,51 @@ def create_app(state: WorkerState, lifespan=None):
     @app.get("/metrics")
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize", openapi_extra=schemas.openapi_body(schemas.TokenizeBody),
+              responses=schemas.openapi_responses('{"tokens": [id, ...]} (with_pieces: [{"id", "piece"}, ...])', 503))
+    async def tokenize(request: Request):
+        data, errors, status = await read_json(request, limits)
+        if not errors:
+            body, errors = schemas.validate(schemas.TokenizeBody, data)
+        if errors:
+            return errors_response(errors, status)
+        tok = state.engine.tokenizer
+        if body.add_special:  # what the engine makes of a prompt (a BOS where the model asks for one)
+            ids = await asyncio.to_thread(tok.encode, body.content)
+        else:
+            ids = (await asyncio.to_thread(tok.inner.encode, body.content, add_special_tokens=False)).ids
+        ids = [int(i) for i in ids]
+        if not body.with_pieces:
+            return json_response(200, {"tokens": ids})
+        texts = token_texts(state)
+
+        def piece(i: int):  # llama-server: the text, or the bytes when they are not whole UTF-8
+            b = texts.bytes(i)
+            try:
+                return b.decode("utf-8")
+            except UnicodeDecodeError:
+                return list(b)
+
+        return json_response(200, {"tokens": [{"id": i, "piece": piece(i)} for i in ids]})
+
+    @app.post("/detokenize", openapi_extra=schemas.openapi_body(schemas.DetokenizeBody),
+              responses=schemas.openapi_responses('{"content": text}', 503))
+    async def detokenize(request: Request):
+        data, errors, status = await read_json(request, limits)
+        if not errors:
+            body, errors = schemas.validate(schemas.DetokenizeBody, data)
+        if not errors:
+            n_vocab = state.engine.tokenizer.vocab_size
+            bad = [(j, t) for j, t in enumerate(body.tokens) if t >= n_vocab]
+            if bad:
+                j, t = bad[0]
+                errors = [schemas.field_error("tokens", f"tokens[{j}] = {t} is not a token id of this model's vocabulary "
+                                                        f"(0-{n_vocab - 1}); {len(bad)} such id(s)", body.tokens)]
+        if errors:
+            return errors_response(errors, status)
+        content = await asyncio.to_thread(state.engine.tokenizer.decode, body.tokens)
+        return json_response(200, {"content": content})
 
     body_models += add_openai_routes(app, state, admission)
 

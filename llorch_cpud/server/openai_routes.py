@@ -19,8 +19,10 @@ Decisions:
   Log-probabilities are the model's distribution (log-softmax in float64 of the float32
   logits), before repetition penalty, temperature, top-k/top-p/min-p; an EOS token has no
   entry; tokens cut with a stop sequence keep theirs. `text_offset` counts characters into
-  the returned `text`. `null` means "default". Unsupported parameters that would
-  change the output (best_of > 1, suffix, tools) are a 400; the rest
+  the returned `text`. `null` means "default". Sampling fields left out (or null) take the model's
+  recommendation (formats/generation_defaults.py: generation_config.json, GGUF general.sampling.*, else
+  llama.cpp's defaults), shown in /v1/models and /health as `sampling_defaults`.
+  Unsupported parameters that would change the output (best_of > 1, suffix, tools) are a 400; the rest
   (model, user, presence/frequency penalty 0, logit_bias {} ...) are ignored. `model` is
   not checked: one worker serves one model, named in /v1/models.
 - finish_reason: "stop" for EOS and stop sequences, "length" for max_tokens, "stop" for a
@@ -118,7 +120,8 @@ def add_openai_routes(app, state, admission) -> list:
     """Add the routes; return the body models they validate with (for the OpenAPI document)."""
     def model_card():
         return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "llorch-cpud",
-                "context_length": state.engine.model.n_ctx}
+                "context_length": state.engine.model.n_ctx,
+                "sampling_defaults": state.engine.sampling_defaults.describe()}
 
     @app.get("/v1/models")
     async def models():
@@ -175,7 +178,7 @@ def add_openai_routes(app, state, admission) -> list:
             echo_lp = body.echo and (k is not None or body.max_tokens == 0)
         job = admission.submit(endpoint=endpoint, job_id=prefix + uuid.uuid4().hex[:24], prompt=prompt,
                                prompt_ids=ids, body=body, on_errors=openai_errors, logprobs=k,
-                               prompt_logprobs=echo_lp, grammar=grammar)
+                               prompt_logprobs=echo_lp, grammar=grammar, defaults=state.engine.sampling_defaults)
         if not isinstance(job, Job):
             return None, None, job
         if not chat and body.echo:  # the prompt as echoed: the text given, or the token ids decoded

@@ -381,3 +381,32 @@ def validate(model: type[BaseModel], data: Any) -> tuple[BaseModel | None, list[
 def unknown_fields(model: type[BaseModel], data: dict, also_known: tuple[str, ...] = ()) -> list[str]:
     known = set(model.model_fields) | set(also_known)
     return sorted(k for k in data if k not in known)
+
+
+# ---------------------------------------------------------------------------- /tokenize, /detokenize (llama-server's shapes)
+
+MAX_TOKENIZE_CHARS = 262144  # a few prompts' worth; the body limit (--max-body-bytes) applies first
+MAX_DETOKENIZE_TOKENS = 65536
+
+CONSTRAINTS.update({
+    "content": f"string of at most {MAX_TOKENIZE_CHARS} characters",
+    "add_special": "boolean (true: the tokens the engine gives a prompt, e.g. a BOS the model asks for)",
+    "with_pieces": "boolean",
+    "tokens": f"list of at most {MAX_DETOKENIZE_TOKENS} token ids, each in [0, vocabulary size)",
+})
+
+
+class TokenizeBody(BaseModel):
+    """POST /tokenize: `{"content", "add_special": false, "with_pieces": false}` -> `{"tokens": [...]}`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    content: Annotated[str, Field(max_length=MAX_TOKENIZE_CHARS)]
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    """POST /detokenize: `{"tokens": [...]}` -> `{"content"}`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    tokens: Annotated[list[Annotated[int, Field(ge=0, le=U64_MAX)]], Field(max_length=MAX_DETOKENIZE_TOKENS)]
