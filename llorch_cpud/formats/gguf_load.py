@@ -42,6 +42,9 @@ LLAMA_NAMES: NameTable = {
     "blk.{i}.ffn_down.weight": "ffn_down_weight",
 }
 _OPTIONAL = ("output.weight", "rope_freqs.weight")
+#: Block matrices that share their input: held as one fused matrix, each a view of it (one kernel call).
+FUSED = (("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+         ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"))
 
 
 def llama_config(f) -> LlamaConfig:
@@ -194,17 +197,15 @@ def load_llama(f, quantized: bool | None = None, path: str | None = None, numeri
                 tensors[name] = load(name, shapes[pattern], rows)
                 if rows is not None:
                     order[name] = rows
+        for group in FUSED:  # matrices with the same input as one kernel call: fused views (freeing the parts)
+            group = [name.format(i=i) for name in group]
+            kind = type(tensors[group[0]])
+            if kind in (QuantMatrix, PackedMatrix) and all(type(tensors[n]) is kind for n in group):
+                views = kind.fuse([tensors[n] for n in group])
+                if views is not None:
+                    tensors.update(zip(group, views))
         f.release_pages()  # this layer's file pages are copied: don't let them pile up in RSS
     weights = build_weights(names, tensors, LlamaWeights, LlamaBlock, cfg.n_layer)
-    for blk in weights.blocks:  # matrices with the same input as one kernel call: fused views
-        for group in (("attn_q_weight", "attn_k_weight", "attn_v_weight"), ("ffn_gate_weight", "ffn_up_weight")):
-            parts = [getattr(blk, g) for g in group]
-            kind = type(parts[0])
-            if kind in (QuantMatrix, PackedMatrix) and all(type(w) is kind for w in parts):
-                views = kind.fuse(parts)
-                if views is not None:
-                    for g, view in zip(group, views):
-                        setattr(blk, g, view)
     n_quant = set_numerics(weight_values(weights), numerics)
     if numerics != "float32" and n_quant == 0:
         raise ModelLoadError(f"{f.path}: --numerics {numerics} needs weights held quantized by the C kernels "
