@@ -48,6 +48,8 @@ import sys
 
 import numpy as np
 
+from llorch_cpud.validate.references.llamacpp_ref import ggml_build_info  # the vendored llama.cpp's version
+
 PROMPTS: list[str] = [
     "Hello.",
     "What is the answer to life, the universe, and everything?",
@@ -86,27 +88,6 @@ def topk(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     # stable: sort by (-logit, id) so ties resolve to the lower id, like argmax
     idx = np.lexsort((np.arange(logits.shape[0]), -logits.astype(np.float64)))[:k]
     return [(int(i), float(logits[i])) for i in idx]
-
-
-def ggml_build_info(llama_cpp_mod) -> tuple[str, str]:
-    """ggml_version()/ggml_commit() from the libggml-base bundled with llama_cpp.
-
-    The commit is the vendored llama.cpp commit the wheel was built from
-    (a "-dirty" suffix comes from the sdist's git checkout state).
-    """
-    import ctypes
-    import glob
-
-    libdir = os.path.join(os.path.dirname(llama_cpp_mod.__file__), "lib")
-    for cand in sorted(glob.glob(os.path.join(libdir, "libggml-base.*"))):
-        try:
-            lib = ctypes.CDLL(cand)
-            lib.ggml_version.restype = ctypes.c_char_p
-            lib.ggml_commit.restype = ctypes.c_char_p
-            return lib.ggml_version().decode(), lib.ggml_commit().decode()
-        except (OSError, AttributeError):
-            continue
-    return "unknown", "unknown"
 
 
 def main() -> int:

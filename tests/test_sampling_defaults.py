@@ -118,7 +118,7 @@ def test_generate_help_names_the_defaults():
 
 # ---------------------------------------------------------------------------- through real servers (slow)
 
-from test_server import AUTH, KEY, Worker, post, stream_execute, text_of  # noqa: E402
+from test_server import AUTH, KEY, post, running, stream_execute, text_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -131,18 +131,14 @@ def greedy_folder(gpt2_small, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def greedy_server(greedy_folder, tmp_path_factory):
-    w = Worker(greedy_folder, tmp_path_factory.mktemp("greedy_srv"), "--api-key", KEY)
-    w.start(headers=AUTH)
-    yield w
-    w.stop()
+    with running(greedy_folder, tmp_path_factory.mktemp("greedy_srv"), "--api-key", KEY, headers=AUTH) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")
 def plain_server(gpt2_small, tmp_path_factory):
-    w = Worker(gpt2_small, tmp_path_factory.mktemp("plain_srv"))
-    w.start()
-    yield w
-    w.stop()
+    with running(gpt2_small, tmp_path_factory.mktemp("plain_srv")) as w:
+        yield w
 
 
 PROMPT = "The capital of France is"

@@ -10,6 +10,7 @@ gpt2_full prompts, from `Engine.generate` in this process — the very loop the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def with_template(src: Path, dst: Path) -> Path:
+    """A copy of the model folder `src` at `dst` with CHAT_TEMPLATE as its chat template."""
+    shutil.copytree(src, dst)
+    (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return dst
+
+
+@contextlib.contextmanager
+def running(folder: Path, logs: Path, *args: str, headers=None):
+    """A Worker on `folder` (serve `args`), started and ready; stopped on exit."""
+    w = Worker(folder, logs, *args)
+    w.start(headers=headers)
+    try:
+        yield w
+    finally:
+        w.stop()
 
 
 def sse(resp):
@@ -217,18 +236,13 @@ def full(gpt2_full, tmp_path_factory, receiver):
 
 @pytest.fixture(scope="module")
 def small_model(gpt2_small, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("small_chat") / "gpt2_small_chat"
-    shutil.copytree(gpt2_small, d)
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return d
+    return with_template(gpt2_small, tmp_path_factory.mktemp("small_chat") / "gpt2_small_chat")
 
 
 @pytest.fixture(scope="module")
 def small(small_model, tmp_path_factory):
-    w = Worker(small_model, tmp_path_factory.mktemp("small"), "--api-key", KEY)
-    w.start(headers=AUTH)
-    yield w
-    w.stop()
+    with running(small_model, tmp_path_factory.mktemp("small"), "--api-key", KEY, headers=AUTH) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")

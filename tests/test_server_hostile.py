@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,18 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server import CHAT_TEMPLATE, HealthProbe, Worker, sse, summary
+from test_server import HealthProbe, Worker, sse, summary, with_template
 
 KEY = "hostile-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {"Content-Type": "application/json"}
 FIGURES: dict = {}
-
-
-def with_template(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ one position off, or after temperature, miss the reference by far more than the 
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import numpy as np
 import pytest
 
-from test_server import CHAT_TEMPLATE, Worker, sse
+from test_server import Worker, sse, with_template
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -27,10 +26,7 @@ PROMPT = "The capital of France is Paris, and the capital of Germany is"
 
 @pytest.fixture(scope="module")
 def model_dir(gpt2_small, tmp_path_factory):
-    d = tmp_path_factory.mktemp("lp") / "gpt2-small-chat"
-    shutil.copytree(gpt2_small, d)
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return d
+    return with_template(gpt2_small, tmp_path_factory.mktemp("lp") / "gpt2-small-chat")
 
 
 @pytest.fixture(scope="module")

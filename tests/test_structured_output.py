@@ -11,7 +11,6 @@ through the `openai` client, and the 400s.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import numpy as np
@@ -250,14 +249,11 @@ def test_sample_never_picks_a_disallowed_token():
 
 @pytest.fixture(scope="module")
 def worker(gpt2_small, tmp_path_factory):
-    from test_server import CHAT_TEMPLATE, Worker
+    from test_server import running, with_template
 
-    d = tmp_path_factory.mktemp("so") / "gpt2-small-chat"
-    shutil.copytree(gpt2_small, d)
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    w = Worker(d, tmp_path_factory.mktemp("so-logs")).start()
-    yield w
-    w.stop()
+    d = with_template(gpt2_small, tmp_path_factory.mktemp("so") / "gpt2-small-chat")
+    with running(d, tmp_path_factory.mktemp("so-logs")) as w:
+        yield w
 
 
 @pytest.mark.slow

@@ -308,6 +308,13 @@ def create_app(state: WorkerState, lifespan=None):
     body_models = [schemas.ExecuteBody, schemas.CancelBody, schemas.TokenizeBody, schemas.DetokenizeBody]
     # add_openai_routes adds its own
 
+    async def read_body(request: Request, model):
+        """(body, None) for a valid JSON body of `model`, else (None, the 4xx answer naming the fields)."""
+        data, errors, status = await read_json(request, limits)
+        if not errors:
+            body, errors = schemas.validate(model, data)
+        return (None, errors_response(errors, status)) if errors else (body, None)
+
     @app.exception_handler(Exception)
     async def internal_error(request, exc):  # a bug of ours, still answered in JSON (uvicorn logs the traceback)
         return json_response(500, {"error": {"code": "INTERNAL", "message": f"internal error ({type(exc).__name__}); "
@@ -396,11 +403,9 @@ def create_app(state: WorkerState, lifespan=None):
     @app.post("/cancel", openapi_extra=schemas.openapi_body(schemas.CancelBody),
               responses=schemas.openapi_responses("{job_id, cancelled: true, state}", 404))
     async def cancel(request: Request):
-        data, errors, status = await read_json(request, limits)
-        if not errors:
-            body, errors = schemas.validate(schemas.CancelBody, data)
-        if errors:
-            return errors_response(errors, status)
+        body, refused = await read_body(request, schemas.CancelBody)
+        if refused:
+            return refused
         job = state.jobs.get(body.job_id)
         if job is None:
             return json_response(404, {"errors": [schemas.field_error("job_id", "no queued or running job with this job_id",
@@ -418,11 +423,9 @@ def create_app(state: WorkerState, lifespan=None):
     @app.post("/tokenize", openapi_extra=schemas.openapi_body(schemas.TokenizeBody),
               responses=schemas.openapi_responses('{"tokens": [id, ...]} (with_pieces: [{"id", "piece"}, ...])', 503))
     async def tokenize(request: Request):
-        data, errors, status = await read_json(request, limits)
-        if not errors:
-            body, errors = schemas.validate(schemas.TokenizeBody, data)
-        if errors:
-            return errors_response(errors, status)
+        body, refused = await read_body(request, schemas.TokenizeBody)
+        if refused:
+            return refused
         tok = state.engine.tokenizer
         if body.add_special:  # what the engine makes of a prompt (a BOS where the model asks for one)
             ids = await asyncio.to_thread(tok.encode, body.content)
@@ -445,18 +448,16 @@ def create_app(state: WorkerState, lifespan=None):
     @app.post("/detokenize", openapi_extra=schemas.openapi_body(schemas.DetokenizeBody),
               responses=schemas.openapi_responses('{"content": text}', 503))
     async def detokenize(request: Request):
-        data, errors, status = await read_json(request, limits)
-        if not errors:
-            body, errors = schemas.validate(schemas.DetokenizeBody, data)
-        if not errors:
-            n_vocab = state.engine.tokenizer.vocab_size
-            bad = [(j, t) for j, t in enumerate(body.tokens) if t >= n_vocab]
-            if bad:
-                j, t = bad[0]
-                errors = [schemas.field_error("tokens", f"tokens[{j}] = {t} is not a token id of this model's vocabulary "
-                                                        f"(0-{n_vocab - 1}); {len(bad)} such id(s)", body.tokens)]
-        if errors:
-            return errors_response(errors, status)
+        body, refused = await read_body(request, schemas.DetokenizeBody)
+        if refused:
+            return refused
+        n_vocab = state.engine.tokenizer.vocab_size
+        bad = [(j, t) for j, t in enumerate(body.tokens) if t >= n_vocab]
+        if bad:
+            j, t = bad[0]
+            return errors_response([schemas.field_error(
+                "tokens", f"tokens[{j}] = {t} is not a token id of this model's vocabulary (0-{n_vocab - 1}); "
+                          f"{len(bad)} such id(s)", body.tokens)], 400)
         content = await asyncio.to_thread(state.engine.tokenizer.decode, body.tokens)
         return json_response(200, {"content": content})
 
