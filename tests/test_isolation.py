@@ -33,10 +33,10 @@ def failing_sampler(monkeypatch):
     """The engine's sampler raises for the marked sequence from its 3rd token on (after it shared steps)."""
     real = engine_mod.sample
 
-    def sample(logits, params, rng, history=()):
+    def sample(logits, params, rng, history=(), **kw):  # kw: the sampler's options (a grammar's allowed tokens)
         if params.top_k == BAD_MARK and len(history) > 3:
             raise ValueError("probabilities must have a positive finite sum, got nan")
-        return real(logits, params, rng, history)
+        return real(logits, params, rng, history, **kw)
 
     monkeypatch.setattr(engine_mod, "sample", sample)
 
