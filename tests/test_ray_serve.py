@@ -112,7 +112,7 @@ def cluster(gpt2_small):
     from llorch_cpud.server.app import ServeConfig
 
     t0 = time.perf_counter()
-    ray.init(address="local", include_dashboard=False, num_cpus=2, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=2, logging_level="WARNING", log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -175,7 +175,7 @@ def test_health_and_metrics_per_replica(cluster):
         r = c.get(f"{base}/metrics")
         assert r.status_code == 200 and "llorch_queue_depth" in r.text and r.headers["x-llorch-replica"] in ids
         r = c.get(f"{base}/replicas/metrics")  # every replica's, each sample labelled with its replica
-        assert r.status_code == 200
+        assert r.status_code == 200 and "x-llorch-replicas-missing" not in r.headers, r.headers
         for rid in ids:
             assert f'llorch_tokens_generated_total{{replica="{rid}"}}' in r.text, r.text[:2000]
         assert r.text.count("# TYPE llorch_tokens_generated_total counter") == 1

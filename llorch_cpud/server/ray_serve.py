@@ -365,12 +365,16 @@ def add_replica_routes(app, replica: LlorchWorker) -> None:
     @app.get("/replicas/metrics", include_in_schema=False)
     async def all_metrics():
         ids = [r["replica_id"] for r in await asyncio.to_thread(replica.replicas)]
-        texts, missing = {}, []
-        async for rid, result in replica.on_each("metrics_text", ids=ids):
-            if isinstance(result, Exception):
-                missing.append(rid)
-            else:
-                texts[rid] = result
+        texts = {replica.replica_id: await replica.metrics_text()}  # this replica's own, without a handle call
+        missing = [rid for rid in ids if rid not in texts]
+        # A replica's first handle call waits for Serve to tell its router about the others (seconds on a loaded
+        # machine): the ones that did not answer get a second, longer try before being reported missing.
+        for timeout in (10.0, 30.0):
+            answers = [x async for x in replica.on_each("metrics_text", ids=missing, timeout=timeout)]
+            texts.update((rid, r) for rid, r in answers if not isinstance(r, Exception))
+            missing = [rid for rid in missing if rid not in texts]
+            if not missing:
+                break
         headers = {"X-Llorch-Replicas-Missing": ",".join(missing)} if missing else None
         return Response(merge_metrics(texts), media_type=CONTENT_TYPE, headers=headers)
 
